@@ -1,0 +1,111 @@
+"""The ``iopfl`` command line (typer). Mistakes a user can make end in one line and exit code 2."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from iopfl.errors import UserError
+
+app = typer.Typer(help="Inside-outside personalized federated learning (IOP-FL) for medical image "
+                  "segmentation.", no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False)
+console = Console(stderr=True)
+
+Overrides = Annotated[Optional[list[str]], typer.Option("-o", "--override", metavar="KEY=VALUE",
+                                                        help="Override a config key, e.g. -o fl.rounds=3 (repeatable).")]
+
+
+@app.callback()
+def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False):
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False)])
+
+
+@app.command()
+def synth(out: Annotated[Path, typer.Argument(help="Folder to write the dataset into.")],
+          sites: Annotated[int, typer.Option(min=2, help="Number of sites.")] = 6,
+          cases: Annotated[int, typer.Option(min=3, help="Cases (volumes) per site.")] = 8,
+          size: Annotated[int, typer.Option(min=16, help="In-plane size in pixels.")] = 64,
+          slices: Annotated[int, typer.Option(min=3, help="Slices per volume.")] = 16,
+          seed: Annotated[int, typer.Option(help="Random seed.")] = 0):
+    """Write a synthetic multi-site dataset (SAML NIfTI layout)."""
+    from iopfl.data.synthetic import generate_synthetic
+
+    path = generate_synthetic(out, sites=sites, cases=cases, size=size, slices=slices, seed=seed)
+    console.print(f"wrote {sites} sites × {cases} cases to {path}")
+
+
+@app.command()
+def train(config: Annotated[Path, typer.Argument(help="YAML config (see configs/).")],
+          override: Overrides = None,
+          out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/<method>).")] = None,
+          resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False):
+    """Run one federated training run."""
+    from iopfl.config import load_config
+    from iopfl.engine.session import train_run
+
+    cfg = load_config(config, override or [])
+    if resume and out is None:
+        raise UserError("--resume needs --out RUN (the run directory to continue)")
+    run_dir = out or Path("runs") / cfg.fl.method
+    if resume and (run_dir / "config.yaml").exists():
+        cfg = load_config(run_dir / "config.yaml", override or [])
+    results = train_run(cfg, run_dir, resume=resume, console=console)
+    _print_results(results, run_dir)
+
+
+@app.command()
+def demo(out: Annotated[Path, typer.Option("--out", help="Folder for the demo's runs.")] = Path("runs/demo"),
+         override: Overrides = None):
+    """Synthetic sites → FedAvg and IOP-FL inside → per-site comparison table."""
+    from iopfl.engine.session import run_demo
+
+    run_demo(out, override or [], console=console)
+
+
+@app.command()
+def report(runs: Annotated[list[Path], typer.Argument(help="Run directories to compare.")],
+           out: Annotated[Path, typer.Option("--out", help="Markdown file (CSV and PNG written beside it).")] = Path("report.md")):
+    """Comparison tables across runs and methods (mean ± std over seeds)."""
+    from iopfl.report.compare import compare_runs
+
+    compare_runs(list(runs), out)
+    console.print(out.read_text())
+    console.print(f"wrote {out}, {out.with_suffix('.csv')}, {out.with_suffix('.png')}")
+
+
+def _print_results(results: dict, run_dir: Path) -> None:
+    from iopfl.engine.session import results_table
+
+    Console().print(results_table(results))
+    console.print(f"run directory: {run_dir}")
+
+
+def main() -> None:
+    """Entry point: user errors → one line on stderr, exit 2; no traceback."""
+    try:
+        app(standalone_mode=False)
+    except UserError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        console.print("aborted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted; `iopfl train ... --resume` continues from the last checkpoint")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

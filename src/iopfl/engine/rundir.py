@@ -1,0 +1,116 @@
+"""The run directory (DESIGN §5): where every output of a run lives, written safely.
+
+``config.yaml``, ``manifest.json``, ``metrics.jsonl``, ``results.json``, ``checkpoints/``,
+``report.md``, ``plots/``. JSON files are replaced atomically; ``metrics.jsonl`` is append-only and
+trimmed back to the checkpointed round on resume, so it never holds lines of a round that is re-run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from iopfl.engine.checkpoint import atomic_write_text
+from iopfl.errors import UserError
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / "checkpoints" / "last.safetensors"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def results(self) -> Path:
+        return self.path / "results.json"
+
+    @property
+    def plots(self) -> Path:
+        return self.path / "plots"
+
+    def create(self) -> None:
+        try:
+            (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
+            self.plots.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"{self.path}: cannot create the run directory ({exc.strerror})") from None
+
+    def write_json(self, name: str, obj: Any) -> None:
+        atomic_write_text(self.path / name, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+    def read_json(self, name: str) -> Any:
+        path = self.path / name
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"{path}: not found (is {self.path} a run directory?)") from None
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"{path}: unreadable ({type(exc).__name__})") from None
+
+    def append_metrics(self, lines: list[dict]) -> None:
+        with self.metrics.open("a") as fh:
+            fh.writelines(json.dumps(line) + "\n" for line in lines)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics.exists():
+            return []
+        lines = []
+        for raw in self.metrics.read_text().splitlines():
+            try:
+                lines.append(json.loads(raw))
+            except json.JSONDecodeError:
+                continue  # a line torn by a crash mid-append; its round is re-run on resume
+        return lines
+
+    def trim_metrics(self, last_round: int) -> None:
+        """Keep only lines of rounds ≤ ``last_round`` (those the checkpoint already covers)."""
+        kept = [line for line in self.read_metrics() if line.get("round", 0) <= last_round]
+        atomic_write_text(self.metrics, "".join(json.dumps(line) + "\n" for line in kept))
+
+
+def git_commit() -> str | None:
+    """The commit of the iopfl source tree, when it is a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def manifest(seed: int, config_digest: str) -> dict[str, Any]:
+    """Versions, seed, config hash and git commit: what is needed to reproduce a run."""
+    import monai
+    import numpy
+    import torch
+
+    import iopfl
+
+    return {
+        "iopfl": iopfl.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+        "threads": torch.get_num_threads(),
+        "seed": seed,
+        "config_hash": config_digest,
+        "git_commit": git_commit(),
+        "command": sys.argv,
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }

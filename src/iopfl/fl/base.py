@@ -1,0 +1,80 @@
+"""The strategy interface every federated method implements.
+
+A strategy is split along the wire: ``client_round`` runs where the data is and returns what is *sent*
+(``ClientReply.weights``, ``num_samples``, ``metrics``) apart from what is *kept* (``personal``);
+``aggregate`` runs on the server and sees only what was sent. Engines (in-process or Flower) call the
+two halves and store the personal state on the client side, so personal weights never travel.
+"""
+
+from __future__ import annotations
+
+from abc import ABC
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from iopfl.fl.aggregation import StateDict, clone_state, weighted_average
+from iopfl.fl.training import LocalTrainer
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """Hyper-parameters of the strategies (the ``fl.`` config keys they read)."""
+
+    alpha: float = 0.1
+    mu: float = 0.01
+    ditto_lambda: float = 0.1
+    apfl_alpha: float = 0.5
+    apfl_learn_alpha: bool = False
+    finetune_epochs: int = 1
+
+
+@dataclass
+class ClientReply:
+    """One client's answer to a round.
+
+    ``weights``, ``num_samples`` and ``metrics`` are sent to the server; ``personal`` stays on the
+    client (the engine stores it locally and passes it back next round).
+    """
+
+    weights: StateDict
+    num_samples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    personal: StateDict = field(default_factory=dict)
+
+
+class Strategy(ABC):
+    """Base class: FedAvg's behaviour (McMahan et al., AISTATS 2017).
+
+    Client: θ_k ← local training from θ. Server: θ ← Σ_k n_k θ_k / Σ_k n_k.
+    Subclasses override the client half, the server half, or the personalised model.
+    """
+
+    name: ClassVar[str] = ""
+    #: False for baselines that are not federated learning (e.g. centralised training).
+    federated: ClassVar[bool] = True
+    #: Model names this strategy reports ("global", "personalized").
+    models: ClassVar[tuple[str, ...]] = ("global",)
+
+    def __init__(self, config: StrategyConfig | None = None):
+        self.config = config or StrategyConfig()
+
+    def client_round(self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict,
+                     generator: torch.Generator) -> ClientReply:
+        """Train from the global weights and send the result; no personal state by default."""
+        result = trainer.train(global_weights, generator)
+        return ClientReply(result.weights, trainer.num_samples, {"loss": result.loss})
+
+    def aggregate(self, global_weights: StateDict, replies: list[tuple[StateDict, int]]) -> StateDict:
+        """Sample-weighted mean of the sent keys; keys nobody sent keep their global value."""
+        if not replies:
+            return clone_state(global_weights)
+        merged = clone_state(global_weights)
+        merged.update(weighted_average([w for w, _ in replies], [n for _, n in replies]))
+        return merged
+
+    def personalized_weights(self, trainer: LocalTrainer, global_weights: StateDict,
+                             personal: StateDict, generator: torch.Generator) -> StateDict | None:
+        """The client's personalised model, or None when the strategy has none."""
+        return None

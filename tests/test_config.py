@@ -1,0 +1,59 @@
+"""Config loading, overrides and validation errors."""
+
+import pytest
+
+from iopfl.config import load_config, parse_overrides
+from iopfl.engine.session import CONFIG_DIR
+from iopfl.errors import UserError
+
+
+def test_shipped_configs_validate():
+    for name in ("demo", "prostate", "fundus", "polyp"):
+        cfg = load_config(CONFIG_DIR / f"{name}.yaml")
+        assert cfg.fl.rounds > 0
+
+
+def test_overrides_are_typed():
+    cfg = load_config(CONFIG_DIR / "demo.yaml", ["fl.rounds=3", "fl.alpha=0.5", "fl.method=fedavg",
+                                                 "data.sites=[SiteA, SiteB]"])
+    assert (cfg.fl.rounds, cfg.fl.alpha, cfg.fl.method) == (3, 0.5, "fedavg")
+    assert cfg.data.sites == ["SiteA", "SiteB"]
+    assert parse_overrides(["a.b=x=y"]) == [("a.b", "x=y")]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("fl.rounds=0", "fl.rounds"),
+    ("fl.rounds=-2", "fl.rounds"),
+    ("fl.alpha=1.5", "fl.alpha"),
+    ("fl.method=fedmagic", "fl.method"),
+    ("fl.bogus=1", "fl.bogus"),
+    ("nonsense=1", "nonsense"),
+    ("train.batch_size=abc", "train.batch_size"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(UserError, match=key.replace(".", r"\.")):
+        load_config(CONFIG_DIR / "demo.yaml", [override])
+
+
+def test_bad_override_syntax():
+    with pytest.raises(UserError, match="key=value"):
+        load_config(None, ["fl.rounds"])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("fl: [unclosed\n")
+    with pytest.raises(UserError, match="bad.yaml"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(UserError, match="mapping"):
+        load_config(listy)
+
+
+def test_digest_changes_with_config():
+    a = load_config(CONFIG_DIR / "demo.yaml")
+    b = load_config(CONFIG_DIR / "demo.yaml", ["fl.rounds=2"])
+    assert a.digest() == load_config(CONFIG_DIR / "demo.yaml").digest() != b.digest()
