@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -61,7 +61,8 @@ class TrainConfig(_Section):
     lr: float = Field(1e-3, gt=0.0)
     amsgrad: bool = True
     ce_weight: float = Field(0.0, ge=0.0, description="weight of cross-entropy added to soft Dice")
-    channels_last: bool = True
+    channels_last: bool = False
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: CPU autocast in local training")
     threads: int | None = Field(None, gt=0, description="torch intra-op threads (default: all cores)")
 
 
@@ -83,7 +84,8 @@ class Config(_Section):
     def train_settings(self) -> TrainSettings:
         return TrainSettings(epochs=self.fl.local_epochs, batch_size=self.train.batch_size,
                              lr=self.train.lr, amsgrad=self.train.amsgrad,
-                             ce_weight=self.train.ce_weight, channels_last=self.train.channels_last)
+                             ce_weight=self.train.ce_weight, channels_last=self.train.channels_last,
+                             precision=self.train.precision)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from iopfl.config import Config, build_config, read_yaml
-from iopfl.engine.runner import FederatedRun
+from iopfl.engine.runner import FederatedRun, sample_clients
 from iopfl.evaluation.evaluate import predict_case
 from iopfl.report.run_report import save_overlay, write_run_report
 
@@ -52,7 +52,7 @@ def train_run(cfg: Config, run_dir: Path, resume: bool = False, console: Console
     """Train, write results.json, overlays and report.md; return the results."""
     console = console or Console(stderr=True)
     run = FederatedRun(cfg, run_dir)
-    progress = RichProgress(console, clients_per_round=_clients_per_round(cfg, len(run.sites)))
+    progress = RichProgress(console, clients_per_round=len(sample_clients(cfg, list(run.fit_clients), 1)))
     run.progress = progress
     try:
         results = run.run(resume=resume)
@@ -63,21 +63,18 @@ def train_run(cfg: Config, run_dir: Path, resume: bool = False, console: Console
     return results
 
 
-def _clients_per_round(cfg: Config, k: int) -> int:
-    return min(k, max(cfg.fl.min_clients, round(cfg.fl.client_fraction * k)))
-
-
 def draw_overlays(run: FederatedRun) -> None:
     """Middle-slice overlays of the first test case of the first sites, with the selected model."""
     model_name = "personalized" if "personalized" in run.strategy.models else "global"
     out = run.dir.plots / "overlays"
+    model = run.build()
     for site in run.sites[: run.cfg.eval.overlays]:
         cases = run.spec.sites[site].test
         if not cases:
             continue
         case = cases[0]
-        run.eval_model.load_state_dict(run.selected_weights(model_name, site))
-        pred = predict_case(run.eval_model, case, run.spec.context, run.cfg.eval.batch_size)
+        model.load_state_dict(run.selected_weights(model_name, site))
+        pred = predict_case(model, case, run.spec.context, run.cfg.eval.batch_size)
         mid = len(case.mask) // 2
         image = case.image[mid].mean(axis=0)
         save_overlay(out / f"{site}_{case.case_id}.png", image, case.mask[mid], pred[mid],

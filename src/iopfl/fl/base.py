@@ -54,6 +54,8 @@ class Strategy(ABC):
     name: ClassVar[str] = ""
     #: False for baselines that are not federated learning (e.g. centralised training).
     federated: ClassVar[bool] = True
+    #: True when one client trains on every site's pooled data (centralised training).
+    pooled: ClassVar[bool] = False
     #: Model names this strategy reports ("global", "personalized").
     models: ClassVar[tuple[str, ...]] = ("global",)
 

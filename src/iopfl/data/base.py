@@ -1,0 +1,104 @@
+"""Data containers shared by every source, and 2.5D sample assembly."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+
+@dataclass
+class Case:
+    """One case: a 3D volume (S slices) or a 2D image (S = 1), preprocessed.
+
+    ``image``: float32 ``[S, C, H, W]``; ``mask``: uint8 ``[S, H, W]`` class indices or None when
+    unlabelled; ``spacing``: mm per voxel along (S, H, W) after resizing ((1, 1, 1) = pixels);
+    ``meta``: what writing a prediction back needs (original shape, affine, format).
+    """
+
+    site: str
+    case_id: str
+    image: np.ndarray
+    mask: np.ndarray | None
+    spacing: tuple[float, float, float]
+    source: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_slices(self) -> int:
+        return int(self.image.shape[0])
+
+
+@dataclass
+class SiteData:
+    name: str
+    train: list[Case]
+    val: list[Case]
+    test: list[Case]
+
+    def all_cases(self) -> list[Case]:
+        return self.train + self.val + self.test
+
+
+@dataclass
+class DatasetSpec:
+    name: str
+    sites: dict[str, SiteData]
+    in_channels: int
+    num_classes: int
+    regions: dict[str, list[int]]
+    context: int
+
+
+@dataclass(frozen=True)
+class Source:
+    """A data format: how to find its site folders, load one site, and what the network sees."""
+
+    name: str
+    discover: Callable[[Path, Any], list[Path]]        # (root, DataConfig) → site folders
+    load_site: Callable[[Path, Path, Any], SiteData]   # (root, site folder, DataConfig) → site
+    in_channels: int
+    num_classes: int
+    regions: dict[str, list[int]]
+    context: int
+
+
+def case_inputs(case: Case, context: int) -> torch.Tensor:
+    """Network inputs ``[S, C·(2·context+1), H, W]``: each slice with its neighbours, edges replicated."""
+    image = torch.from_numpy(case.image)
+    if context == 0:
+        return image
+    s = image.shape[0]
+    offsets = range(-context, context + 1)
+    idx = torch.stack([torch.arange(s) + o for o in offsets], dim=1).clamp_(0, s - 1)  # [S, 2c+1]
+    return image[idx].flatten(1, 2)  # [S, 2c+1, C, H, W] → [S, (2c+1)·C, H, W]
+
+
+class SliceDataset(Dataset):
+    """2D training samples ``(image [C_in, H, W] float32, mask [H, W] int64)`` from labelled cases."""
+
+    def __init__(self, cases: list[Case], context: int):
+        self.cases, self.context = cases, context
+        self.index = [(i, s) for i, c in enumerate(cases) for s in range(c.num_slices)]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        c, s = self.index[i]
+        case = self.cases[c]
+        lo, hi = s - self.context, s + self.context
+        picks = np.clip(np.arange(lo, hi + 1), 0, case.num_slices - 1)
+        image = torch.from_numpy(case.image[picks]).flatten(0, 1)
+        return image, torch.from_numpy(case.mask[s].astype(np.int64))
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All samples stacked once: ``([N, C_in, H, W], [N, H, W])`` for DataLoader-free training."""
+        images = torch.cat([case_inputs(c, self.context) for c in self.cases])
+        masks = torch.cat([torch.from_numpy(c.mask.astype(np.int64)) for c in self.cases])
+        return images.contiguous(), masks

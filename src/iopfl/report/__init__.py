@@ -1,0 +1,1 @@
+"""Run reports (report.md + plots) and cross-run comparison tables."""

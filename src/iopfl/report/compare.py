@@ -1,0 +1,103 @@
+"""``iopfl report RUN...``: one table across runs — rows = method × model, columns = sites + mean —
+with mean ± std over seeds when runs differ only by seed; markdown, CSV and a bar chart."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from iopfl.errors import UserError  # noqa: E402
+from iopfl.report.tables import COLUMNS, markdown_table  # noqa: E402
+
+SELECTIONS = (("val-selected", ("models",)), ("last round", ("last_round", "models")))
+
+
+def read_results(run: Path) -> dict[str, Any]:
+    path = Path(run) / "results.json"
+    try:
+        results = json.loads(path.read_text())
+        for key in ("method", "dataset", "models"):
+            results[key]  # noqa: B018 — presence check
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found (is {run} a finished run?)") from None
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise UserError(f"{path}: malformed results ({type(exc).__name__}: {exc})") from None
+    return results
+
+
+def _models(results: dict, path: tuple[str, ...]) -> dict:
+    node: Any = results
+    for key in path:
+        node = node.get(key, {}) if isinstance(node, dict) else {}
+    return node
+
+
+def collect(runs: list[Path]) -> dict[str, dict[tuple[str, str], dict[str, dict[str, list[float]]]]]:
+    """selection → (method, model) → site|"mean" → metric → values over seeds."""
+    table: dict = {label: defaultdict(lambda: defaultdict(lambda: defaultdict(list))) for label, _ in SELECTIONS}
+    for run in runs:
+        results = read_results(run)
+        for label, path in SELECTIONS:
+            for model, entry in _models(results, path).items():
+                row = table[label][(results["method"], model)]
+                for site, scores in [*entry["sites"].items(), ("mean", entry["mean"])]:
+                    for key, _, _ in COLUMNS:
+                        row[site][key].append(float(scores.get(key, math.nan)))
+    return table
+
+
+def cell(values: list[float], scale: float) -> str:
+    arr = scale * np.asarray(values, dtype=float)
+    if len(arr) == 1:
+        return f"{arr[0]:.2f}"
+    return f"{arr.mean():.2f} ± {arr.std(ddof=1):.2f}"
+
+
+def compare_runs(runs: list[Path], out: Path) -> dict:
+    """Write ``out`` (markdown), ``out.csv`` and ``out.png``; return the collected table."""
+    if not runs:
+        raise UserError("iopfl report: give at least one run directory")
+    table = collect(runs)
+    md, csv_rows = ["# Comparison\n"], []
+    for label, _ in SELECTIONS:
+        rows = table[label]
+        if not rows:
+            continue
+        sites = [s for s in next(iter(rows.values())) if s != "mean"]
+        for key, name, scale in COLUMNS:
+            body = []
+            for (method, model), by_site in rows.items():
+                cells = [cell(by_site[s][key], scale) if by_site[s][key] else "—" for s in [*sites, "mean"]]
+                body.append([f"{method} / {model}", *cells])
+                csv_rows.append([label, name, method, model, *cells])
+            md.append(f"\n## {name}, test, {label}\n\n" + markdown_table(["method / model", *sites, "mean"], body))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(md))
+    with out.with_suffix(".csv").open("w", newline="") as fh:
+        csv.writer(fh).writerows([["selection", "metric", "method", "model", "cells..."], *csv_rows])
+    _bar_chart(table["val-selected"], out.with_suffix(".png"))
+    return table
+
+
+def _bar_chart(rows: dict, path: Path) -> None:
+    labels = [f"{m}\n{k}" for m, k in rows]
+    means = [100 * np.mean(v["mean"]["dice"]) for v in rows.values()]
+    errs = [100 * np.std(v["mean"]["dice"], ddof=1) if len(v["mean"]["dice"]) > 1 else 0 for v in rows.values()]
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(labels)), 3.5), dpi=100)
+    ax.bar(range(len(labels)), means, yerr=errs, color="steelblue", capsize=3)
+    ax.set_xticks(range(len(labels)), labels, fontsize=7)
+    ax.set_ylabel("mean test Dice % (val-selected)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,82 @@
+"""report.md of one run: per-site tables (val-selected and last round), val-Dice curves, overlays."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from iopfl.report.tables import models_table  # noqa: E402
+
+
+def save_overlay(path: Path, image: np.ndarray, gt: np.ndarray | None, pred: np.ndarray, title: str) -> None:
+    """Image ``[H, W]`` with truth (green) and prediction (red) contours."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(3.2, 3.2), dpi=100)
+    ax.imshow(image, cmap="gray")
+    if gt is not None and gt.any():
+        ax.contour(gt > 0, levels=[0.5], colors="lime", linewidths=1)
+    if pred.any():
+        ax.contour(pred > 0, levels=[0.5], colors="red", linewidths=1)
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_val_dice(lines: list[dict], path: Path) -> bool:
+    """Val Dice per round per site: personalised solid, global dashed. False when nothing to plot."""
+    val = [x for x in lines if x.get("split") == "val" and "dice" in x]
+    if not val:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    sites = sorted({x["site"] for x in val})
+    colours = plt.get_cmap("tab10")
+    for i, site in enumerate(sites):
+        for model, style in (("personalized", "-"), ("global", "--")):
+            pts = sorted((x["round"], x["dice"]) for x in val if x["site"] == site and x["model"] == model)
+            if pts:
+                r, d = zip(*pts)
+                ax.plot(r, [100 * v for v in d], style, color=colours(i % 10), label=f"{site} {model}")
+    ax.set_xlabel("round")
+    ax.set_ylabel("val Dice %")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def write_run_report(run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    results = json.loads((run_dir / "results.json").read_text())
+    metrics = run_dir / "metrics.jsonl"
+    lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
+    parts = [f"# {results['method']} on {results['dataset']} (seed {results['seed']})\n"]
+    if not results.get("federated", True):
+        parts.append("_Not federated learning: a reference point, not a competitor._\n")
+    parts.append("## Test, val-selected models\n")
+    parts.append(models_table(results["models"]))
+    parts.append(f"\nSelected rounds: `{json.dumps(results.get('selection', {}))}`\n")
+    if "last_round" in results:
+        parts.append(f"\n## Test, last round ({results['last_round']['round']})\n")
+        parts.append(models_table(results["last_round"]["models"]))
+    if "outside" in results:
+        parts.append(f"\n## Outside: unseen site {results['outside']['target']}\n")
+        parts.append(models_table(results["outside"]["models"]))
+    if plot_val_dice(lines, run_dir / "plots" / "val_dice.png"):
+        parts.append("\n## Validation Dice per round\n\n![val dice](plots/val_dice.png)\n")
+    overlays = sorted((run_dir / "plots" / "overlays").glob("*.png"))
+    if overlays:
+        parts.append("\n## Predictions (green: truth, red: prediction)\n\n")
+        parts.append(" ".join(f"![{p.stem}](plots/overlays/{p.name})" for p in overlays) + "\n")
+    out = run_dir / "report.md"
+    out.write_text("\n".join(parts))
+    return out

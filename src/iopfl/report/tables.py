@@ -1,0 +1,32 @@
+"""Markdown tables of results.json entries: Dice in percent, distances in millimetres."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+COLUMNS = (("dice", "Dice %", 100.0), ("hd95", "HD95 mm", 1.0), ("assd", "ASSD mm", 1.0))
+
+
+def fmt(value: float, scale: float = 1.0) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{scale * value:.2f}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def models_table(models: dict[str, Any]) -> str:
+    """Rows = model, columns = each site's and the mean's Dice / HD95 / ASSD."""
+    if not models:
+        return "_no models_\n"
+    sites = list(next(iter(models.values()))["sites"])
+    header = ["model", "metric", *sites, "mean"]
+    rows = []
+    for name, entry in models.items():
+        for key, label, scale in COLUMNS:
+            cells = [fmt(entry["sites"][s].get(key), scale) for s in sites]
+            rows.append([name, label, *cells, fmt(entry["mean"].get(key), scale)])
+    return markdown_table(header, rows)

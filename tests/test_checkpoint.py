@@ -1,0 +1,52 @@
+"""Checkpoints: atomic, pickle-free, and damage is a clear error."""
+
+import pickle
+
+import pytest
+import torch
+
+from iopfl.engine.checkpoint import load_checkpoint, pack, save_checkpoint, unpack
+from iopfl.errors import UserError
+
+
+def test_roundtrip(tmp_path):
+    path = tmp_path / "ck.safetensors"
+    tensors = {**pack("global", {"a.w": torch.arange(4.0)}), **pack("personal/S1", {"a.w": torch.ones(4)})}
+    save_checkpoint(path, tensors, {"round": 3, "nested": {"x": [1, 2]}})
+    loaded, state = load_checkpoint(path)
+    assert state == {"round": 3, "nested": {"x": [1, 2]}}
+    assert torch.equal(unpack("global", loaded)["a.w"], torch.arange(4.0))
+    assert set(unpack("personal/S1", loaded)) == {"a.w"}
+    assert list(tmp_path.iterdir()) == [path]  # no temp file left behind
+
+
+def test_truncated_checkpoint_is_a_user_error(tmp_path):
+    path = tmp_path / "ck.safetensors"
+    save_checkpoint(path, {"w": torch.randn(100)}, {"round": 1})
+    path.write_bytes(path.read_bytes()[:-50])
+    with pytest.raises(UserError, match="ck.safetensors"):
+        load_checkpoint(path)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (exec, ("open('PWNED', 'w').write('x')",))
+
+
+def test_pickle_payload_is_refused_not_executed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.safetensors"
+    path.write_bytes(pickle.dumps({"w": _Payload()}))
+    with pytest.raises(UserError, match="evil.safetensors"):
+        load_checkpoint(path)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "ck.safetensors"
+    save_checkpoint(path, {"w": torch.zeros(3)}, {"round": 1})
+    with pytest.raises(Exception):
+        save_checkpoint(path, {"w": object()}, {"round": 2})  # not a tensor: fails mid-write
+    tensors, state = load_checkpoint(path)
+    assert state["round"] == 1 and torch.equal(tensors["w"], torch.zeros(3))
+    assert list(tmp_path.iterdir()) == [path]
