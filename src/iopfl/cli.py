@@ -82,6 +82,37 @@ def report(runs: Annotated[list[Path], typer.Argument(help="Run directories to c
     console.print(f"wrote {out}, {out.with_suffix('.csv')}, {out.with_suffix('.png')}")
 
 
+@app.command()
+def adapt(run: Annotated[Path, typer.Argument(help="A finished training run directory.")],
+          target: Annotated[str, typer.Option("--target", help="Held-out site of the run's dataset, or a folder of images / NIfTI volumes.")],
+          method: Annotated[str, typer.Option("--method", help="iopfl | tent | bn | ensemble | global | all.")] = "iopfl",
+          out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default RUN/outside/<target>).")] = None,
+          override: Overrides = None):
+    """Outside personalization: adapt to an unseen site at test time; write masks (+ metrics with labels)."""
+    from iopfl.engine.outside import run_adapt
+
+    out_dir = out or run / "outside" / Path(target).name
+    results = run_adapt(run, target, method, out_dir, override or [])
+    if results["models"]:
+        from iopfl.report.tables import models_table
+
+        print(models_table(results["models"]))
+    console.print(f"predictions written to {out_dir}")
+
+
+@app.command()
+def predict(run: Annotated[Path, typer.Argument(help="A finished training run directory.")],
+            inputs: Annotated[list[Path], typer.Argument(help="Image files, NIfTI volumes or folders of them.")],
+            site: Annotated[str, typer.Option("--site", help="Whose personalized model to use.")],
+            out: Annotated[Path, typer.Option("--out", help="Output folder for the masks.")],
+            model: Annotated[str, typer.Option("--model", help="personalized | global.")] = "personalized"):
+    """Segment new images or volumes with a site's val-selected model."""
+    from iopfl.engine.outside import run_predict
+
+    written = run_predict(run, site, inputs, out, model)
+    console.print(f"wrote {len(written)} masks to {out}")
+
+
 def _print_results(results: dict, run_dir: Path) -> None:
     from iopfl.engine.session import results_table
 

@@ -75,5 +75,20 @@ def load_dataset(cfg: DataConfig) -> DatasetSpec:
                        source.context)
 
 
+
+
+def load_unlabelled(path: Path, image_size: int) -> list[Case]:
+    """Cases from a folder of NIfTI volumes or of 2D images (``iopfl adapt``/``predict`` inputs)."""
+    from iopfl.data.images2d import load_image_folder
+    from iopfl.data.io import is_nifti
+    from iopfl.data.prostate import load_volume_folder
+
+    if not path.is_dir():
+        raise UserError(f"{path}: folder not found")
+    if any(is_nifti(p) for p in path.iterdir()):
+        return load_volume_folder(path, image_size)
+    return load_image_folder(path, image_size)
+
+
 __all__ = ["Case", "DataConfig", "DatasetSpec", "SiteData", "SliceDataset", "SyntheticConfig", "case_inputs",
-           "load_dataset"]
+           "load_dataset", "load_unlabelled"]

@@ -26,13 +26,13 @@ def predict_case(model: nn.Module, case: Case, context: int, batch_size: int) ->
     return probs.argmax(dim=1).to(torch.uint8).numpy()
 
 
-def score_case(pred: np.ndarray, case: Case, spec: DatasetSpec) -> dict:
+def score_case(pred: np.ndarray, case: Case, regions: dict[str, list[int]]) -> dict:
     """Per-case metrics: region-wise Dice/HD95/ASSD plus the published reference Dice."""
-    scores = case_metrics(pred, case.mask, spec.regions, case.spacing)
+    scores = case_metrics(pred, case.mask, regions, case.spacing)
     return {"case": case.case_id, "regions": scores, "ref_dice": reference_dice(pred, case.mask)}
 
 
 def evaluate_cases(model: nn.Module, cases: Sequence[Case], spec: DatasetSpec, batch_size: int) -> dict:
     """Site summary (means over cases, ``n`` = number of cases) of ``model`` on labelled ``cases``."""
-    per_case = [score_case(predict_case(model, c, spec.context, batch_size), c, spec) for c in cases]
+    per_case = [score_case(predict_case(model, c, spec.context, batch_size), c, spec.regions) for c in cases]
     return summarize_cases(per_case)

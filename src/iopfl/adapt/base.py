@@ -1,0 +1,68 @@
+"""The shared online protocol of every test-time method.
+
+For each incoming unlabelled batch: ``steps_per_batch`` Adam steps on the method's loss, then predict
+that batch with the updated model (dropout off). ``passes`` repeats this over all batches; the
+returned predictions are those of the last pass — never a pass chosen by labels, which no method
+ever sees. Augmentation randomness is fresh for every batch, drawn from a generator seeded by
+(seed, pass, batch index).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from iopfl.adapt.config import AdaptConfig
+from iopfl.models.routing import load_expert
+from iopfl.seeding import derive_generator
+
+StateDict = dict[str, torch.Tensor]
+
+
+class TTAMethod:
+    """Base: no adaptation, the global expert in eval mode (running statistics)."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, experts: Sequence[StateDict], build: Callable[[], nn.Module], config: AdaptConfig):
+        self.experts, self.build, self.config = list(experts), build, config
+
+    def make_model(self) -> nn.Module:
+        """The network to adapt and predict with (fresh for every call of adapt_and_predict)."""
+        return load_expert(self.build, self.experts[0], 0)
+
+    def trainable(self, model: nn.Module) -> list[nn.Parameter]:
+        """Parameters the method updates; none → predict only."""
+        return []
+
+    def loss(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Softmax ``[B, K, H, W]`` of a batch ``[B, C, H, W]`` with dropout off."""
+        model.eval()
+        return model(x).softmax(dim=1)
+
+    def adapt_and_predict(self, batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Online adaptation over ``batches`` (inputs only); predictions of the last pass."""
+        model = self.make_model()
+        params = self.trainable(model)
+        steps = self.config.steps_per_batch if params else 0
+        optimizer = torch.optim.Adam(params, lr=self.config.lr) if steps else None
+        predictions: list[torch.Tensor] = []
+        for pass_ in range(self.config.passes if steps else 1):
+            predictions = []
+            for i, x in enumerate(batches):
+                gen = derive_generator(self.config.seed, "adapt", pass_, i)
+                for _ in range(steps):
+                    model.train()
+                    loss = self.loss(model, x, gen)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                predictions.append(self.predict(model, x))
+        return predictions

@@ -1,0 +1,16 @@
+"""``bn``: BN-adapt (Schneider et al., NeurIPS 2020; Nado et al., 2020) — normalise with the test
+batch's statistics instead of the training running averages; no gradient steps."""
+
+from torch import nn
+
+from iopfl.adapt.base import TTAMethod
+from iopfl.models.routing import use_batch_statistics
+
+
+class BNAdapt(TTAMethod):
+    name = "bn"
+
+    def make_model(self) -> nn.Module:
+        model = super().make_model()
+        use_batch_statistics(model)
+        return model

@@ -1,0 +1,50 @@
+"""Write predicted masks back in the input's format: NIfTI with the input's shape and affine for
+volumes, PNG at the input's size for 2D images. Files are written atomically."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from PIL import Image
+
+from iopfl.data.base import Case
+from iopfl.data.io import resize_masks
+
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
+def output_name(case: Case) -> str:
+    return case.case_id.replace("/", "__")
+
+
+def write_prediction(case: Case, pred: np.ndarray, out_dir: Path, num_classes: int) -> Path:
+    """Save the class map ``pred [S, H, W]`` of ``case`` under ``out_dir``; returns the file."""
+    out_dir = Path(out_dir)
+    if case.meta.get("format") == "nifti":
+        x, y, _ = case.meta["shape"]
+        volume = np.moveaxis(resize_masks(pred, (x, y)), 0, 2).astype(np.uint8)  # [X, Y, Z]
+        img = nib.Nifti1Image(volume, np.asarray(case.meta["affine"]))
+        img.header.set_xyzt_units("mm")
+        path = out_dir / f"{output_name(case)}.nii.gz"
+        _atomic_bytes(path, gzip.compress(img.to_bytes(), mtime=0))
+        return path
+    h, w = case.meta.get("shape", pred.shape[-2:])
+    labels = resize_masks(pred, (h, w))[0]
+    grey = (labels.astype(np.uint16) * (255 // max(1, num_classes - 1))).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(grey).save(buf, format="PNG")
+    path = out_dir / f"{output_name(case)}.png"
+    _atomic_bytes(path, buf.getvalue())
+    return path

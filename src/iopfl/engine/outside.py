@@ -1,0 +1,182 @@
+"""Outside personalization of a finished run: adapt to an unseen site's unlabelled images.
+
+The experts are the run's val-selected global model and every inside site's val-selected personalised
+model (in the in-process engine they sit in the run's checkpoint; on a real deployment, publishing a
+personalised model to outside sites is each client's explicit opt-in). The target is a site of the
+run's dataset (usually ``data.holdout``) or a folder of images / NIfTI volumes. Predicted masks are
+written in the input's format; metrics are computed when labels exist.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from iopfl.adapt import METHODS, build_method
+from iopfl.config import Config, load_config
+from iopfl.data import Case, load_dataset, load_unlabelled
+from iopfl.data.writers import write_prediction
+from iopfl.engine.checkpoint import load_checkpoint, unpack
+from iopfl.engine.rundir import RunDir
+from iopfl.errors import UserError
+from iopfl.evaluation.evaluate import predict_case, score_case
+from iopfl.evaluation.metrics import summarize_cases
+from iopfl.fl.aggregation import StateDict
+from iopfl.models import build_model
+from iopfl.report.tables import models_table
+
+
+@dataclass
+class TrainedRun:
+    """What ``adapt`` and ``predict`` need from a run directory."""
+
+    path: Path
+    cfg: Config
+    network: dict[str, Any]          # in_channels, num_classes, context, regions, image_size, width, depth
+    sites: list[str]
+    global_weights: StateDict        # val-selected θ*
+    personal: dict[str, StateDict]   # val-selected φ_k* per inside site (empty when the method has none)
+
+    def build(self) -> Callable[[], torch.nn.Module]:
+        n = self.network
+        return lambda: build_model(n["in_channels"], n["num_classes"], n["width"], n["depth"])
+
+    def experts(self) -> list[StateDict]:
+        """[θ*, φ_1*, …, φ_K*] when the run has personalised models, else [θ*]."""
+        if all(self.personal.get(s) for s in self.sites):
+            return [self.global_weights] + [self.personal[s] for s in self.sites]
+        return [self.global_weights]
+
+
+def open_run(path: Path) -> TrainedRun:
+    """Config and val-selected weights of a run; clear errors for anything missing."""
+    run = RunDir(path)
+    if not run.path.is_dir():
+        raise UserError(f"{path}: run directory not found")
+    cfg = load_config(run.path / "config.yaml")
+    if not run.checkpoint.exists():
+        raise UserError(f"{run.checkpoint}: no checkpoint (the run has not finished a round)")
+    tensors, state = load_checkpoint(run.checkpoint)
+    try:
+        sites, network = list(state["sites"]), state["network"]
+    except KeyError as exc:
+        raise UserError(f"{run.checkpoint}: checkpoint lacks '{exc.args[0]}'") from None
+    best_global = unpack("best/global", tensors) or unpack("global", tensors)
+    personal = {s: unpack(f"best/{s}", tensors) for s in sites}
+    return TrainedRun(run.path, cfg, network, sites, best_global, personal)
+
+
+def target_cases(run: TrainedRun, target: str) -> list[Case]:
+    """A site of the run's dataset that took no part in training (all its cases), or a folder."""
+    if target in run.sites:
+        raise UserError(f"--target: '{target}' took part in training; outside adaptation is for unseen sites")
+    folder = Path(target)
+    if folder.is_dir():
+        return load_unlabelled(folder, run.network["image_size"])
+    spec = load_dataset(run.cfg.data.model_copy(update={"sites": None}))
+    if target not in spec.sites:
+        raise UserError(f"--target: '{target}' is neither a folder nor a site of the dataset "
+                        f"(sites: {', '.join(spec.sites)})")
+    return spec.sites[target].all_cases()
+
+
+def batches_of(cases: list[Case], context: int, batch_size: int) -> tuple[list[torch.Tensor], list[int]]:
+    """Every case's inputs cut into batches, in case order, with the case index of each batch."""
+    from iopfl.data import case_inputs
+
+    batches, owners = [], []
+    for i, case in enumerate(cases):
+        inputs = case_inputs(case, context)
+        for start in range(0, len(inputs), batch_size):
+            batches.append(inputs[start : start + batch_size])
+            owners.append(i)
+    return batches, owners
+
+
+def assemble(probs: list[torch.Tensor], owners: list[int], n_cases: int) -> list[np.ndarray]:
+    """Per-case class maps ``[S, H, W]`` from per-batch probabilities ``[B, K, H, W]``."""
+    parts: list[list[torch.Tensor]] = [[] for _ in range(n_cases)]
+    for p, i in zip(probs, owners):
+        parts[i].append(p.argmax(dim=1).to(torch.uint8))
+    return [torch.cat(chunks).numpy() for chunks in parts]
+
+
+def method_names(method: str) -> list[str]:
+    if method == "all":
+        return list(METHODS)
+    if method not in METHODS:
+        raise UserError(f"--method: unknown method '{method}' (choose from all, {', '.join(METHODS)})")
+    return [method]
+
+
+def adapt_cases(run: TrainedRun, cases: list[Case], methods: list[str], out: Path | None,
+                cfg: Config) -> dict[str, Any]:
+    """Each method online over the same batches; masks under ``out/<method>``; metrics with labels."""
+    batches, owners = batches_of(cases, run.network["context"], cfg.adapt.batch_size)
+    labelled = all(c.mask is not None for c in cases)
+    regions = run.network["regions"]
+    models: dict[str, Any] = {}
+    for name in methods:
+        method = build_method(name, run.experts(), run.build(), cfg.adapt)
+        preds = assemble(method.adapt_and_predict(batches), owners, len(cases))
+        if out is not None:
+            for case, pred in zip(cases, preds):
+                write_prediction(case, pred, out / name, run.network["num_classes"])
+        if labelled:
+            summary = summarize_cases([score_case(p, c, regions) for p, c in zip(preds, cases)])
+            models[name] = {"sites": {cases[0].site: summary}, "mean": summary}
+    return models
+
+
+def run_adapt(run_dir: Path, target: str, method: str, out: Path, overrides: list[str]) -> dict[str, Any]:
+    """``iopfl adapt``: adapt, write masks, and write results.json + report.md when labels exist."""
+    run = open_run(run_dir)
+    cfg = load_config(run.path / "config.yaml", overrides)
+    cases = target_cases(run, target)
+    models = adapt_cases(run, cases, method_names(method), out, cfg)
+    results = {"method": "outside", "dataset": run.cfg.data.source, "seed": cfg.adapt.seed,
+               "target": Path(target).name, "experts": ["global", *run.sites][: len(run.experts())],
+               "models": models}
+    RunDir(out).write_json("results.json", results)
+    if models:
+        (out / "report.md").write_text(f"# Outside: {results['target']}\n\n" + models_table(models))
+    return results
+
+
+def run_predict(run_dir: Path, site: str, inputs: list[Path], out: Path, model: str) -> list[Path]:
+    """``iopfl predict``: segment files/folders with ``site``'s val-selected model (or the global one)."""
+    run = open_run(run_dir)
+    if model not in ("personalized", "global"):
+        raise UserError(f"--model: expected personalized or global, got '{model}'")
+    if site not in run.sites:
+        raise UserError(f"--site: '{site}' is not an inside site of {run_dir} (sites: {', '.join(run.sites)})")
+    weights = run.personal.get(site) if model == "personalized" else run.global_weights
+    if not weights:
+        raise UserError(f"{run_dir}: method '{run.cfg.fl.method}' has no personalized model; use --model global")
+    net = run.build()()
+    net.load_state_dict(weights)
+    written = []
+    for path in inputs:
+        for case in _input_cases(Path(path), run.network["image_size"]):
+            pred = predict_case(net, case, run.network["context"], run.cfg.eval.batch_size)
+            written.append(write_prediction(case, pred, out, run.network["num_classes"]))
+    return written
+
+
+def _input_cases(path: Path, image_size: int) -> list[Case]:
+    from iopfl.data.images2d import image_to_case
+    from iopfl.data.io import is_nifti, nifti_stem
+    from iopfl.data.prostate import volume_to_case
+
+    if path.is_dir():
+        return load_unlabelled(path, image_size)
+    if not path.exists():
+        raise UserError(f"{path}: input not found")
+    if is_nifti(path):
+        return [volume_to_case(path.parent.name, nifti_stem(path), path, None, image_size)]
+    return [image_to_case(path.parent.name, path.stem, path, None, image_size)]
