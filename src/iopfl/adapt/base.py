@@ -17,7 +17,7 @@ from torch import nn
 
 from iopfl.adapt.config import AdaptConfig
 from iopfl.models.routing import load_expert
-from iopfl.seeding import derive_generator
+from iopfl.seeding import derive_generator, derive_seed
 
 StateDict = dict[str, torch.Tensor]
 
@@ -48,7 +48,16 @@ class TTAMethod:
         return model(x).softmax(dim=1)
 
     def adapt_and_predict(self, batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Online adaptation over ``batches`` (inputs only); predictions of the last pass."""
+        """Online adaptation over ``batches`` (inputs only); predictions of the last pass.
+
+        Router initialisation and dropout draw from torch's global generator: it is seeded here, inside
+        a forked RNG state so the caller's random stream is left untouched.
+        """
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.config.seed, "adapt"))
+            return self._run(batches)
+
+    def _run(self, batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         model = self.make_model()
         params = self.trainable(model)
         steps = self.config.steps_per_batch if params else 0

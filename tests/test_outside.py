@@ -1,0 +1,118 @@
+"""Outside personalization end to end: leave-one-site-out run → iopfl adapt / predict."""
+
+import shutil
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from _tiny import tiny_config
+from iopfl.data import load_dataset
+from iopfl.engine.outside import adapt_cases, open_run, run_adapt, run_predict
+from iopfl.engine.runner import FederatedRun
+from iopfl.errors import UserError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def holdout_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("outside")
+    cfg = tiny_config(root / "cache", ["data.holdout=SiteC", "fl.rounds=2"], sites=4)
+    FederatedRun(cfg, root / "run").run()
+    return cfg, root
+
+
+def test_holdout_site_is_not_trained_on(holdout_run):
+    cfg, root = holdout_run
+    run = open_run(root / "run")
+    assert run.sites == ["SiteA", "SiteB", "SiteD"]
+    assert len(run.experts()) == 4
+
+
+def test_adapt_all_methods_on_the_held_out_site(holdout_run, tmp_path):
+    cfg, root = holdout_run
+    results = run_adapt(root / "run", "SiteC", "all", tmp_path / "out", [])
+    assert set(results["models"]) == {"global", "bn", "tent", "ensemble", "iopfl"}
+    for entry in results["models"].values():
+        assert 0 <= entry["sites"]["SiteC"]["dice"] <= 1
+    n_cases = len(load_dataset(cfg.data).sites["SiteC"].all_cases())
+    for method in results["models"]:
+        assert len(list((tmp_path / "out" / method).glob("*.nii.gz"))) == n_cases
+    assert (tmp_path / "out" / "results.json").exists()
+
+
+def test_no_method_reads_labels(holdout_run):
+    cfg, root = holdout_run
+    run = open_run(root / "run")
+    cases = load_dataset(cfg.data).sites["SiteC"].all_cases()
+    clean = adapt_cases(run, cases, ["iopfl", "tent"], None, cfg)
+    rng = np.random.default_rng(0)
+    for case in cases:
+        case.mask = rng.integers(0, 2, size=case.mask.shape).astype(np.uint8)  # poison
+    poisoned = adapt_cases(run, cases, ["iopfl", "tent"], None, cfg)
+    # the predictions are unchanged, so only the scores against the poisoned truth differ
+    for method in clean:
+        assert clean[method]["mean"]["dice"] != poisoned[method]["mean"]["dice"]
+    cases_again = load_dataset(cfg.data).sites["SiteC"].all_cases()
+    assert adapt_cases(run, cases_again, ["iopfl", "tent"], None, cfg) == clean
+
+
+def test_unlabelled_nifti_folder_keeps_shape_and_affine(holdout_run, tmp_path):
+    cfg, root = holdout_run
+    src = next(p for p in (root / "cache").glob("synthetic-*/SiteC"))
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for p in sorted(src.glob("Case0[01].nii.gz")):
+        shutil.copy(p, folder / p.name)
+    results = run_adapt(root / "run", str(folder), "iopfl", tmp_path / "out", [])
+    assert results["models"] == {}
+    for p in sorted(folder.glob("*.nii.gz")):
+        pred = nib.load(str(tmp_path / "out" / "iopfl" / p.name))
+        ref = nib.load(str(p))
+        assert pred.shape == ref.shape
+        assert np.allclose(pred.affine, ref.affine)
+        assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1}
+
+
+def test_predict_writes_masks(holdout_run, tmp_path):
+    cfg, root = holdout_run
+    src = next(p for p in (root / "cache").glob("synthetic-*/SiteA"))
+    written = run_predict(root / "run", "SiteA", [src / "Case00.nii.gz"], tmp_path / "pred", "personalized")
+    assert len(written) == 1 and written[0].exists()
+    assert nib.load(str(written[0])).shape == nib.load(str(src / "Case00.nii.gz")).shape
+
+
+@pytest.mark.parametrize("problem", ["no-checkpoint", "empty-folder", "unreadable", "trained-site", "bad-method"])
+def test_bad_adapt_inputs(holdout_run, tmp_path, problem):
+    cfg, root = holdout_run
+    run, target, method = root / "run", "SiteC", "iopfl"
+    if problem == "no-checkpoint":
+        run = tmp_path / "copy"
+        shutil.copytree(root / "run", run, ignore=shutil.ignore_patterns("checkpoints"))
+    elif problem == "empty-folder":
+        target = str(tmp_path / "empty")
+        (tmp_path / "empty").mkdir()
+    elif problem == "unreadable":
+        (tmp_path / "bad").mkdir()
+        (tmp_path / "bad" / "x.nii.gz").write_bytes(b"not a nifti at all")
+        target = str(tmp_path / "bad")
+    elif problem == "trained-site":
+        target = "SiteA"
+    else:
+        method = "magic"
+    with pytest.raises(UserError):
+        run_adapt(run, target, method, tmp_path / "out", [])
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_cli_adapt_prints_the_table(holdout_run, tmp_path):
+    cfg, root = holdout_run
+    done = subprocess.run([sys.executable, "-m", "iopfl.cli", "adapt", str(root / "run"), "--target", "SiteC",
+                           "--method", "all", "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    for method in ("global", "bn", "tent", "ensemble", "iopfl"):
+        assert f"| {method} | Dice %" in done.stdout
