@@ -13,7 +13,10 @@ from rich.table import Table
 from iopfl.config import Config, build_config, read_yaml
 from iopfl.engine.runner import FederatedRun, sample_clients
 from iopfl.evaluation.evaluate import predict_case
+from iopfl.data.synthetic import SITE_NAMES
+from iopfl.engine.rundir import RunDir
 from iopfl.report.run_report import save_overlay, write_run_report
+from iopfl.report.tables import models_table
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -101,19 +104,39 @@ def demo_config(overrides: list[str]) -> Config:
 
 
 def run_demo(out: Path, overrides: list[str], console: Console | None = None) -> dict[str, dict]:
-    """FedAvg and IOP-FL inside on the synthetic sites; prints and writes a comparison."""
+    """Inside: FedAvg and IOP-FL on every synthetic site. Outside: IOP-FL trained without the
+    demo's held-out site, then every adaptation method on that site. Prints and writes the tables."""
+    from iopfl.engine.outside import adapt_cases, method_names, open_run, target_cases
     from iopfl.report.compare import compare_runs
 
     console = console or Console(stderr=True)
     results = {}
     for method in ("fedavg", "iopfl"):
-        cfg = demo_config([f"fl.method={method}", *overrides])
-        run_dir = out / method
-        console.rule(f"[bold]{method}")
-        resume = (run_dir / "checkpoints" / "last.safetensors").exists()
-        results[method] = train_run(cfg, run_dir, resume=resume, console=console)
-        Console().print(results_table(results[method]))
-    compare_runs([out / m for m in results], out / "report.md")
-    Console().print((out / "report.md").read_text())
+        results[method] = _demo_run(out / method, [f"fl.method={method}", *overrides], console)
+    compare_runs([out / m for m in ("fedavg", "iopfl")], out / "report.md")
+
+    base = demo_config(overrides)
+    target = base.data.holdout or SITE_NAMES[base.data.synthetic.sites - 1]
+    holdout_dir = out / f"iopfl-without-{target}"
+    inside = _demo_run(holdout_dir, ["fl.method=iopfl", f"data.holdout={target}", *overrides], console)
+    console.rule(f"[bold]outside: adapting to unseen {target}")
+    run = open_run(holdout_dir)
+    outside = adapt_cases(run, target_cases(run, target), method_names("all"), holdout_dir / "outside", run.cfg)
+    inside["outside"] = {"target": target, "models": outside}
+    RunDir(holdout_dir).write_json("results.json", inside)
+    write_run_report(holdout_dir)
+    with (out / "report.md").open("a") as fh:
+        fh.write(f"\n## Outside: unseen site {target} (experts trained on the other sites)\n\n")
+        fh.write(models_table(outside))
+    print((out / "report.md").read_text())
     console.print(f"demo written to {out}")
+    return {**results, "outside": outside}
+
+
+def _demo_run(run_dir: Path, overrides: list[str], console: Console) -> dict:
+    cfg = demo_config(overrides)
+    console.rule(f"[bold]{run_dir.name}")
+    resume = (run_dir / "checkpoints" / "last.safetensors").exists()
+    results = train_run(cfg, run_dir, resume=resume, console=console)
+    Console().print(results_table(results))
     return results
