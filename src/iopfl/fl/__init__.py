@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 from iopfl.errors import UserError
+from iopfl.fl.apfl import APFL
 from iopfl.fl.base import ClientReply, Strategy, StrategyConfig
+from iopfl.fl.centralized import Centralized
+from iopfl.fl.ditto import Ditto
 from iopfl.fl.fedavg import FedAvg
+from iopfl.fl.fedavgft import FedAvgFT
+from iopfl.fl.fedbn import FedBN
+from iopfl.fl.fedprox import FedProx
+from iopfl.fl.fedrep import FedRep
 from iopfl.fl.iopfl import IOPFLInside
+from iopfl.fl.local import Local
 
 STRATEGIES: dict[str, type[Strategy]] = {
+    Local.name: Local,
+    Centralized.name: Centralized,
     FedAvg.name: FedAvg,
+    FedAvgFT.name: FedAvgFT,
+    FedProx.name: FedProx,
+    FedBN.name: FedBN,
+    Ditto.name: Ditto,
+    FedRep.name: FedRep,
+    APFL.name: APFL,
     IOPFLInside.name: IOPFLInside,
 }
 

@@ -75,18 +75,21 @@ class LocalTrainer:
 
     def train(self, weights: StateDict, generator: torch.Generator, epochs: int | None = None,
               penalty: Penalty | None = None, trainable: Callable[[str], bool] | None = None,
-              forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> TrainResult:
+              forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              extra_params: list[torch.Tensor] = ()) -> TrainResult:
         """Load ``weights``, run the local epochs, return the new weights (a deep copy).
 
         Args:
             penalty: extra loss term on the model (FedProx's and Ditto's proximal terms).
             trainable: parameter-name filter; others stay frozen (FedRep's body/head phases).
             forward: replaces ``model(x)`` (APFL's mixture); defaults to the model itself.
+            extra_params: further tensors the optimizer updates (APFL's learned α).
         """
         model = self.model
         model.load_state_dict(weights)
         model.train()
         params = [p for name, p in model.named_parameters() if trainable is None or trainable(name)]
+        params += list(extra_params)
         # the fused kernel updates all parameters in one pass (no per-tensor dispatch overhead)
         optimizer = torch.optim.Adam(params, lr=self.settings.lr, amsgrad=self.settings.amsgrad, fused=True)
         run = forward or model

@@ -1,0 +1,33 @@
+"""FedProx (Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020).
+
+Client k minimises its loss plus a proximal term to the round's global model,
+    F_k(w) + (μ/2)·‖w − θ^{t-1}‖²   over the parameters w,
+which adds μ(w − θ^{t-1}) to every gradient and keeps local models from drifting. Server: FedAvg.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from iopfl.fl.aggregation import StateDict
+from iopfl.fl.base import ClientReply, Strategy
+from iopfl.fl.training import LocalTrainer
+
+
+def proximal_term(anchor: StateDict, weight: float):
+    """(weight/2)·Σ‖p − anchor[p]‖² over the model's parameters (a penalty for LocalTrainer)."""
+
+    def penalty(model: nn.Module) -> torch.Tensor:
+        return 0.5 * weight * sum(((p - anchor[n]) ** 2).sum() for n, p in model.named_parameters())
+
+    return penalty
+
+
+class FedProx(Strategy):
+    name = "fedprox"
+
+    def client_round(self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict,
+                     generator: torch.Generator) -> ClientReply:
+        result = trainer.train(global_weights, generator, penalty=proximal_term(global_weights, self.config.mu))
+        return ClientReply(result.weights, trainer.num_samples, {"loss": result.loss})

@@ -1,0 +1,45 @@
+"""FedRep (Collins et al., "Exploiting Shared Representations for Personalized Federated Learning",
+ICML 2021).
+
+The network is split into a shared body and a local head; for our U-Net the head is the last decoder
+block and the output convolution. Each round client k first trains its head with the body frozen,
+then the body with the head frozen (``fl.local_epochs`` each), sends only the body and keeps the head.
+Server: FedAvg over the body. Personalised model = global body + the site's head.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from iopfl.fl.aggregation import StateDict, merge_states
+from iopfl.fl.base import ClientReply, Strategy
+from iopfl.fl.training import LocalTrainer
+
+
+def head_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Module prefixes of the local head: the U-Net's last decoder block and output convolution;
+    for other networks, their last top-level child that has parameters."""
+    if hasattr(model, "decoders") and hasattr(model, "head"):
+        return (f"decoders.{len(model.decoders) - 1}.", "head.")
+    last = [name for name, child in model.named_children() if any(True for _ in child.parameters())][-1]
+    return (f"{last}.",)
+
+
+class FedRep(Strategy):
+    name = "fedrep"
+    models = ("personalized",)
+
+    def client_round(self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict,
+                     generator: torch.Generator) -> ClientReply:
+        prefixes = head_prefixes(trainer.model)
+        in_head = lambda key: key.startswith(prefixes)  # noqa: E731
+        head_phase = trainer.train(merge_states(global_weights, personal), generator, trainable=in_head)
+        body_phase = trainer.train(head_phase.weights, generator, trainable=lambda k: not in_head(k))
+        sent = {k: v for k, v in body_phase.weights.items() if not in_head(k)}
+        kept = {k: v for k, v in body_phase.weights.items() if in_head(k)}
+        return ClientReply(sent, trainer.num_samples, {"loss": body_phase.loss}, kept)
+
+    def personalized_weights(self, trainer: LocalTrainer, global_weights: StateDict,
+                             personal: StateDict, generator: torch.Generator) -> StateDict | None:
+        return merge_states(global_weights, personal) if personal else None
