@@ -9,11 +9,10 @@ from iopfl.errors import UserError
 from iopfl.models import UNet
 from iopfl.models.routing import RoutedConv2d, RoutedConvTranspose2d, route_experts, routers
 
-torch.set_default_dtype(torch.float64)
-
-
-@pytest.fixture(autouse=True, scope="module")
+@pytest.fixture(autouse=True)
 def _float64():
+    """Exact comparisons in float64, restored afterwards so no other test runs in float64."""
+    torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(torch.float32)
 
