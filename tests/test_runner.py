@@ -117,3 +117,14 @@ def test_sigkill_then_resume_via_cli(baseline, tmp_path):
     assert _numbers(resumed) == _numbers(results)
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.endswith(".tmp")]
     assert os.path.exists(run / "report.md")
+
+
+def test_the_tiny_run_learns_and_seeds_matter(baseline, tmp_path):
+    """Guards the other tests: numbers that never changed would make resume/selection tests vacuous."""
+    cfg, root, results = baseline
+    lines = [json.loads(x) for x in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = {(x["round"], x["site"]): x["dice"] for x in lines if x["split"] == "val" and x["model"] == "personalized"}
+    assert len(set(val.values())) > 3
+    assert results["models"]["personalized"]["mean"]["dice"] > 0.3
+    other = FederatedRun(tiny_config(root / "cache", ["seed=1"]), tmp_path / "run").run()
+    assert _numbers(other) != _numbers(results)

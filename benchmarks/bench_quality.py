@@ -1,0 +1,116 @@
+"""Quality benchmark: every inside method on a suite's sites, and (for suites with hold-outs) every
+outside method on every held-out site, over several seeds; same model, data, budget and selection rule.
+
+Inside: one run directory per (method, seed) under ``OUT/inside/``; the table is ``iopfl report``'s
+(`OUT/inside.md`, `.csv`, `.png`), so ``iopfl report OUT/inside/*`` reproduces it.
+Outside: per held-out site and seed, IOP-FL is trained on the other sites and every adaptation method
+is run on the held-out site's images (labels only for scoring) → ``OUT/outside.md``.
+
+    python benchmarks/bench_quality.py --suite synthetic --seeds 3 [--out benchmarks/results/quality-synthetic]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from iopfl.config import Config, build_config, read_yaml
+from iopfl.data import load_dataset
+from iopfl.engine.outside import adapt_cases, method_names, open_run, target_cases
+from iopfl.engine.runner import FederatedRun
+from iopfl.engine.session import CONFIG_DIR
+from iopfl.fl import STRATEGIES
+from iopfl.report.compare import compare_runs
+from iopfl.report.tables import markdown_table
+
+SUITES: dict[str, tuple[str, list[str], bool]] = {
+    # name: (config file, overrides, has outside hold-outs)
+    "synthetic": ("demo.yaml", ["data.synthetic.cases=10"], True),
+    "polyp": ("polyp.yaml", ["data.image_size=64", "model.width=8", "model.depth=3", "data.max_cases_per_site=200",
+                             "fl.rounds=20", "eval.eval_every=4", "train.precision=bf16"], True),
+    "prostate": ("prostate.yaml", [], True),
+    "fundus": ("fundus.yaml", [], True),
+}
+
+
+def suite_config(suite: str, overrides: list[str]) -> Config:
+    name, base, _ = SUITES[suite]
+    return build_config(read_yaml(CONFIG_DIR / name), [*base, *overrides], origin=name)
+
+
+def run_inside(suite: str, seeds: list[int], out: Path, extra: list[str]) -> list[Path]:
+    runs = []
+    for method in STRATEGIES:
+        for seed in seeds:
+            run_dir = out / "inside" / f"{method}-s{seed}"
+            if not (run_dir / "results.json").exists():
+                cfg = suite_config(suite, [f"fl.method={method}", f"seed={seed}", *extra])
+                resume = (run_dir / "checkpoints" / "last.safetensors").exists()
+                t0 = time.perf_counter()
+                FederatedRun(cfg, run_dir).run(resume=resume)
+                print(f"inside {method} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
+            runs.append(run_dir)
+    compare_runs(runs, out / "inside.md")
+    return runs
+
+
+def run_outside(suite: str, seeds: list[int], out: Path, extra: list[str]) -> dict:
+    sites = list(load_dataset(suite_config(suite, extra).data).sites)
+    scores: dict[str, dict[str, list[float]]] = {}
+    for target in sites:
+        for seed in seeds:
+            run_dir = out / "outside" / f"without-{target}-s{seed}"
+            result_file = run_dir / "outside.json"
+            if not result_file.exists():
+                cfg = suite_config(suite, ["fl.method=iopfl", f"seed={seed}", f"data.holdout={target}",
+                                           f"adapt.seed={seed}", *extra])
+                if not (run_dir / "results.json").exists():
+                    resume = (run_dir / "checkpoints" / "last.safetensors").exists()
+                    FederatedRun(cfg, run_dir).run(resume=resume)
+                run = open_run(run_dir)
+                models = adapt_cases(run, target_cases(run, target), method_names("all"), None, cfg)
+                result_file.write_text(json.dumps(models, indent=1))
+                print(f"outside {target} seed {seed} done", flush=True)
+            for method, entry in json.loads(result_file.read_text()).items():
+                scores.setdefault(method, {}).setdefault(target, []).append(entry["mean"]["dice"])
+    write_outside_table(scores, sites, out / "outside.md")
+    return scores
+
+
+def write_outside_table(scores: dict, sites: list[str], path: Path) -> None:
+    def cell(values):
+        v = 100 * np.asarray(values)
+        return f"{v.mean():.2f}" if len(v) == 1 else f"{v.mean():.2f} ± {v.std(ddof=1):.2f}"
+
+    rows = []
+    for method, by_site in scores.items():
+        means = [np.mean(by_site[s]) for s in sites]
+        rows.append([method, *[cell(by_site[s]) for s in sites], f"{100 * np.mean(means):.2f}"])
+    path.write_text("# Outside: Dice % on each held-out site (experts trained on the others)\n\n"
+                    + markdown_table(["method", *sites, "mean"], rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", choices=list(SUITES), required=True)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("-o", "--override", action="append", default=[], help="config key=value for every run")
+    args = parser.parse_args()
+    out = args.out or Path(__file__).resolve().parent / "results" / f"quality-{args.suite}"
+    seeds = list(range(args.seeds))
+    t0 = time.perf_counter()
+    run_inside(args.suite, seeds, out, args.override)
+    print((out / "inside.md").read_text())
+    if SUITES[args.suite][2]:
+        run_outside(args.suite, seeds, out, args.override)
+        print((out / "outside.md").read_text())
+    print(f"total {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
