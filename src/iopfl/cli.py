@@ -63,6 +63,29 @@ def train(config: Annotated[Path, typer.Argument(help="YAML config (see configs/
 
 
 @app.command()
+def inspect(config: Annotated[Path, typer.Argument(help="YAML config whose data to check.")],
+            override: Overrides = None):
+    """Load and check a dataset (every file is read): cases per site and split, foreground share."""
+    from rich.table import Table
+
+    from iopfl.config import load_config
+    from iopfl.data import load_dataset
+
+    cfg = load_config(config, override or [])
+    spec = load_dataset(cfg.data)
+    table = Table(title=f"{spec.name}: {spec.in_channels} input channels, {spec.num_classes} classes")
+    for col in ("site", "train", "val", "test", "slices", "foreground %"):
+        table.add_column(col, justify="left" if col == "site" else "right")
+    for name, site in spec.sites.items():
+        cases = site.all_cases()
+        pixels = sum(c.mask.size for c in cases if c.mask is not None)
+        fg = sum(int((c.mask > 0).sum()) for c in cases if c.mask is not None)
+        table.add_row(name, str(len(site.train)), str(len(site.val)), str(len(site.test)),
+                      str(sum(c.num_slices for c in cases)), f"{100 * fg / max(pixels, 1):.2f}")
+    Console().print(table)
+
+
+@app.command()
 def demo(out: Annotated[Path, typer.Option("--out", help="Folder for the demo's runs.")] = Path("runs/demo"),
          override: Overrides = None):
     """Synthetic sites → FedAvg and IOP-FL inside → per-site comparison table."""

@@ -21,9 +21,15 @@ def any_channel_foreground(mask: np.ndarray) -> np.ndarray:
 
 
 def image_files(folder: Path) -> dict[str, Path]:
-    """stem → file for the images of a folder (hidden files skipped)."""
-    return {p.stem: p for p in sorted(folder.iterdir())
-            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")}
+    """stem → file for the images of a folder (hidden files skipped); two files of one stem are an error."""
+    files: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() not in IMAGE_SUFFIXES or p.name.startswith("."):
+            continue
+        if p.stem in files:
+            raise UserError(f"{p}: duplicate case id '{p.stem}' (also {files[p.stem].name})")
+        files[p.stem] = p
+    return files
 
 
 def pair_files(image_dir: Path, mask_dir: Path) -> dict[str, tuple[Path, Path]]:

@@ -64,9 +64,14 @@ def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
     _check_file(path)
     try:
         img = nib.load(str(path))
+        kind = img.get_data_dtype().kind
+        if kind not in "biuf":
+            raise UserError(f"{path}: unsupported voxel data type {img.get_data_dtype()} (expected integers or floats)")
         data = np.asarray(img.dataobj, dtype=np.float32)
         zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
         affine = np.asarray(img.affine, dtype=np.float64)
+    except UserError:
+        raise
     except Exception as exc:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, ...)
         raise UserError(f"{path}: unreadable or truncated NIfTI ({type(exc).__name__})") from None
     if data.ndim == 4 and data.shape[3] == 1:

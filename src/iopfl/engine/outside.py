@@ -28,6 +28,7 @@ from iopfl.evaluation.evaluate import predict_case, score_case
 from iopfl.evaluation.metrics import summarize_cases
 from iopfl.fl.aggregation import StateDict
 from iopfl.models import build_model
+from iopfl.models.routing import load_expert
 from iopfl.report.tables import models_table
 
 
@@ -158,8 +159,7 @@ def run_predict(run_dir: Path, site: str, inputs: list[Path], out: Path, model: 
     weights = run.personal.get(site) if model == "personalized" else run.global_weights
     if not weights:
         raise UserError(f"{run_dir}: method '{run.cfg.fl.method}' has no personalized model; use --model global")
-    net = run.build()()
-    net.load_state_dict(weights)
+    net = load_expert(run.build(), weights, 0)
     written = []
     for path in inputs:
         for case in _input_cases(Path(path), run.network["image_size"]):
