@@ -46,6 +46,9 @@ class RunDir:
             self.plots.mkdir(exist_ok=True)
         except OSError as exc:
             raise UserError(f"{self.path}: cannot create the run directory ({exc.strerror})") from None
+        # temp files of writes a crash interrupted; the files they were to replace are intact
+        for stale in self.path.rglob(".*.tmp"):
+            stale.unlink(missing_ok=True)
 
     def write_json(self, name: str, obj: Any) -> None:
         atomic_write_text(self.path / name, json.dumps(obj, indent=2, sort_keys=False) + "\n")
