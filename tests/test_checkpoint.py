@@ -1,10 +1,12 @@
 """Checkpoints: atomic, pickle-free, and damage is a clear error."""
 
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
 
+from iopfl.engine import checkpoint
 from iopfl.engine.checkpoint import load_checkpoint, pack, save_checkpoint, unpack
 from iopfl.errors import UserError
 
@@ -42,11 +44,17 @@ def test_pickle_payload_is_refused_not_executed(tmp_path, monkeypatch):
     assert not (tmp_path / "PWNED").exists()
 
 
-def test_failed_write_keeps_the_previous_checkpoint(tmp_path):
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "ck.safetensors"
     save_checkpoint(path, {"w": torch.zeros(3)}, {"round": 1})
-    with pytest.raises(Exception):
-        save_checkpoint(path, {"w": object()}, {"round": 2})  # not a tensor: fails mid-write
+
+    def torn_write(payload, filename, metadata=None):
+        Path(filename).write_bytes(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", torn_write)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, {"w": torch.ones(3)}, {"round": 2})
     tensors, state = load_checkpoint(path)
     assert state["round"] == 1 and torch.equal(tensors["w"], torch.zeros(3))
     assert list(tmp_path.iterdir()) == [path]

@@ -4,7 +4,6 @@ code 2 — or is handled as documented — never a traceback, never a partial ou
 import sys
 from pathlib import Path
 
-import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "corpus"))
 from make_corpus import build  # noqa: E402

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from iopfl.data.base import Case
+from iopfl.fileio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 FORMAT = 1  # bump when preprocessing changes meaning
@@ -70,9 +71,7 @@ def cached_cases(root: Path, key: str, build: Callable[[], list[Case]]) -> list[
         root.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         np.savez(buf, **_encode(cases))
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(buf.getvalue())
-        os.replace(tmp, path)
+        atomic_write_bytes(path, buf.getvalue())
     except OSError as exc:  # a read-only cache must not stop a run
         log.warning("cannot write cache %s (%s)", path, exc)
     return cases

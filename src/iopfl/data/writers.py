@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import os
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -15,14 +13,7 @@ from PIL import Image
 
 from iopfl.data.base import Case
 from iopfl.data.io import resize_masks
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
+from iopfl.fileio import atomic_write_bytes
 
 
 def output_name(case: Case) -> str:
@@ -38,7 +29,7 @@ def write_prediction(case: Case, pred: np.ndarray, out_dir: Path, num_classes: i
         img = nib.Nifti1Image(volume, np.asarray(case.meta["affine"]))
         img.header.set_xyzt_units("mm")
         path = out_dir / f"{output_name(case)}.nii.gz"
-        _atomic_bytes(path, gzip.compress(img.to_bytes(), mtime=0))
+        atomic_write_bytes(path, gzip.compress(img.to_bytes(), mtime=0))
         return path
     h, w = case.meta.get("shape", pred.shape[-2:])
     labels = resize_masks(pred, (h, w))[0]
@@ -46,5 +37,5 @@ def write_prediction(case: Case, pred: np.ndarray, out_dir: Path, num_classes: i
     buf = io.BytesIO()
     Image.fromarray(grey).save(buf, format="PNG")
     path = out_dir / f"{output_name(case)}.png"
-    _atomic_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
     return path

@@ -8,8 +8,6 @@ half-written one. Loading goes through safetensors, which cannot execute code.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,45 +16,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from iopfl.errors import UserError
+from iopfl.fileio import atomic_write
 
 STATE_KEY = "iopfl_state"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via temp file + fsync + rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
 def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
     """Atomically write ``tensors`` and the JSON-serialisable ``state`` to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        payload = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-        save_file(payload, tmp, metadata={STATE_KEY: json.dumps(state)})
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    payload = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    atomic_write(Path(path), lambda tmp: save_file(payload, tmp, metadata={STATE_KEY: json.dumps(state)}))
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

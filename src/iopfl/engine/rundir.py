@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from iopfl.engine.checkpoint import atomic_write_text
+from iopfl.fileio import atomic_write_text
 from iopfl.errors import UserError
 
 

@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from iopfl.fileio import atomic_write_text  # noqa: E402
 from iopfl.report.tables import models_table  # noqa: E402
 
 
@@ -78,5 +79,5 @@ def write_run_report(run_dir: Path) -> Path:
         parts.append("\n## Predictions (green: truth, red: prediction)\n\n")
         parts.append(" ".join(f"![{p.stem}](plots/overlays/{p.name})" for p in overlays) + "\n")
     out = run_dir / "report.md"
-    out.write_text("\n".join(parts))
+    atomic_write_text(out, "\n".join(parts))
     return out
