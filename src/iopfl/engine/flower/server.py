@@ -2,7 +2,8 @@
 
 Run config (``flwr run ... --run-config``): ``config`` (path of the iopfl YAML on the server machine),
 ``run-dir`` (the run directory, as written by ``iopfl train``), ``overrides`` (``;``-separated
-``key=value``), ``nodes`` (SuperNodes to wait for; default: ``fl.min_clients``).
+``key=value``), ``nodes`` (SuperNodes to wait for; default: ``fl.min_clients``), ``reply-timeout``
+(seconds a round waits for its replies; default 600).
 
 Per round: sample sites (seeded by the round, as in-process), send them the global weights, aggregate
 the replies in site order (the in-process order, so the float sums match exactly); a site that fails
@@ -34,13 +35,13 @@ from iopfl.models import build_model
 from iopfl.report.run_report import write_run_report
 
 app = ServerApp()
-REPLY_TIMEOUT = 3600.0  # seconds to wait for a round's replies before leaving the silent sites out
 log = logging.getLogger("flwr")  # Flower's logger: shown by `flwr run --stream`
 
 
 class FlowerRun:
-    def __init__(self, cfg: Config, run_dir: Path, grid: Grid, expected_nodes: int):
+    def __init__(self, cfg: Config, run_dir: Path, grid: Grid, expected_nodes: int, reply_timeout: float):
         self.cfg, self.dir, self.grid = cfg, RunDir(run_dir), grid
+        self.reply_timeout = reply_timeout  # a site silent for this long is left out of the round
         self.expected = max(expected_nodes, cfg.fl.min_clients)
         self.run_id = hashlib.sha256(f"{cfg.digest()}|{Path(run_dir).resolve()}".encode()).hexdigest()[:16]
         self.best: dict[str, Any] = {}
@@ -58,7 +59,7 @@ class FlowerRun:
                 for site, node in nodes.items()}
         by_node = {node: site for site, node in nodes.items()}
         replies = {}
-        for reply in self.grid.send_and_receive(list(msgs.values()), timeout=REPLY_TIMEOUT):
+        for reply in self.grid.send_and_receive(list(msgs.values()), timeout=self.reply_timeout):
             site = by_node.get(reply.metadata.src_node_id, "?")
             if reply.has_error():
                 self.note(f"round {round_}: site {site} failed during {kind}: {reply.error.reason}")
@@ -78,7 +79,7 @@ class FlowerRun:
         body = {"config": self.cfg.model_dump(mode="json"), "round": 0, "run_id": self.run_id}
         msgs = [Message(content(**body), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
         sites, self.network = {}, None
-        for reply in self.grid.send_and_receive(msgs, timeout=REPLY_TIMEOUT):
+        for reply in self.grid.send_and_receive(msgs, timeout=self.reply_timeout):
             if reply.has_error():
                 self.note(f"node {reply.metadata.src_node_id} failed to join: {reply.error.reason}")
                 continue
@@ -162,4 +163,5 @@ def main(grid: Grid, context: Context) -> None:
     if "config" not in rc or "run-dir" not in rc:
         raise UserError("run config needs config='<iopfl yaml>' and run-dir='<run directory>'")
     cfg = load_config(Path(str(rc["config"])), _overrides(rc))
-    FlowerRun(cfg, Path(str(rc["run-dir"])), grid, int(rc.get("nodes", 0))).run()
+    FlowerRun(cfg, Path(str(rc["run-dir"])), grid, int(rc.get("nodes", 0)),
+              float(rc.get("reply-timeout", 600))).run()
