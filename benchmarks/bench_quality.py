@@ -98,6 +98,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", choices=list(SUITES), required=True)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--outside-seeds", type=int, help="seeds for the outside part (default: --seeds)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("-o", "--override", action="append", default=[], help="config key=value for every run")
     args = parser.parse_args()
@@ -107,7 +108,7 @@ def main() -> None:
     run_inside(args.suite, seeds, out, args.override)
     print((out / "inside.md").read_text())
     if SUITES[args.suite][2]:
-        run_outside(args.suite, seeds, out, args.override)
+        run_outside(args.suite, list(range(args.outside_seeds or args.seeds)), out, args.override)
         print((out / "outside.md").read_text())
     print(f"total {time.perf_counter() - t0:.0f} s")
 
