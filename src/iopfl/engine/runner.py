@@ -25,6 +25,7 @@ from iopfl.data import Case, DatasetSpec, SiteData, SliceDataset, load_dataset
 from iopfl.engine.checkpoint import load_checkpoint, pack, save_checkpoint, unpack
 from iopfl.engine.rundir import RunDir, manifest
 from iopfl.errors import UserError
+from iopfl.fileio import atomic_write_text
 from iopfl.evaluation.evaluate import evaluate_cases
 from iopfl.evaluation.metrics import summarize_sites
 from iopfl.fl import ClientReply, Strategy, build_strategy
@@ -350,7 +351,7 @@ class FederatedRun:
         if resume and has_checkpoint:
             self._restore()
             return
-        (self.dir.path / "config.yaml").write_text(self.cfg.to_yaml())
+        atomic_write_text(self.dir.path / "config.yaml", self.cfg.to_yaml())
         self.dir.write_json("manifest.json", manifest(self.cfg.seed, self.cfg.digest()))
         self.dir.metrics.unlink(missing_ok=True)
 

@@ -30,6 +30,7 @@ from iopfl.engine.flower.wire import content, record_json, record_weights
 from iopfl.engine.rundir import RunDir, manifest
 from iopfl.engine.runner import Coordinator, initial_weights, is_eval_round, metric_lines, sample_clients
 from iopfl.errors import UserError
+from iopfl.fileio import atomic_write_text
 from iopfl.fl import build_strategy
 from iopfl.models import build_model
 from iopfl.report.run_report import write_run_report
@@ -148,7 +149,7 @@ class FlowerRun:
             self.dir.trim_metrics(server.round)
             self.note(f"resumed at round {server.round}")
             return
-        (self.dir.path / "config.yaml").write_text(self.cfg.to_yaml())
+        atomic_write_text(self.dir.path / "config.yaml", self.cfg.to_yaml())
         self.dir.write_json("manifest.json", {**manifest(self.cfg.seed, self.cfg.digest()), "engine": "flower"})
 
 
