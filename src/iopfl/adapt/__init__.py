@@ -24,14 +24,8 @@ METHODS: dict[str, type[TTAMethod]] = {
 }
 
 
-def build_method(name: str | None, experts: Sequence[StateDict], build: Callable[[], nn.Module],
+def build_method(name: str, experts: Sequence[StateDict], build: Callable[[], nn.Module],
                  config: AdaptConfig) -> TTAMethod:
-    """The method ``name`` (None: ``config.method``) over ``experts`` (``experts[0]`` = global model).
-
-    Raises:
-        UserError: unknown name (the message lists the valid ones).
-    """
-    name = config.method if name is None else name
     if name not in METHODS:
         raise UserError(f"unknown adaptation method '{name}' (choose from {', '.join(METHODS)})")
     return METHODS[name](experts, build, config)

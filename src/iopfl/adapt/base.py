@@ -1,24 +1,21 @@
 """The shared online protocol of every test-time method.
 
 For each incoming unlabelled batch: ``steps_per_batch`` Adam steps on the method's loss, then predict
-that batch with the updated model (dropout off; normalisation as the method sets it up). ``passes``
-repeats this over all batches with the same, still-adapting model; the returned predictions are those
-of the last pass — never a pass chosen by labels, which no method ever sees (methods receive input
-tensors only). Augmentation randomness is fresh for every batch, drawn from a generator seeded by
-(seed, pass, batch index); router initialisation and dropout draw from torch's global generator,
-seeded from the same seed inside a forked RNG state.
+that batch with the updated model (dropout off). ``passes`` repeats this over all batches; the
+returned predictions are those of the last pass — never a pass chosen by labels, which no method
+ever sees. Augmentation randomness is fresh for every batch, drawn from a generator seeded by
+(seed, pass, batch index).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from iopfl.adapt.config import AdaptConfig
-from iopfl.errors import UserError
 from iopfl.models.routing import load_expert
 from iopfl.seeding import derive_generator, derive_seed
 
@@ -26,23 +23,11 @@ StateDict = dict[str, torch.Tensor]
 
 
 class TTAMethod:
-    """Base of the outside methods: adapt online to a stream of unlabelled batches, predict each.
-
-    Subclasses override ``make_model`` (the network), ``trainable`` (what the optimiser updates; none
-    → predict only) and ``loss`` (the unsupervised objective on one batch).
-
-    Args:
-        experts: state dicts; ``experts[0]`` is the global model θ*, ``experts[1:]`` the inside
-            clients' personalised models φ_k*.
-        build: builds the (untrained) architecture the state dicts belong to.
-        config: shared settings.
-    """
+    """Base: no adaptation, the global expert in eval mode (running statistics)."""
 
     name: ClassVar[str] = ""
 
     def __init__(self, experts: Sequence[StateDict], build: Callable[[], nn.Module], config: AdaptConfig):
-        if not experts:
-            raise UserError("outside adaptation needs at least the global model")
         self.experts, self.build, self.config = list(experts), build, config
 
     def make_model(self) -> nn.Module:
@@ -54,33 +39,31 @@ class TTAMethod:
         return []
 
     def loss(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Scalar unsupervised loss on the unlabelled batch ``x [B, C, H, W]``."""
         raise NotImplementedError
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Softmax ``[B, K, H, W]`` of a batch ``[B, C, H, W]`` with dropout off."""
         model.eval()
         return model(x).softmax(dim=1)
 
-    def adapt_and_predict(self, batches: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-        """Online adaptation over ``batches`` (inputs ``[B, C, H, W]`` only); one softmax
-        ``[B, K, H, W]`` per batch, from the last pass. The caller's RNG state is left untouched."""
-        batches = list(batches)  # several passes re-read the stream
-        for i, x in enumerate(batches):
-            if not isinstance(x, torch.Tensor) or x.ndim != 4:
-                raise UserError(f"adaptation batch {i}: expected an image tensor [B, C, H, W]")
+    def adapt_and_predict(self, batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Online adaptation over ``batches`` (inputs only); predictions of the last pass.
+
+        Router initialisation and dropout draw from torch's global generator: it is seeded here, inside
+        a forked RNG state so the caller's random stream is left untouched.
+        """
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.config.seed, "adapt"))
             return self._run(batches)
 
-    def _run(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _run(self, batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         model = self.make_model()
         params = self.trainable(model)
         steps = self.config.steps_per_batch if params else 0
         optimizer = torch.optim.Adam(params, lr=self.config.lr) if steps else None
         predictions: list[torch.Tensor] = []
-        for pass_ in range(self.config.passes if steps else 1):  # without steps every pass is the same
+        for pass_ in range(self.config.passes if steps else 1):
             predictions = []
             for i, x in enumerate(batches):
                 gen = derive_generator(self.config.seed, "adapt", pass_, i)
@@ -90,5 +73,5 @@ class TTAMethod:
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
-                predictions.append(self.predict(model, x).clone())
+                predictions.append(self.predict(model, x))
         return predictions

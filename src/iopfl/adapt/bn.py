@@ -1,10 +1,5 @@
-"""``bn``: BN-adapt (Schneider et al., "Improving robustness against common corruptions by covariate
-shift adaptation", NeurIPS 2020; Nado et al., arXiv:2006.10963, 2020).
-
-Update rule: no gradient step. Every normalisation layer of the global model normalises with the
-mean and variance of the current test batch instead of the training running averages; the affine
-parameters are kept.
-"""
+"""``bn``: BN-adapt (Schneider et al., NeurIPS 2020; Nado et al., 2020) — normalise with the test
+batch's statistics instead of the training running averages; no gradient steps."""
 
 from torch import nn
 

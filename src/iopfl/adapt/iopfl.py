@@ -1,20 +1,15 @@
-"""``iopfl``: IOP-FL outside personalization (Jiang, Yang, Chen, Dou, "IOP-FL: Inside-Outside
-Personalization for Federated Medical Image Segmentation", IEEE TMI 42(7), 2023; DESIGN §2.2).
+"""``iopfl``: IOP-FL outside personalization (Jiang et al., IEEE TMI 42(7), 2023).
 
 The unseen site's model routes among the experts — the val-selected global model θ* and every inside
-client's val-selected φ_k* — layer by layer and sample by sample (``iopfl.models.routing``): each
-(transposed) convolution applies W̃ = Σ_e r_e·W^e with gates r = sigmoid(MLP(GAP(h))). Normalisation
-comes from θ* and uses test-batch statistics. On each incoming unlabelled batch x, every routing MLP
-and the normalisation affine parameters take ``steps_per_batch`` Adam steps on
+client's val-selected φ_k* — layer by layer and sample by sample (``iopfl.models.routing``). The
+routers and the normalisation affine parameters are trained online on each unlabelled batch x with
 
-    L = λ_H·H + λ_C·C + λ_S·S,    p = softmax(f(x)),
+    L = λ_H·H(p) + λ_C·C + λ_S·S,    p = softmax(f(x)),
 
-    H = mean per-pixel entropy of p / log K,
-    C = mean ‖T⁻¹(softmax(f(T(x + ε)))) − p‖²   (ε ~ N(0, σ²); T = random flip + quarter turns per sample),
-    S = mean of maxpool_k(q) − minpool_k(q),  q = 1 − p_background  (k = 21 px at 384 px, scaled),
-
-then the batch is predicted with dropout off. Published weights λ_H = 10, λ_C = 0.1; λ_S = 1 here
-(see ``AdaptConfig``). A term with weight 0 is skipped (no extra forward pass).
+H the per-pixel entropy / log K, C the consistency of T⁻¹(softmax(f(T(x + ε)))) with p (random flip and
+quarter turns per sample, Gaussian ε with σ = ``noise_std``), S the mean morphological gradient of the
+foreground probability (window 21 px at 384 px, scaled) which favours compact, smooth shapes.
+Published weights λ_H = 10, λ_C = 0.1; λ_S = 1 by default (see README, "Outside").
 """
 
 import torch
@@ -35,13 +30,11 @@ class IOPFLRouting(TTAMethod):
         return routing_parameters(model) + norm_affine_parameters(model)
 
     def loss(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """L on the unlabelled batch ``x [B, C, H, W]``."""
         c = self.config
         probs = model(x).softmax(dim=1)
         total = c.lambda_entropy * entropy(probs)
         if c.lambda_consistency:
             total = total + c.lambda_consistency * consistency(model, x, probs, c.noise_std, generator)
         if c.lambda_shape:
-            k = shape_kernel(max(x.shape[-2:]), c.shape_kernel)
-            total = total + c.lambda_shape * shape_term(probs, k)
+            total = total + c.lambda_shape * shape_term(probs, shape_kernel(x.shape[-1], c.shape_kernel))
         return total

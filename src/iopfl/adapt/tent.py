@@ -1,12 +1,7 @@
-"""``tent``: TENT (Wang, Shelhamer, Liu, Olshausen, Darrell, "Tent: Fully Test-Time Adaptation by
-Entropy Minimization", ICLR 2021).
+"""``tent``: TENT (Wang et al., "Tent: Fully Test-Time Adaptation by Entropy Minimization", ICLR 2021).
 
-Normalisation uses test-batch statistics (as ``bn``); on each incoming batch x the normalisation
-affine parameters (γ, β) — and nothing else — take ``steps_per_batch`` Adam steps on
-
-    H = mean over pixels of −Σ_k p_k log p_k / log K,   p = softmax(f(x)),
-
-then the batch is predicted with the updated model.
+Normalisation uses test-batch statistics; the normalisation affine parameters (γ, β) take Adam steps
+on the mean prediction entropy H(softmax(f(x))) of each batch.
 """
 
 import torch
@@ -21,7 +16,8 @@ class Tent(BNAdapt):
     name = "tent"
 
     def trainable(self, model: nn.Module) -> list[nn.Parameter]:
-        model.requires_grad_(False)  # gradients only where TENT adapts: no wasted weight gradients
+        for p in model.parameters():
+            p.requires_grad_(False)
         params = norm_affine_parameters(model)
         for p in params:
             p.requires_grad_(True)
