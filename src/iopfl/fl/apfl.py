@@ -1,15 +1,30 @@
 """APFL (Deng, Kamani, Mahdavi, "Adaptive Personalized Federated Learning", arXiv:2003.13461, 2020).
 
-Each client keeps a local model v_k and a mixing weight α_k. Per round: the shared model is trained as
-in FedAvg (w_k from θ^{t-1}) and sent; then v_k is trained on the loss of the parameter-space mixture
-    v̄_k = α_k·v_k + (1 − α_k)·w_k
-(only v_k, and α_k when ``apfl_learn_alpha``, receive gradients; α_k is kept in [0, 1]). The
-personalised model is v̄_k. v_k and α_k never leave the client.
+Each client keeps a local model v_k and a mixing weight α_k. Per round:
+1. the shared model is trained as in FedAvg, w_k = LocalTrain(θ^{t-1}), and w_k is sent;
+2. v_k is trained on the loss of the parameter-space mixture (Algorithm 1 of the paper)
+       v̄_k = α_k·v_k + (1 − α_k)·w_k,
+   so v_k's gradient is α_k·∇F_k(v̄_k); with ``apfl_learn_alpha`` α_k is trained too, by its
+   gradient ⟨v_k − w_k, ∇F_k(v̄_k)⟩, and projected back onto [0, 1] after every step.
+v_k (all its parameters and buffers) and α_k (a 0-d tensor under the key ``apfl.alpha``) never leave
+the client; v_k starts from the global model of the client's first round, α_k from ``apfl_alpha``.
+
+The personalised model is v̄_k = α_k·v_k + (1 − α_k)·θ^t with the current global model. Only the
+*parameters* are mixed: the normalisation statistics are v_k's buffers, which were collected while the
+mixture itself ran on the site's data (mixing them with the global statistics would describe no network).
+
+Deviations from the paper, both forced by reusing the shared local trainer: the two updates run one
+after the other (w_k for the local epochs, then v_k against the finished w_k) rather than interleaved
+step by step, and they use the shared optimiser (Adam, so α moves by about the learning rate per step)
+rather than plain SGD.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
+
 import torch
+from torch import nn
 from torch.func import functional_call
 
 from iopfl.fl.aggregation import StateDict
@@ -19,10 +34,25 @@ from iopfl.fl.training import LocalTrainer
 ALPHA = "apfl.alpha"
 
 
-def mixture(local: StateDict, shared: StateDict, alpha: float) -> StateDict:
-    """α·local + (1−α)·shared for floating tensors; buffers such as step counters from ``local``."""
-    return {k: alpha * v + (1 - alpha) * shared[k] if v.is_floating_point() else v.clone()
+def mixture(local: StateDict, shared: StateDict, alpha: float, params: Collection[str]) -> StateDict:
+    """α·local + (1−α)·shared on the keys in ``params``; every other entry (buffers) from ``local``."""
+    return {k: (alpha * v + (1 - alpha) * shared[k]).detach().clone() if k in params else v.detach().clone()
             for k, v in local.items()}
+
+
+def mixed_forward(model: nn.Module, shared: StateDict, alpha: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x ↦ f(x; α·v + (1−α)·w)`` with v the live parameters of ``model`` and w = ``shared``.
+
+    Gradients reach v (as α·∇f(v̄)) and α (as ⟨v − w, ∇f(v̄)⟩); ``shared`` is a constant. Buffers are the
+    model's own (BatchNorm statistics of the mixture are accumulated into v's buffers).
+    """
+    fixed = {n: shared[n].detach() for n, _ in model.named_parameters()}
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        params = {n: alpha * p + (1 - alpha) * fixed[n] for n, p in model.named_parameters()}
+        return functional_call(model, params, (x,))
+
+    return forward
 
 
 class APFL(Strategy):
@@ -32,26 +62,24 @@ class APFL(Strategy):
     def client_round(self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict,
                      generator: torch.Generator) -> ClientReply:
         reply = super().client_round(trainer, global_weights, personal, generator)
-        shared = reply.weights
-        alpha = personal[ALPHA].clone() if personal else torch.tensor(self.config.apfl_alpha)
-        alpha.requires_grad_(self.config.apfl_learn_alpha)
-        model = trainer.model
+        learn = self.config.apfl_learn_alpha
+        alpha = (personal[ALPHA] if personal else torch.tensor(self.config.apfl_alpha)).detach().clone().float()
+        alpha.requires_grad_(learn)
 
-        def mixed_forward(x: torch.Tensor) -> torch.Tensor:
-            a = alpha.clamp(0.0, 1.0)
-            params = {n: a * p + (1 - a) * shared[n] for n, p in model.named_parameters()}
-            return functional_call(model, params, (x,))
+        def project() -> None:
+            with torch.no_grad():
+                alpha.clamp_(0.0, 1.0)
 
         local_start = {k: v for k, v in personal.items() if k != ALPHA} or global_weights
-        extra = [alpha] if self.config.apfl_learn_alpha else []
-        local = trainer.train(local_start, generator, forward=mixed_forward, extra_params=extra).weights
-        reply.personal = {**local, ALPHA: alpha.detach().clamp(0.0, 1.0).clone()}
+        local = trainer.train(local_start, generator, forward=mixed_forward(trainer.model, reply.weights, alpha),
+                              extra_params=[alpha] if learn else [], after_step=project if learn else None)
+        reply.personal = {**local.weights, ALPHA: alpha.detach().clone()}
         return reply
 
     def personalized_weights(self, trainer: LocalTrainer, global_weights: StateDict,
                              personal: StateDict, generator: torch.Generator) -> StateDict | None:
         if not personal:
             return None
-        # the mixture with the *current* global model, as the model the site would use now
         local = {k: v for k, v in personal.items() if k != ALPHA}
-        return mixture(local, global_weights, float(personal[ALPHA]))
+        params = {n for n, _ in trainer.model.named_parameters()}
+        return mixture(local, global_weights, float(personal[ALPHA]), params)

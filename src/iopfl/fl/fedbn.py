@@ -5,7 +5,8 @@ As FedAvg, except that normalisation layers — found by module type, not by nam
 client: their affine parameters and running statistics are personal state, the rest is sent and
 averaged. Client k trains from θ^{t-1} with its own normalisation layers substituted (the global
 model's on its first round). The reported model is personalised: shared weights + the site's
-normalisation layers (the server's model has no meaningful normalisation layers of its own).
+normalisation layers (the server's model has no meaningful normalisation layers of its own: they stay
+θ^0's, so only ``models = ("personalized",)`` is reported).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from iopfl.fl.aggregation import StateDict, merge_states
 from iopfl.fl.base import ClientReply, Strategy
 from iopfl.fl.training import LocalTrainer
 
+#: BatchNorm*, SyncBatchNorm and InstanceNorm* all derive from ``_NormBase``.
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 

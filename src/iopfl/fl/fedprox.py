@@ -16,10 +16,15 @@ from iopfl.fl.training import LocalTrainer
 
 
 def proximal_term(anchor: StateDict, weight: float):
-    """(weight/2)·Σ‖p − anchor[p]‖² over the model's parameters (a penalty for LocalTrainer)."""
+    """(weight/2)·Σ‖p − anchor[p]‖² over the model's parameters (a penalty for LocalTrainer).
+
+    Its gradient is weight·(p − anchor[p]). The anchor is a frozen copy taken now, so the penalty
+    stays valid even if the caller's tensors are live weights that training will change.
+    """
+    frozen = {k: v.detach().clone() for k, v in anchor.items()}
 
     def penalty(model: nn.Module) -> torch.Tensor:
-        return 0.5 * weight * sum(((p - anchor[n]) ** 2).sum() for n, p in model.named_parameters())
+        return 0.5 * weight * sum(((p - frozen[n]) ** 2).sum() for n, p in model.named_parameters())
 
     return penalty
 

@@ -4,7 +4,13 @@ ICML 2021).
 The network is split into a shared body and a local head; for our U-Net the head is the last decoder
 block and the output convolution. Each round client k first trains its head with the body frozen,
 then the body with the head frozen (``fl.local_epochs`` each), sends only the body and keeps the head.
-Server: FedAvg over the body. Personalised model = global body + the site's head.
+Server: FedAvg over the body. Personalised model = global body + the site's head (the server's model
+keeps θ^0's head, so only ``models = ("personalized",)`` is reported).
+
+Choices: both phases use ``fl.local_epochs`` (the paper runs many more head than body updates), so a
+FedRep round costs two local epochs. "Frozen" means no gradient step: the network is in training mode
+in both phases, so the body's BatchNorm running statistics also move during the head phase (as in
+the authors' code).
 """
 
 from __future__ import annotations

@@ -76,7 +76,8 @@ class LocalTrainer:
     def train(self, weights: StateDict, generator: torch.Generator, epochs: int | None = None,
               penalty: Penalty | None = None, trainable: Callable[[str], bool] | None = None,
               forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
-              extra_params: list[torch.Tensor] = ()) -> TrainResult:
+              extra_params: list[torch.Tensor] = (),
+              after_step: Callable[[], None] | None = None) -> TrainResult:
         """Load ``weights``, run the local epochs, return the new weights (a deep copy).
 
         Args:
@@ -84,6 +85,7 @@ class LocalTrainer:
             trainable: parameter-name filter; others stay frozen (FedRep's body/head phases).
             forward: replaces ``model(x)`` (APFL's mixture); defaults to the model itself.
             extra_params: further tensors the optimizer updates (APFL's learned α).
+            after_step: called after every optimizer step (e.g. projecting α back onto [0, 1]).
         """
         model = self.model
         model.load_state_dict(weights)
@@ -104,6 +106,8 @@ class LocalTrainer:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if after_step is not None:
+                    after_step()
                 total += loss.item()
                 steps += 1
         return TrainResult(clone_state(model.state_dict()), total / max(steps, 1), steps)
