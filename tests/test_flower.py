@@ -1,33 +1,47 @@
-"""Flower deployment on loopback: same numbers as in-process, TLS, a failing site, what a client sends.
+"""The Flower engine: loopback deployments give the in-process numbers (also with TLS and SuperNode
+authentication, and in Flower's simulation runtime), a failing site is left out and logged, a
+restarted server resumes, and a site's replies carry only shared weights, its sample count and metrics.
 
-Every process is bound to 127.0.0.1, runs with telemetry and update checks off, and is stopped by PID
-in the fixture's teardown (also when a test fails).
+Every Flower process is bound to 127.0.0.1, runs with telemetry and update checks off and a FLWR_HOME
+under pytest's tmp dir, and is stopped by PID in the fixtures' teardown (also when a test fails).
+The four deployments (insecure, TLS with SuperNode authentication, one with a failing site, and the
+simulation runtime) run concurrently in one module-scoped fixture.
 """
 
+import importlib.util
 import json
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-
 from _tiny import tiny_config, tiny_tree
 
 flwr = pytest.importorskip("flwr")
 
-from flwr.app import Context, Message, MessageType, RecordDict  # noqa: E402
+from flwr.app import Context, Error, Message, MessageType, RecordDict
 
-from iopfl.engine.flower import client as flower_client  # noqa: E402
-from iopfl.engine.flower.deploy import Deployment, log_text  # noqa: E402
-from iopfl.engine.flower.wire import content, record_json  # noqa: E402
-from iopfl.engine.runner import FederatedRun  # noqa: E402
+from iopfl.engine.checkpoint import load_checkpoint
+from iopfl.engine.flower import client as flower_client
+from iopfl.engine.flower import wire
+from iopfl.engine.flower.deploy import Deployment, RunOutcome
+from iopfl.engine.flower.server import FlowerRun, Settings
+from iopfl.engine.flower.state import EVALUATE, TRAIN, SiteStateStore
+from iopfl.engine.runner import FederatedRun
+from iopfl.errors import UserError
 
-pytestmark = [pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 SITES = ["SiteA", "SiteB", "SiteC"]
-OVERRIDES = ["fl.rounds=2", "eval.eval_every=2"]  # fewer message phases: ~5 s of polling each
+# two rounds, one evaluation (every phase costs seconds of Flower polling and process start-up);
+# one torch thread per process: 3 SuperNodes share 2 cores, and equal thread counts keep the float
+# sums of both engines identical
+OVERRIDES = ["fl.rounds=2", "eval.eval_every=2", "train.threads=1"]
+HAS_TLS_TOOLS = bool(shutil.which("openssl") and shutil.which("ssh-keygen"))
+HAS_RAY = importlib.util.find_spec("ray") is not None  # Flower's simulation runtime
 
 
 @pytest.fixture(scope="module")
@@ -36,87 +50,413 @@ def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("flower")
     config = root / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny_tree(root / "cache")))
-    # the in-process run also fills the data cache, so the SuperNodes never generate data concurrently
-    results = FederatedRun(tiny_config(root / "cache", OVERRIDES), root / "inprocess").run()
+    threads = torch.get_num_threads()
+    try:  # the in-process run also fills the data cache, so SuperNodes never generate data concurrently
+        results = FederatedRun(tiny_config(root / "cache", OVERRIDES), root / "inprocess").run()
+    finally:
+        torch.set_num_threads(threads)
     return root, config, results
 
 
+@pytest.fixture(scope="module")
+def certs(reference):
+    """scripts/make_certs.sh output, or None without openssl/ssh-keygen (the TLS tests then skip)."""
+    if not HAS_TLS_TOOLS:
+        return None
+    out = reference[0] / "certs"
+    subprocess.run(["bash", str(ROOT / "scripts" / "make_certs.sh"), str(out)], check=True, capture_output=True)
+    return out
+
+
+@dataclass
+class Job:
+    """One deployment's run: its Flower outcome, the processes' logs, and job-specific checks."""
+
+    outcome: RunOutcome | None = None
+    logs: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+LIVE: list[Deployment] = []  # every deployment the jobs start: stopped again at teardown, whatever happened
+
+
+def deployment(home: Path, **kw) -> Deployment:
+    d = Deployment(home, **kw)
+    LIVE.append(d)
+    return d
+
+
+def plain_job(root: Path, config: Path) -> Job:
+    with deployment(root / "home-plain") as d:
+        d.start(SITES)
+        job = Job(deploy_run(d, config, root / "run-plain"))
+        job.logs = d.log_text()
+    return job
+
+
+def failing_job(root: Path, config: Path) -> Job:
+    """SiteB's SuperNode has the TESTING ONLY node-config hook ``fail-at-round=2``."""
+    with deployment(root / "home-fail") as d:
+        d.start_superlink()
+        for site in SITES:
+            d.add_supernode(site, **({"fail-at-round": 2} if site == "SiteB" else {}))
+        d.wait_for_nodes(len(SITES))
+        job = Job(deploy_run(d, config, root / "run-fail"))
+        job.logs = d.log_text()
+    return job
+
+
+def secure_job(root: Path, config: Path, certs: Path) -> Job:
+    """TLS and SuperNode authentication (each SuperNode's key registered before it starts); then a
+    SuperNode whose key was never registered tries to join."""
+    keys = {site: certs / f"supernode-{i}" for i, site in enumerate(SITES, 1)}
+    with deployment(root / "home-tls", certs=certs, auth=True) as d:
+        d.start(SITES, auth_keys=keys)
+        job = Job(deploy_run(d, config, root / "run-tls"))
+        stranger = root / "stranger"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(stranger)], check=True)
+        d.add_supernode("Intruder", auth_key=stranger, max_retries=1)
+        job.extra["intruder_exit"] = d.procs["supernode-Intruder"].wait(timeout=60)
+        job.extra["intruder_log"] = d.log_text("supernode-Intruder")
+        job.logs = d.log_text("superlink")
+    return job
+
+
+def simulation_job(root: Path, config: Path) -> Job:
+    with deployment(root / "home-sim", simulation=True) as d:
+        d.start_superlink()
+        job = Job(d.run(config, root / "run-sim", overrides=OVERRIDES, supernodes=len(SITES), timeout=300))
+    return job
+
+
+@pytest.fixture(scope="module")
+def deployments(reference, certs):
+    """Every deployment test's run, started at once: a phase is mostly Flower's polling and process
+    start-up (the CPU idles ~3/4 of the time), so concurrent runs cost little more than one.
+    Each job stops its own processes, also when it fails; the fixture waits for every job."""
+    root, config, _ = reference
+    with ThreadPoolExecutor(max_workers=2) as pool:  # 2 at a time: 4 would make the CPU the bottleneck
+        jobs = {"plain": pool.submit(plain_job, root, config),
+                "fail": pool.submit(failing_job, root, config)}
+        if certs is not None:
+            jobs["tls"] = pool.submit(secure_job, root, config, certs)
+        if HAS_RAY:
+            jobs["sim"] = pool.submit(simulation_job, root, config)
+        try:
+            yield jobs
+        finally:  # normally every job is done; after an interrupt this ends the runs still going
+            for job in jobs.values():
+                job.cancel()
+            for d in LIVE:
+                d.stop()
+
+
 def assert_same_metrics(a: dict, b: dict) -> None:
-    for section in ("models", "last_round"):
-        ma = a[section] if section == "models" else a[section]["models"]
-        mb = b[section] if section == "models" else b[section]["models"]
-        assert set(ma) == set(mb)
+    for ma, mb in ((a["models"], b["models"]), (a["last_round"]["models"], b["last_round"]["models"])):
+        assert set(ma) == set(mb) == {"global", "personalized"}
         for model in ma:
             for site in SITES:
                 for key in ("dice", "hd95", "assd"):
                     assert ma[model]["sites"][site][key] == pytest.approx(mb[model]["sites"][site][key], abs=1e-5)
+            for key in ("dice", "hd95", "assd"):
+                assert ma[model]["mean"][key] == pytest.approx(mb[model]["mean"][key], abs=1e-5)
     assert a["selection"] == b["selection"]
+    assert a["last_round"]["round"] == b["last_round"]["round"]
 
 
-def deploy_and_run(home: Path, config: Path, run_dir: Path, certs: Path | None = None, **node_extra) -> tuple[dict, str]:
-    with Deployment(home, certs=certs) as d:
-        d.start_superlink()
-        for site in SITES:
-            d.add_supernode(site, None, **node_extra.get(site, {}))
-        try:
-            d.run(config, run_dir, nodes=len(SITES), overrides=OVERRIDES, timeout=400)
-        finally:
-            logs = log_text(d)
-    return json.loads((run_dir / "results.json").read_text()), logs
+def assert_same_metric_lines(run: Path, inprocess: Path) -> None:
+    key = lambda line: (line["round"], line["model"], line["split"], line["site"])
+    read = lambda p: sorted((json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()), key=key)
+    a, b = read(run), read(inprocess)
+    assert [key(x) for x in a] == [key(x) for x in b]
+    for x, y in zip(a, b):
+        assert x == pytest.approx(y, abs=1e-5)
 
 
-def test_loopback_deployment_matches_in_process(reference):
-    root, config, expected = reference
-    results, _ = deploy_and_run(root / "home-plain", config, root / "run-plain")
-    assert_same_metrics(results, expected)
-    assert (root / "run-plain" / "report.md").exists()
-    assert (root / "run-plain" / "checkpoints" / "last.safetensors").exists()
+def deploy_run(deployment: Deployment, config: Path, run_dir: Path) -> RunOutcome:
+    return deployment.run(config, run_dir, overrides=OVERRIDES, nodes=len(SITES), timeout=300)
 
 
-@pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")), reason="needs openssl, ssh-keygen")
-def test_tls_deployment_matches_in_process(reference):
-    root, config, expected = reference
-    certs = root / "certs"
-    subprocess.run(["bash", str(ROOT / "scripts" / "make_certs.sh"), str(certs)], check=True, capture_output=True)
-    results, logs = deploy_and_run(root / "home-tls", config, root / "run-tls", certs=certs)
-    assert_same_metrics(results, expected)
-    assert "insecure" not in logs.split("Starting Flower SuperLink")[0].lower()
+def completed(job: Job) -> Job:
+    assert job.outcome.completed, f"status {job.outcome.status}:\n{job.outcome.output[-3000:]}\n{job.logs[-3000:]}"
+    return job
 
 
-def test_a_failing_site_is_left_out_and_logged(reference):
-    root, config, _ = reference
-    results, _ = deploy_and_run(root / "home-fail", config, root / "run-fail", SiteB={"fail-at-round": 2})
+def test_loopback_deployment_matches_in_process(reference, deployments):
+    root, _, expected = reference
+    completed(deployments["plain"].result())
+    run = root / "run-plain"
+    assert_same_metrics(json.loads((run / "results.json").read_text()), expected)
+    assert_same_metric_lines(run, root / "inprocess")
+    for name in ("config.yaml", "manifest.json", "report.md", "run.log", "checkpoints/last.safetensors"):
+        assert (run / name).exists(), name
+    assert json.loads((run / "manifest.json").read_text())["engine"] == "flower"
+
+
+def tls_job(deployments) -> Job:
+    if "tls" not in deployments:
+        pytest.skip("needs openssl and ssh-keygen (scripts/make_certs.sh)")
+    return deployments["tls"].result()
+
+
+def test_tls_deployment_with_supernode_auth_matches_in_process(reference, deployments):
+    root, _, expected = reference
+    job = completed(tls_job(deployments))
+    assert_same_metrics(json.loads((root / "run-tls" / "results.json").read_text()), expected)
+    assert "insecure" not in job.logs.lower() and "authentication is disabled" not in job.logs
+
+
+def test_supernode_with_unregistered_key_is_refused(deployments):
+    job = tls_job(deployments)
+    assert job.extra["intruder_exit"] != 0
+    assert "Failed to initialize the connection" in job.extra["intruder_log"]
+
+
+def test_a_failing_site_is_left_out_and_logged(reference, deployments):
+    root, _, expected = reference
+    job = completed(deployments["fail"].result())
     log = (root / "run-fail" / "run.log").read_text()
-    assert "site SiteB failed during train" in log and "injected failure at round 2" in log
+    assert "round 2: site SiteB failed during train and is left out" in log and "injected failure at round 2" in log
+    assert "round 2 train: 2/3 sites replied" in log
+    assert "site SiteB failed during train" in job.outcome.output  # also in the streamed server log
+    results = json.loads((root / "run-fail" / "results.json").read_text())
     assert results["last_round"]["round"] == 2 and set(results["models"]["global"]["sites"]) == set(SITES)
+    lines = [json.loads(x) for x in (root / "run-fail" / "metrics.jsonl").read_text().splitlines()]
+    assert {x["site"] for x in lines if x["round"] == 2 and x["model"] == "local"} == {"SiteA", "SiteC"}
+    # round 2 aggregated A and C only, so its global model differs from the run where B took part
+    ours = results["last_round"]["models"]["global"]["sites"]["SiteA"]["dice"]
+    assert ours != expected["last_round"]["models"]["global"]["sites"]["SiteA"]["dice"]
 
 
-def test_a_client_sends_only_shared_weights_count_and_metrics(reference, tmp_path, monkeypatch):
+def test_simulation_runtime_matches_in_process(reference, deployments):
+    root, _, expected = reference
+    if not HAS_RAY:
+        pytest.skip("Flower's simulation extra is not installed (pip install 'flwr[simulation]')")
+    completed(deployments["sim"].result())
+    assert_same_metrics(json.loads((root / "run-sim" / "results.json").read_text()), expected)
+
+
+# --- what a site sends (unit level: the ClientApp's handlers with a Message and a Context) ------
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """What a ClientApp process has set when Flower runs it (replies take their metadata from it)."""
     from flwr.supercore.task_identity import TaskIdentity
 
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # what a ServerApp process would have set
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
     monkeypatch.setattr(TaskIdentity, "_task_id", 0)
-    root, config, _ = reference
-    cfg = tiny_config(root / "cache", OVERRIDES)
-    weights = FederatedRun(cfg, tmp_path / "init").server.global_weights
+
+
+@pytest.mark.parametrize("method", ["iopfl", "fedbn"])
+def test_a_site_sends_only_shared_weights_count_and_metrics(reference, tmp_path, task_identity, method):
+    root = reference[0]
+    cfg = tiny_config(root / "cache", [*OVERRIDES, f"fl.method={method}"])
+    run = FederatedRun(cfg, tmp_path / "init")
+    weights = run.server.global_weights
+    shared = set(run.strategy.client_round(run.clients["SiteA"].trainer, weights, {},
+                                           torch.Generator().manual_seed(0)).weights)
     context = Context(run_id=1, node_id=1, node_config={"site": "SiteA", "state-dir": str(tmp_path / "state")},
                       state=RecordDict(), run_config={})
-    replies = []
+    config_json = json.dumps(cfg.model_dump(mode="json"))
+    sent = {}
     for round_ in (1, 2):
-        body = content(weights, config=cfg.model_dump(mode="json"), round=round_, run_id="test")
-        msg = Message(body, dst_node_id=1, message_type=MessageType.TRAIN)
-        reply = flower_client.train(msg, context)
-        replies.append(reply)
-        assert set(reply.content.keys()) == {"weights", "info"}
-        assert set(reply.content["weights"].keys()) == set(weights)  # IOP-FL sends θ_k: the model's keys
-        info = record_json(reply.content["info"])
-        assert set(info) == {"site", "num_samples", "metrics"} and set(info["metrics"]) == {"loss"}
-    # what stays behind: φ_k (≠ θ_k from round 2 on) in the client's own state file, never in a reply
-    state = next((tmp_path / "state").glob("*.safetensors"))
-    from iopfl.engine.checkpoint import load_checkpoint
+        msg = Message(wire.instruction(config_json, round_, "run-key", weights), dst_node_id=1,
+                      message_type=MessageType.TRAIN)
+        reply = flower_client.handle(msg, context)
+        assert set(reply.content.keys()) == {"arrays", "metrics", "info"}
+        assert set(reply.content["arrays"].keys()) == {"index", "data"}
+        names = wire.record_weight_names(reply.content["arrays"])
+        assert set(names) == shared  # exactly what the strategy shares: θ_k (IOP-FL), no norm layers (FedBN)
+        assert set(reply.content["metrics"].keys()) == {"num-examples", "loss"}
+        assert reply.content["metrics"]["num-examples"] == run.clients["SiteA"].trainer.num_samples
+        assert dict(reply.content["info"]) == {"site": "SiteA"}
+        sent = wire.record_weights(reply.content["arrays"])
+        payload = reply.content["arrays"]["data"].numpy().nbytes  # no bytes beyond those tensors
+        assert payload == sum(t.numel() * t.element_size() for t in sent.values())
+    if method == "fedbn":
+        from iopfl.fl.fedbn import norm_state_keys
 
-    kept, _ = load_checkpoint(state)
-    sent = replies[1].content["weights"].to_torch_state_dict()
-    phi = {k[len("personal/SiteA/"):]: v for k, v in kept.items() if k.startswith("personal/SiteA/")}
-    assert phi and any(not torch.equal(phi[k], sent[k]) for k in sent if sent[k].is_floating_point())
+        norm = norm_state_keys(run.build())
+        assert norm and shared.isdisjoint(norm) and shared | norm == set(weights)
+    # what stays behind: the personal state, in the site's own store, never in a reply
+    kept, _ = SiteStateStore(tmp_path / "state" / "run-key-SiteA").load_before(3, TRAIN)
+    personal = {k.split("/", 2)[2]: v for k, v in kept.items() if k.startswith("personal/SiteA/")}
+    assert personal
+    if method == "iopfl":  # φ_k = α·φ_k + (1−α)·θ_k differs from the θ_k sent in round 2
+        assert any(not torch.equal(personal[k], sent[k]) for k in sent if sent[k].is_floating_point())
+
+    evaluate = Message(wire.instruction(config_json, 2, "run-key", weights), dst_node_id=1,
+                       message_type=MessageType.EVALUATE)
+    reply = flower_client.handle(evaluate, context)
+    assert set(reply.content.keys()) == {"info"}
+    info = wire.read_info(reply.content)
+    assert set(info) == {"site", "scores", "best"}
+    assert set(info["best"]) == {"round", "val", "test"}  # a summary: the selected model stays here
+
+
+def test_state_store_replays_a_round_from_the_state_before_it(tmp_path):
+    store = SiteStateStore(tmp_path / "s")
+    assert store.load_before(1, TRAIN) is None
+    for round_ in (1, 2, 3):
+        store.save(round_, TRAIN, {"w": torch.tensor([float(round_)])}, {"best": round_})
+        store.save(round_, EVALUATE, {"w": torch.tensor([round_ + 0.5])}, {"best": round_})
+    # the server resumed from its round-2 checkpoint and sends round 3 again
+    tensors, meta = store.load_before(3, TRAIN)
+    assert tensors["w"].item() == 2.5 and meta["best"] == 2
+    store.save(3, TRAIN, {"w": torch.tensor([30.0])}, {"best": 3})  # the replayed attempt replaces the old one
+    tensors, _ = store.load_before(3, EVALUATE)
+    assert tensors["w"].item() == 30.0
+    assert store.load_before(4, TRAIN)[0]["w"].item() == 30.0  # (3, evaluate) of the old attempt is gone
+    with pytest.raises(RuntimeError, match="stale"):
+        store.check_not_stale(1)
+    store.check_not_stale(3)
+    names = sorted(p.name for p in (tmp_path / "s").iterdir())
+    assert names == ["r000001-1.safetensors", "r000002-0.safetensors", "r000002-1.safetensors",
+                     "r000003-0.safetensors"]
+
+
+def test_weights_travel_packed_and_bit_exact():
+    weights = {"a": torch.randn(3, 4), "n": torch.tensor(7), "e": torch.zeros(0),
+               "h": torch.randn(5).to(torch.bfloat16)}
+    record = wire.weights_record(weights)
+    assert set(record.keys()) == {"index", "data"}
+    back = wire.record_weights(record)
+    assert list(back) == list(weights)
+    for k, v in weights.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape and torch.equal(back[k], v)
+    assert wire.record_weights(wire.weights_record({})) == {}
+
+
+# --- the ServerApp's logic on an in-process grid (fast: no Flower processes) ---------------------
+
+class LocalGrid:
+    """A stand-in for Flower's Grid: messages go straight to the ClientApp's handlers, in-process.
+
+    ``offline``: nodes that have left; ``silent``: nodes that never answer; ``crash``: (kind, round)
+    at which pushing raises, as a server dying at that point would.
+    """
+
+    def __init__(self, node_configs: dict[int, dict], crash: tuple[str, int] | None = None):
+        self.contexts = {n: Context(run_id=1, node_id=n, node_config=nc, state=RecordDict(), run_config={})
+                         for n, nc in node_configs.items()}
+        self.offline: set[int] = set()
+        self.silent: set[int] = set()
+        self.crash = crash
+        self.outbox: dict[str, Message] = {}
+        self.sent: list[Message] = []
+        self.on_push = lambda kind, round_: None
+
+    def get_node_ids(self):
+        return [n for n in self.contexts if n not in self.offline]
+
+    def push_messages(self, messages):
+        ids = []
+        for i, msg in enumerate(messages):
+            round_ = int(msg.content["config"]["round"])
+            if self.crash == (msg.metadata.message_type, round_):
+                raise RuntimeError("the server died here")
+            if i == 0:
+                self.on_push(msg.metadata.message_type, round_)
+            msg.metadata.__dict__["_message_id"] = f"m{len(self.sent)}-{i}"
+            self.sent.append(msg)
+            node = msg.metadata.dst_node_id
+            if node in self.silent:
+                ids.append(msg.metadata.message_id)
+                continue
+            if node in self.offline:  # the SuperLink answers for a node that stopped sending heartbeats
+                self.outbox[msg.metadata.message_id] = Message(
+                    Error(code=5, reason="Error: Node Unavailable"), reply_to=msg)
+                ids.append(msg.metadata.message_id)
+                continue
+            try:
+                reply = flower_client.handle(msg, self.contexts[node])
+            except Exception as exc:  # noqa: BLE001 — what flwr-clientapp does with any exception
+                reply = Message(Error(code=0, reason=f"{type(exc)}:<'{exc}'>"), reply_to=msg)
+            self.outbox[msg.metadata.message_id] = reply
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.outbox.pop(i) for i in list(message_ids) if i in self.outbox]
+
+
+def local_grid(root: Path, tmp: Path, **node_extra) -> LocalGrid:
+    return LocalGrid({i: {"site": s, "state-dir": str(tmp / "state"), **node_extra.get(s, {})}
+                      for i, s in enumerate(SITES, 1)}, crash=node_extra.get("crash"))
+
+
+def flower_run(root: Path, config: Path, run_dir: Path, grid: LocalGrid, extra: list[str] = (), **settings) -> dict:
+    from iopfl.config import load_config
+
+    base = {"join_timeout": 1, "reply_timeout": 5, "poll_interval": 0.01, **settings}
+    overrides = [*OVERRIDES, *extra]
+    return FlowerRun(load_config(config, overrides), Settings(config, run_dir, overrides, **base), grid).run()
+
+
+def test_server_app_on_a_local_grid_matches_in_process(reference, tmp_path, task_identity):
+    root, config, expected = reference
+    grid = local_grid(root, tmp_path)
+    results = flower_run(root, config, tmp_path / "run", grid)
+    assert_same_metrics(results, expected)
+    assert_same_metric_lines(tmp_path / "run", root / "inprocess")
+    # what the server sent: global weights, the round, the run key and the config; nothing else
+    for msg in grid.sent:
+        assert set(msg.content.keys()) <= {"arrays", "config"}
+        assert set(msg.content["config"].keys()) == {"round", "run-key", "iopfl-config"}
+
+
+def test_a_server_that_dies_mid_round_resumes_exactly(reference, tmp_path, task_identity):
+    """The server dies after the sites trained round 2 (their round-2 state is saved) but before its
+    round-2 checkpoint; the restarted server replays round 2 and ends with the uninterrupted numbers."""
+    root, config, expected = reference
+    with pytest.raises(RuntimeError, match="the server died"):
+        flower_run(root, config, tmp_path / "run", local_grid(root, tmp_path, crash=("evaluate", 2)))
+    _, state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.safetensors")
+    assert state["server"]["round"] == 1
+    assert (tmp_path / "state" / f"{state['run_key']}-SiteA" / "r000002-0.safetensors").exists()
+    results = flower_run(root, config, tmp_path / "run", local_grid(root, tmp_path))  # a new server process
+    assert "resumed from" in (tmp_path / "run" / "run.log").read_text()
+    assert_same_metrics(results, expected)
+    assert_same_metric_lines(tmp_path / "run", root / "inprocess")
+
+
+def test_stop_after_round_then_resume(reference, tmp_path, task_identity):
+    root, config, expected = reference
+    with pytest.raises(RuntimeError, match="stop-after-round=1"):
+        flower_run(root, config, tmp_path / "run", local_grid(root, tmp_path), stop_after_round=1)
+    assert_same_metrics(flower_run(root, config, tmp_path / "run", local_grid(root, tmp_path)), expected)
+
+
+def test_sites_that_fail_or_fall_silent_are_left_out_until_too_few_reply(reference, tmp_path, task_identity):
+    root, config, _ = reference
+    grid = local_grid(root, tmp_path, SiteA={"fail-at-round": 1})
+    grid.on_push = lambda kind, round_: kind == MessageType.TRAIN and grid.silent.add(3)  # SiteC falls silent
+    with pytest.raises(UserError, match="round 1: 1 of 3 sites replied, fewer than fl.min_clients=2"):
+        flower_run(root, config, tmp_path / "run", grid, reply_timeout=0.3, extra=["fl.min_clients=2"])
+    log = (tmp_path / "run" / "run.log").read_text()
+    assert "round 1: site SiteA failed during train and is left out: " in log and "injected failure" in log
+    assert "round 1: site SiteC sent no train reply within 0.3 s and is left out" in log
+
+
+def test_a_site_that_disconnects_is_left_out_and_rejoins(reference, tmp_path, task_identity):
+    """SiteB's SuperNode dies during round 1 and comes back (as a new node) during round 2."""
+    root, config, _ = reference
+    grid = local_grid(root, tmp_path)
+
+    def events(kind: str, round_: int) -> None:
+        if (kind, round_) == (MessageType.TRAIN, 1):
+            grid.offline.add(2)
+        if (kind, round_) == (MessageType.EVALUATE, 2):
+            grid.contexts[4] = Context(run_id=1, node_id=4, node_config=dict(grid.contexts[2].node_config),
+                                       state=RecordDict(), run_config={})
+
+    grid.on_push = events
+    results = flower_run(root, config, tmp_path / "run", grid, extra=["fl.rounds=3"])
+    log = (tmp_path / "run" / "run.log").read_text()
+    assert "round 1: site SiteB failed during train and is left out: " in log and "Node Unavailable" in log
+    assert "site SiteB: its SuperNode (node 2) is offline" in log
+    assert "round 2: site SiteB has no SuperNode online and is left out of training" in log
+    assert "round 2: not every site was evaluated; model selection skips this round" in log
+    assert "round 3 train: 3/3 sites replied" in log
+    assert results["last_round"]["round"] == 3 and set(results["models"]["personalized"]["sites"]) == set(SITES)

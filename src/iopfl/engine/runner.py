@@ -26,8 +26,6 @@ from iopfl.engine.checkpoint import load_checkpoint, pack, save_checkpoint, unpa
 from iopfl.engine.rundir import RunDir, manifest
 from iopfl.errors import UserError
 from iopfl.fileio import atomic_write_text
-from iopfl.evaluation.evaluate import evaluate_cases
-from iopfl.evaluation.metrics import summarize_sites
 from iopfl.fl import ClientReply, Strategy, build_strategy
 from iopfl.fl.aggregation import StateDict, clone_state
 from iopfl.fl.training import LocalTrainer
@@ -108,6 +106,9 @@ class SiteClient:
 
     def score(self, weights: StateDict) -> dict[str, dict]:
         """``{split: summary}`` of ``weights`` on this site's val and test cases."""
+        # MONAI is imported only where scoring happens: a Flower training message never needs it
+        from iopfl.evaluation.evaluate import evaluate_cases
+
         if self._eval_model is None:
             self._eval_model = self.build()
         self._eval_model.load_state_dict(weights)
@@ -200,6 +201,8 @@ class Coordinator:
 
 
 def model_entry(sites: dict[str, dict]) -> dict[str, Any]:
+    from iopfl.evaluation.metrics import summarize_sites
+
     return {"sites": sites, "mean": summarize_sites(list(sites.values()))}
 
 

@@ -1,92 +1,146 @@
 """The ClientApp: one hospital's side of a Flower deployment.
 
-Node config: ``site`` (the site folder name) and ``data-root`` (overrides ``data.root``), optionally
-``state-dir`` (where the personal state is kept between messages and across server restarts; default
-``$FLWR_HOME/iopfl-state``). The run's resolved iopfl config arrives with every message, so a client
-needs no config file. Each message may run in a fresh process: the dataset comes from iopfl's on-disk
-cache and the personal state from the state file, written atomically after every change.
-Replies carry only what the strategy sends (shared weights), the sample count and metrics.
+Node config (``flower-supernode --node-config "site='BIDMC' data-root='/data/SAML'"``):
+
+- ``site``: the site this SuperNode serves (its folder name under the data root). In Flower's
+  simulation runtime there is no site key; the node's ``partition-id`` then indexes the run's
+  training sites in order (``num-partitions`` must equal their number).
+- ``data-root``: this machine's dataset folder (overrides the config's ``data.root``). Every other data
+  setting comes from the iopfl config the server sends with each message, so a site needs no file.
+- ``state-dir``: where the site keeps its personal state between messages and across server restarts
+  (default ``$FLWR_HOME/iopfl-state``); see :mod:`iopfl.engine.flower.state`.
+- ``fail-at-round``: TESTING ONLY — the node raises in that round's training (the failure test).
+
+Each message runs in a fresh ``flwr-clientapp`` process: the site's data comes from iopfl's on-disk
+cache (and a per-process cache where the runtime keeps processes, as the simulation does), the
+personal state from the state store. Replies carry only what the strategy sends (``ClientReply.weights``),
+the sample count and metrics (:mod:`iopfl.engine.flower.wire`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from iopfl.config import Config, build_config
-from iopfl.data import load_dataset
-from iopfl.engine.checkpoint import load_checkpoint, save_checkpoint
-from iopfl.engine.flower.wire import content, record_json, record_weights
-from iopfl.engine.runner import SiteClient, build_network, make_trainer, network_description
+from iopfl.data import DatasetSpec, load_dataset
+from iopfl.engine.flower import wire
+from iopfl.engine.flower.state import EVALUATE, TRAIN, SiteStateStore
+from iopfl.engine.runner import (
+    SiteClient,
+    build_network,
+    make_trainer,
+    network_description,
+    training_sites,
+)
 from iopfl.errors import UserError
-from iopfl.fl import build_strategy
+from iopfl.fl import Strategy, build_strategy
 
 app = ClientApp()
+_SPECS: dict[str, DatasetSpec] = {}  # per-process dataset cache, keyed by the data settings
 
 
-class Node:
-    """The SiteClient of this node, with its personal state loaded from / saved to the state dir."""
+def _dataset(cfg: Config) -> DatasetSpec:
+    key = json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True)
+    if key not in _SPECS:
+        _SPECS.clear()
+        _SPECS[key] = load_dataset(cfg.data)
+    return _SPECS[key]
+
+
+def _resolve_site(tree: dict, node_config: dict) -> str:
+    """This node's site: ``site`` from the node config, or the simulation's ``partition-id``."""
+    if "site" in node_config:
+        return str(node_config["site"])
+    if "partition-id" not in node_config:
+        raise UserError("node config: 'site' is required (flower-supernode --node-config \"site='...'\")")
+    cfg = build_config(tree, [], origin="config from the server")
+    sites = training_sites(cfg, _dataset(cfg))
+    pid, parts = int(node_config["partition-id"]), int(node_config.get("num-partitions", len(sites)))
+    if parts != len(sites):
+        raise UserError(f"simulation: {parts} SuperNodes for {len(sites)} training sites ({', '.join(sites)}); "
+                        f"run with --federation-config \"num-supernodes={len(sites)}\"")
+    return sites[pid]
+
+
+class SiteNode:
+    """The :class:`SiteClient` of this node for one message, restored from / saved to its state store."""
 
     def __init__(self, msg: Message, context: Context):
-        info = record_json(msg.content["info"])
+        tree, self.round, run_key, self.global_weights = wire.read_instruction(msg.content)
         nc = context.node_config
-        if "site" not in nc:
-            raise UserError("node config: 'site' is required (flower-supernode --node-config \"site='...'\")")
-        self.site = str(nc["site"])
-        self.info = info
-        tree = info["config"]
+        self.site = _resolve_site(tree, nc)
         if "data-root" in nc:
             tree["data"]["root"] = str(nc["data-root"])
         tree["data"]["sites"] = [self.site]
+        tree["data"]["holdout"] = None
         self.cfg: Config = build_config(tree, [], origin="config from the server")
-        self.spec = load_dataset(self.cfg.data)
+        if self.cfg.train.threads:
+            torch.set_num_threads(self.cfg.train.threads)
+        self.spec = _dataset(self.cfg)
         self.build = build_network(self.cfg, self.spec)
         data = self.spec.sites[self.site]
         trainer = make_trainer(self.cfg, self.build, data.train, self.spec.context, self.site)
         self.client = SiteClient(self.site, trainer, data, self.spec, self.build, self.cfg.eval.batch_size)
-        self.strategy = build_strategy(self.cfg.fl.method, self.cfg.fl.strategy_config())
+        self.strategy: Strategy = build_strategy(self.cfg.fl.method, self.cfg.fl.strategy_config())
         home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
-        state_dir = Path(str(nc.get("state-dir", home / "iopfl-state")))
-        self.state_file = state_dir / f"{info['run_id']}-{self.site}.safetensors"
-        if self.state_file.exists():
-            tensors, state = load_checkpoint(self.state_file)
-            self.client.load_state(tensors, state["best"])
+        state_dir = Path(str(nc.get("state-dir", home / "iopfl-state"))).expanduser()
+        self.store = SiteStateStore(state_dir / f"{run_key}-{self.site}")
 
-    def save(self) -> None:
-        save_checkpoint(self.state_file, self.client.state_tensors(), {"best": self.client.best.state()})
+    def restore(self, phase: int) -> None:
+        self.store.check_not_stale(self.round)
+        snapshot = self.store.load_before(self.round, phase)
+        if snapshot is not None:
+            tensors, meta = snapshot
+            self.client.load_state(tensors, meta["best"])
+
+    def save(self, phase: int) -> None:
+        self.store.save(self.round, phase, self.client.state_tensors(), {"best": self.client.best.state()})
 
 
 def _fail_if_asked(context: Context, round_: int) -> None:
-    # test hook: ``fail-at-round=N`` in the node config makes this node raise in round N's training
+    """TESTING ONLY: ``fail-at-round=N`` in the node config makes this node raise in round N's training."""
     if int(context.node_config.get("fail-at-round", -1)) == round_:
         raise RuntimeError(f"injected failure at round {round_} (node config fail-at-round)")
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    node = Node(msg, context)
-    return Message(content(site=node.site, num_samples=node.client.trainer.num_samples,
-                           network=network_description(node.cfg, node.spec)), reply_to=msg)
+    """Which site this node serves, its sample count, and the network the data needs."""
+    node = SiteNode(msg, context)
+    body = wire.info_reply(node.site, **{"num-examples": node.client.trainer.num_samples,
+                                         "network": network_description(node.cfg, node.spec)})
+    return Message(body, reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    node = Node(msg, context)
-    round_ = int(node.info["round"])
-    _fail_if_asked(context, round_)
-    reply = node.client.fit(node.strategy, record_weights(msg.content["weights"]), node.cfg.seed, round_)
-    node.save()
-    return Message(content(reply.weights, site=node.site, num_samples=reply.num_samples, metrics=reply.metrics),
-                   reply_to=msg)
+    """The strategy's client half from the sent global weights; personal state stays in the store."""
+    node = SiteNode(msg, context)
+    _fail_if_asked(context, node.round)
+    node.restore(TRAIN)
+    reply = node.client.fit(node.strategy, node.global_weights, node.cfg.seed, node.round)
+    node.save(TRAIN)
+    return Message(wire.train_reply(node.site, reply.weights, reply.num_samples, reply.metrics), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    node = Node(msg, context)
-    round_ = int(node.info["round"])
-    scores = node.client.evaluate(node.strategy, record_weights(msg.content["weights"]), node.cfg.seed, round_)
-    node.save()
-    return Message(content(site=node.site, scores=scores, best=node.client.best.state()), reply_to=msg)
+    """Scores of the global and the personalised model on val and test; val selection stays here."""
+    node = SiteNode(msg, context)
+    node.restore(EVALUATE)
+    scores = node.client.evaluate(node.strategy, node.global_weights, node.cfg.seed, node.round)
+    node.save(EVALUATE)
+    return Message(wire.info_reply(node.site, scores=scores, best=node.client.best.state()), reply_to=msg)
+
+
+def handle(msg: Message, context: Context) -> Message:
+    """Dispatch one message as the ClientApp would (used by tests that inspect replies)."""
+    kind = msg.metadata.message_type.split(".")[0]
+    return {"query": query, "train": train, "evaluate": evaluate}[kind](msg, context)
+

@@ -1,35 +1,117 @@
-"""What crosses the wire: weights as ``ArrayRecord``, everything else as JSON in a ``ConfigRecord``."""
+"""What crosses the wire, in Flower's record types.
+
+Server → site (``train`` / ``evaluate``; ``query`` has no weights):
+  ``arrays``  ArrayRecord   the global weights θ
+  ``config``  ConfigRecord  ``round``, ``run-key`` (names the run for the site's state store) and
+                            ``iopfl-config`` (the resolved iopfl config as JSON: sites need no file)
+Site → server, ``train``:
+  ``arrays``  ArrayRecord   exactly the weights the strategy sends (``ClientReply.weights``)
+  ``metrics`` MetricRecord  ``num-examples`` (the sample count n_k) and the strategy's metrics (loss)
+  ``info``    ConfigRecord  ``site``
+Site → server, ``evaluate``:
+  ``info``    ConfigRecord  ``site``, ``scores`` (JSON: model → split → summary) and ``best`` (JSON:
+                            round, val Dice and test metrics of the site's val-selected personalised
+                            model — its summary; the model itself stays at the site)
+Site → server, ``query``:
+  ``info``    ConfigRecord  ``site``, ``num-examples``, ``network`` (JSON: channels, classes, sizes)
+
+Personal state (φ_k, heads, norm layers, the selected personalised weights) is never put in a reply.
+
+Weights travel packed: the ArrayRecord holds two arrays, ``index`` (JSON: each tensor's name, dtype,
+shape and byte range) and ``data`` (every tensor's bytes, concatenated), instead of one array per
+tensor. Flower moves every array (and every 5 MB chunk of one) as its own HTTP request on each hop
+(ServerApp → SuperLink → SuperNode → ClientApp and back); a U-Net has ~60 tensors, so one array per
+tensor cost ~5 s of requests per phase on loopback, and far more over a WAN. Packing is a bit-exact
+copy of every tensor (any dtype), so a deployment's numbers equal the in-process engine's.
+"""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 StateDict = dict[str, torch.Tensor]
+NUM_EXAMPLES = "num-examples"
+
+
+def pack_weights(weights: StateDict) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """(index, bytes) of a state dict: each tensor's name, dtype, shape and byte range in ``bytes``."""
+    index, chunks, offset = [], [], 0
+    for name, tensor in weights.items():
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        raw = flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
+        index.append({"name": name, "dtype": str(tensor.dtype).removeprefix("torch."),
+                      "shape": list(tensor.shape), "offset": offset, "nbytes": raw.numel()})
+        chunks.append(raw.numpy())
+        offset += raw.numel()
+    data = np.concatenate(chunks) if chunks else np.empty(0, dtype=np.uint8)
+    return index, data
+
+
+def unpack_weights(index: list[dict[str, Any]], data: np.ndarray) -> StateDict:
+    buffer = torch.from_numpy(np.ascontiguousarray(data, dtype=np.uint8))
+    out = {}
+    for item in index:
+        raw = buffer[item["offset"]: item["offset"] + item["nbytes"]].clone()
+        out[item["name"]] = raw.view(getattr(torch, item["dtype"])).reshape(item["shape"])
+    return out
 
 
 def weights_record(weights: StateDict) -> ArrayRecord:
-    return ArrayRecord.from_torch_state_dict({k: v.contiguous() for k, v in weights.items()})
+    index, data = pack_weights(weights)
+    blob = np.frombuffer(json.dumps(index).encode(), dtype=np.uint8)
+    return ArrayRecord({"index": Array(blob), "data": Array(data)})
 
 
 def record_weights(record: ArrayRecord) -> StateDict:
-    return {k: v.clone() for k, v in record.to_torch_state_dict().items()}
+    index = json.loads(record["index"].numpy().tobytes().decode())
+    return unpack_weights(index, record["data"].numpy())
 
 
-def json_record(**values: Any) -> ConfigRecord:
-    return ConfigRecord({k: json.dumps(v) for k, v in values.items()})
+def record_weight_names(record: ArrayRecord) -> list[str]:
+    """The tensor names a weights record carries (for inspecting what a message sends)."""
+    return [item["name"] for item in json.loads(record["index"].numpy().tobytes().decode())]
 
 
-def record_json(record: ConfigRecord) -> dict[str, Any]:
-    return {k: json.loads(v) for k, v in record.items()}
-
-
-def content(weights: StateDict | None = None, **values: Any) -> RecordDict:
-    """A message body: optional ``weights`` plus JSON ``values`` under ``info``."""
-    records: dict[str, Any] = {"info": json_record(**values)}
+def instruction(config_json: str, round_: int, run_key: str, weights: StateDict | None = None) -> RecordDict:
+    """The body of a server → site message."""
+    records: dict[str, Any] = {"config": ConfigRecord({"round": round_, "run-key": run_key,
+                                                        "iopfl-config": config_json})}
     if weights is not None:
-        records["weights"] = weights_record(weights)
+        records["arrays"] = weights_record(weights)
     return RecordDict(records)
+
+
+def read_instruction(content: RecordDict) -> tuple[dict[str, Any], int, str, StateDict | None]:
+    """(config tree, round, run key, global weights or None) of a server → site message."""
+    cfg = content["config"]
+    weights = record_weights(content["arrays"]) if "arrays" in content else None
+    return json.loads(str(cfg["iopfl-config"])), int(cfg["round"]), str(cfg["run-key"]), weights
+
+
+def train_reply(site: str, weights: StateDict, num_samples: int, metrics: dict[str, Any]) -> RecordDict:
+    numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != NUM_EXAMPLES}
+    return RecordDict({"arrays": weights_record(weights),
+                       "metrics": MetricRecord({NUM_EXAMPLES: int(num_samples), **numbers}),
+                       "info": ConfigRecord({"site": site})})
+
+
+def read_train_reply(content: RecordDict) -> tuple[str, StateDict, int, dict[str, float]]:
+    """(site, sent weights, sample count, metrics) of a train reply."""
+    metrics = dict(content["metrics"])
+    n = int(metrics.pop(NUM_EXAMPLES))
+    return str(content["info"]["site"]), record_weights(content["arrays"]), n, metrics
+
+
+def info_reply(site: str, **values: Any) -> RecordDict:
+    """A reply whose values are JSON under ``info`` (evaluate, query)."""
+    return RecordDict({"info": ConfigRecord({"site": site, **{k: json.dumps(v) for k, v in values.items()}})})
+
+
+def read_info(content: RecordDict) -> dict[str, Any]:
+    info = content["info"]
+    return {k: (str(v) if k == "site" else json.loads(str(v))) for k, v in info.items()}
