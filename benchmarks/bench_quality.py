@@ -68,16 +68,18 @@ def run_outside(suite: str, seeds: list[int], out: Path, extra: list[str]) -> di
             if not result_file.exists():
                 cfg = suite_config(suite, ["fl.method=iopfl", f"seed={seed}", f"data.holdout={target}",
                                            f"adapt.seed={seed}", *extra])
+                t0 = time.perf_counter()
                 if not (run_dir / "results.json").exists():
                     resume = (run_dir / "checkpoints" / "last.safetensors").exists()
                     FederatedRun(cfg, run_dir).run(resume=resume)
                 run = open_run(run_dir)
                 models = adapt_cases(run, target_cases(run, target), method_names("all"), None, cfg)
                 result_file.write_text(json.dumps(models, indent=1))
-                print(f"outside {target} seed {seed} done", flush=True)
+                print(f"outside {target} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
             for method, entry in json.loads(result_file.read_text()).items():
                 scores.setdefault(method, {}).setdefault(target, []).append(entry["mean"]["dice"])
     write_outside_table(scores, sites, out / "outside.md")
+    (out / "outside.json").write_text(json.dumps(scores, indent=1))
     return scores
 
 
