@@ -57,3 +57,12 @@ def test_digest_changes_with_config():
     a = load_config(CONFIG_DIR / "demo.yaml")
     b = load_config(CONFIG_DIR / "demo.yaml", ["fl.rounds=2"])
     assert a.digest() == load_config(CONFIG_DIR / "demo.yaml").digest() != b.digest()
+
+
+@pytest.mark.parametrize("capability, expected", [("AVX512", "bf16"), ("AVX2", "fp32"), ("DEFAULT", "fp32")])
+def test_auto_precision_uses_bf16_only_where_the_cpu_has_bf16_kernels(monkeypatch, capability, expected):
+    import torch
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert load_config(CONFIG_DIR / "demo.yaml").train_settings().precision == expected
+    assert load_config(CONFIG_DIR / "demo.yaml", ["train.precision=bf16"]).train_settings().precision == "bf16"

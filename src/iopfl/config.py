@@ -18,7 +18,7 @@ from iopfl.adapt.config import AdaptConfig
 from iopfl.data.config import DataConfig
 from iopfl.errors import UserError
 from iopfl.fl import STRATEGIES, StrategyConfig
-from iopfl.fl.training import TrainSettings
+from iopfl.fl.training import TrainSettings, resolve_precision
 
 
 class _Section(BaseModel):
@@ -62,7 +62,8 @@ class TrainConfig(_Section):
     amsgrad: bool = True
     ce_weight: float = Field(0.0, ge=0.0, description="weight of cross-entropy added to soft Dice")
     channels_last: bool = False
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: CPU autocast in local training")
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        "fp32", description="bf16: CPU autocast in local training; auto: bf16 only where the CPU has bf16 kernels")
     threads: int | None = Field(None, gt=0, description="torch intra-op threads (default: all cores)")
 
 
@@ -85,7 +86,7 @@ class Config(_Section):
         return TrainSettings(epochs=self.fl.local_epochs, batch_size=self.train.batch_size,
                              lr=self.train.lr, amsgrad=self.train.amsgrad,
                              ce_weight=self.train.ce_weight, channels_last=self.train.channels_last,
-                             precision=self.train.precision)
+                             precision=resolve_precision(self.train.precision))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -111,6 +111,7 @@ def manifest(seed: int, config_digest: str) -> dict[str, Any]:
         "numpy": numpy.__version__,
         "platform": platform.platform(),
         "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "seed": seed,
         "config_hash": config_digest,
         "git_commit": git_commit(),
