@@ -307,7 +307,6 @@ def test_fedavgft_does_not_touch_the_global_weights():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_every_strategy_runs_end_to_end(tmp_path_factory, name):
-    pytest.importorskip("iopfl.data", reason="the data layer is not there yet")
     from iopfl.engine.runner import FederatedRun
 
     cache = tmp_path_factory.getbasetemp() / "strategy-cache"
@@ -317,3 +316,24 @@ def test_every_strategy_runs_end_to_end(tmp_path_factory, name):
     assert set(results["models"]) == set(STRATEGIES[name].models)
     for entry in results["models"].values():
         assert len(entry["sites"]) == 3 and 0.0 <= entry["mean"]["dice"] <= 1.0
+
+
+@pytest.mark.slow
+def test_a_new_strategy_needs_only_its_class_and_a_registry_entry(tmp_path, monkeypatch):
+    """The config, the runner and the results accept a strategy they were never told about."""
+    from iopfl.engine.runner import FederatedRun
+    from iopfl.fl.base import Strategy
+
+    class KeepFirst(Strategy):
+        """Server keeps the first reply's weights (a rule no built-in strategy has)."""
+
+        name = "keepfirst"
+
+        def aggregate(self, global_weights, replies):
+            return replies[0][0]
+
+    monkeypatch.setitem(STRATEGIES, KeepFirst.name, KeepFirst)
+    cache = tmp_path / "cache"
+    results = FederatedRun(tiny_config(cache, ["fl.method=keepfirst", "fl.rounds=2", "model.width=4"]),
+                           tmp_path / "run").run()
+    assert results["method"] == "keepfirst" and set(results["models"]) == {"global"}
