@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from iopfl.errors import UserError  # noqa: E402
+from iopfl.fl import STRATEGIES  # noqa: E402
 from iopfl.report.tables import COLUMNS, markdown_table  # noqa: E402
 
 SELECTIONS = (("val-selected", ("models",)), ("last round", ("last_round", "models")))
@@ -53,7 +54,14 @@ def collect(runs: list[Path]) -> dict[str, dict[tuple[str, str], dict[str, dict[
                 for site, scores in [*entry["sites"].items(), ("mean", entry["mean"])]:
                     for key, _, _ in COLUMNS:
                         row[site][key].append(float(scores.get(key, math.nan)))
-    return table
+    return {label: dict(sorted(rows.items(), key=row_order)) for label, rows in table.items()}
+
+
+def row_order(item: tuple[tuple[str, str], Any]) -> tuple[int, str, str]:
+    """Methods in registry order (unknown ones last), so the order of the run arguments does not matter."""
+    (method, model), _ = item
+    order = list(STRATEGIES)
+    return (order.index(method) if method in order else len(order), method, model)
 
 
 def cell(values: list[float], scale: float) -> str:
