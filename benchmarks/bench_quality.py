@@ -27,6 +27,7 @@ from iopfl.config import Config, build_config, read_yaml
 from iopfl.data import load_dataset
 from iopfl.engine.outside import adapt_cases, method_names, open_run, target_cases
 from iopfl.engine.runner import FederatedRun
+from iopfl.engine.rundir import RunDir
 from iopfl.engine.session import CONFIG_DIR
 from iopfl.fl import STRATEGIES
 from iopfl.report.compare import compare_runs
@@ -47,14 +48,18 @@ def suite_config(suite: str, overrides: list[str]) -> Config:
     return build_config(read_yaml(CONFIG_DIR / name), [*base, *overrides], origin=name)
 
 
+def finish_run(cfg: Config, run_dir: Path) -> None:
+    """Train ``run_dir`` to the end, resuming from its checkpoint if an earlier call was interrupted."""
+    FederatedRun(cfg, run_dir).run(resume=RunDir(run_dir).checkpoint.exists())
+
+
 def inside_job(suite: str, method: str, seed: int, out: Path, extra: list[str]) -> Path:
     """One inside run (resumed if it was interrupted, skipped if it finished)."""
     run_dir = out / "inside" / f"{method}-s{seed}"
     if not (run_dir / "results.json").exists():
         cfg = suite_config(suite, [f"fl.method={method}", f"seed={seed}", *extra])
-        resume = (run_dir / "checkpoints" / "last.safetensors").exists()
         t0 = time.perf_counter()
-        FederatedRun(cfg, run_dir).run(resume=resume)
+        finish_run(cfg, run_dir)
         print(f"inside {method} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
     return run_dir
 
@@ -68,8 +73,7 @@ def outside_job(suite: str, target: str, seed: int, out: Path, extra: list[str])
                                    f"adapt.seed={seed}", *extra])
         t0 = time.perf_counter()
         if not (run_dir / "results.json").exists():
-            resume = (run_dir / "checkpoints" / "last.safetensors").exists()
-            FederatedRun(cfg, run_dir).run(resume=resume)
+            finish_run(cfg, run_dir)
         run = open_run(run_dir)
         models = adapt_cases(run, target_cases(run, target), method_names("all"), None, cfg)
         result_file.write_text(json.dumps(models, indent=1))

@@ -136,7 +136,6 @@ def run_demo(out: Path, overrides: list[str], console: Console | None = None) ->
 def _demo_run(run_dir: Path, overrides: list[str], console: Console) -> dict:
     cfg = demo_config(overrides)
     console.rule(f"[bold]{run_dir.name}")
-    resume = (run_dir / "checkpoints" / "last.safetensors").exists()
-    results = train_run(cfg, run_dir, resume=resume, console=console)
+    results = train_run(cfg, run_dir, resume=RunDir(run_dir).checkpoint.exists(), console=console)
     Console().print(results_table(results))
     return results
