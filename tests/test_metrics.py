@@ -100,3 +100,22 @@ def test_summaries():
     assert s["regions"]["r1"]["dice"] == pytest.approx(0.25) and s["ref_dice"] == pytest.approx(0.7)
     overall = summarize_sites([s, {**s, "dice": 1.0}, summarize_cases([])])
     assert overall["dice"] == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("shape,spacing", [((1, 40, 48), (1.0, 0.7, 1.3)), ((9, 20, 24), (3.0, 1.0, 0.8))])
+def test_distances_match_monai_reference_functions(shape, spacing):
+    """One shared surface-distance pass gives MONAI's own HD95 and symmetric ASSD."""
+    import torch
+    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    a, b = (ndimage.gaussian_filter(rng.random(shape), 2) > 0.5 for _ in range(2))
+    ours = case_metrics(a.astype(np.uint8), b.astype(np.uint8), FG, spacing)["fg"]
+    squeeze = shape[0] == 1
+    ta, tb = (torch.from_numpy(m[0] if squeeze else m)[None, None].float() for m in (a, b))
+    sp = spacing[1:] if squeeze else spacing
+    hd95 = compute_hausdorff_distance(ta, tb, include_background=True, percentile=95, spacing=sp).item()
+    assd = compute_average_surface_distance(ta, tb, include_background=True, symmetric=True, spacing=sp).item()
+    assert ours["hd95"] == pytest.approx(hd95, rel=1e-6)
+    assert ours["assd"] == pytest.approx(assd, rel=1e-6)

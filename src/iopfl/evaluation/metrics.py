@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance
+from monai.metrics import compute_dice
+from monai.metrics.utils import get_edge_surface_distance
 
 METRICS = ("dice", "hd95", "assd")
 
@@ -42,10 +43,19 @@ def _region_scores(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MONAI's deprecation chatter about return types
         dice = compute_dice(pt, gt_t, include_background=True).item()
-        hd95 = compute_hausdorff_distance(pt, gt_t, include_background=True, percentile=95, spacing=sp).item()
-        assd = compute_average_surface_distance(pt, gt_t, include_background=True, symmetric=True,
-                                                spacing=sp).item()
+        hd95, assd = _surface_distances(pt[0, 0], gt_t[0, 0], sp)
     return {"dice": float(dice), "hd95": float(hd95), "assd": float(assd)}
+
+
+def _surface_distances(pred: torch.Tensor, gt: torch.Tensor, spacing: Sequence[float]) -> tuple[float, float]:
+    """Symmetric HD95 and ASSD of two non-empty 0/1 masks, as MONAI's ``compute_hausdorff_distance``
+    (percentile 95) and ``compute_average_surface_distance`` (symmetric) define them, from one
+    surface-distance pass: each of those recomputes edges and distance transforms, which was half of
+    the evaluation time."""
+    _, (pred_to_gt, gt_to_pred), _ = get_edge_surface_distance(pred, gt, spacing=spacing, symmetric=True)
+    hd95 = max(torch.quantile(d, 0.95).item() for d in (pred_to_gt, gt_to_pred))
+    assd = torch.cat([pred_to_gt, gt_to_pred]).mean().item()
+    return hd95, assd
 
 
 def case_metrics(pred: np.ndarray, gt: np.ndarray, regions: dict[str, list[int]],
