@@ -100,3 +100,36 @@ def test_local_training_is_deterministic_for_a_seed():
     c = trainer.train(start, derive_generator(2, "x")).weights
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_frozen_parameters_match_a_masked_optimizer():
+    """Training a subset with the rest frozen gives what a naive loop gives that computes every
+    gradient and steps only the subset; frozen weights stay put and are trainable again afterwards."""
+    from iopfl.fl.training import iterate_batches
+    from iopfl.models.losses import segmentation_loss
+    from iopfl.models.unet import UNet
+
+    build = lambda: UNet(1, 2, 4, 2)  # noqa: E731
+    torch.manual_seed(0)
+    images, masks = torch.randn(6, 1, 8, 8), torch.randint(0, 2, (6, 8, 8))
+    settings = TrainSettings(batch_size=2, channels_last=False)
+    start = {k: v.clone() for k, v in build().state_dict().items()}
+    head = lambda name: name.startswith("head.")  # noqa: E731
+    trainer = LocalTrainer(build, images, masks, settings)
+    ours = trainer.train(start, derive_generator(1, "x"), trainable=head).weights
+    assert all(p.requires_grad for p in trainer.model.parameters())
+
+    naive = build()
+    naive.load_state_dict(start)
+    naive.train()
+    chosen = [p for n, p in naive.named_parameters() if head(n)]
+    opt = torch.optim.Adam(chosen, lr=settings.lr, amsgrad=settings.amsgrad)
+    for idx in iterate_batches(6, 2, derive_generator(1, "x")):
+        loss = segmentation_loss(naive(images[idx]), masks[idx], settings.ce_weight)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for k, v in naive.state_dict().items():
+        torch.testing.assert_close(ours[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert torch.equal(ours["encoders.0.0.weight"], start["encoders.0.0.weight"])
+    assert not torch.equal(ours["head.weight"], start["head.weight"])

@@ -9,6 +9,7 @@ All randomness comes from a ``torch.Generator`` the caller seeds, so a round is 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,28 @@ def iterate_batches(n: int, batch_size: int, generator: torch.Generator) -> Iter
         yield order[start : start + batch_size]
 
 
+@contextmanager
+def frozen_except(model: nn.Module, trainable: Callable[[str], bool] | None) -> Iterator[list[nn.Parameter]]:
+    """Yield the parameters ``trainable`` selects (all when None) with every other parameter's
+    ``requires_grad`` off, restored on exit: autograd then skips the frozen weights' gradients, and
+    back-propagation stops where nothing upstream is trainable (FedRep's head phase never enters the
+    body)."""
+    chosen: list[nn.Parameter] = []
+    frozen: list[nn.Parameter] = []
+    for name, p in model.named_parameters():
+        if trainable is None or trainable(name):
+            chosen.append(p)
+        elif p.requires_grad:
+            frozen.append(p)
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield chosen
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
 class LocalTrainer:
     """Trains a fresh copy of the model from given weights on one client's samples.
 
@@ -101,11 +124,18 @@ class LocalTrainer:
         model = self.model
         model.load_state_dict(weights)
         model.train()
-        params = [p for name, p in model.named_parameters() if trainable is None or trainable(name)]
-        params += list(extra_params)
-        # the fused kernel updates all parameters in one pass (no per-tensor dispatch overhead)
-        optimizer = torch.optim.Adam(params, lr=self.settings.lr, amsgrad=self.settings.amsgrad, fused=True)
-        run = forward or model
+        with frozen_except(model, trainable) as params:
+            # the fused kernel updates all parameters in one pass (no per-tensor dispatch overhead)
+            optimizer = torch.optim.Adam([*params, *extra_params], lr=self.settings.lr,
+                                         amsgrad=self.settings.amsgrad, fused=True)
+            total, steps = self._epochs(forward or model, optimizer, generator, epochs, penalty, after_step)
+        return TrainResult(clone_state(model.state_dict()), total / max(steps, 1), steps)
+
+    def _epochs(self, run: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,
+                generator: torch.Generator, epochs: int | None, penalty: Penalty | None, after_step: Callable[[], None] | None
+                ) -> tuple[float, int]:
+        """The local epochs; returns (summed loss, optimizer steps)."""
+        model = self.model
         total, steps = 0.0, 0
         for _ in range(self.settings.epochs if epochs is None else epochs):
             for idx in iterate_batches(self.num_samples, self.settings.batch_size, generator):
@@ -121,4 +151,4 @@ class LocalTrainer:
                     after_step()
                 total += loss.item()
                 steps += 1
-        return TrainResult(clone_state(model.state_dict()), total / max(steps, 1), steps)
+        return total, steps
