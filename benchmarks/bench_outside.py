@@ -20,6 +20,7 @@ import numpy as np
 
 from iopfl.config import load_config
 from iopfl.engine.outside import adapt_cases, open_run, target_cases
+from iopfl.engine.rundir import RunDir
 from iopfl.report.tables import markdown_table
 
 from bench_quality import seed_cell
@@ -42,7 +43,7 @@ def hold_out_runs(out: Path, seeds: int) -> list[tuple[str, int, Path]]:
     found = []
     for run_dir in sorted((out / "outside").iterdir()):
         m = RUN_NAME.match(run_dir.name)
-        if m and int(m[2]) < seeds and (run_dir / "results.json").exists():
+        if m and int(m[2]) < seeds and RunDir(run_dir).results.exists():
             found.append((m[1], int(m[2]), run_dir))
     if not found:
         raise SystemExit(f"no finished hold-out runs under {out / 'outside'}: run bench_quality.py first")

@@ -59,7 +59,7 @@ def finish_run(cfg: Config, run_dir: Path) -> None:
 def inside_job(suite: str, method: str, seed: int, out: Path, extra: list[str]) -> Path:
     """One inside run (resumed if it was interrupted, skipped if it finished)."""
     run_dir = out / "inside" / f"{method}-s{seed}"
-    if not (run_dir / "results.json").exists():
+    if not RunDir(run_dir).results.exists():
         cfg = suite_config(suite, [f"fl.method={method}", f"seed={seed}", *extra])
         t0 = time.perf_counter()
         finish_run(cfg, run_dir)
@@ -75,7 +75,7 @@ def outside_job(suite: str, target: str, seed: int, out: Path, extra: list[str])
         cfg = suite_config(suite, ["fl.method=iopfl", f"seed={seed}", f"data.holdout={target}",
                                    f"adapt.seed={seed}", *extra])
         t0 = time.perf_counter()
-        if not (run_dir / "results.json").exists():
+        if not RunDir(run_dir).results.exists():
             finish_run(cfg, run_dir)
         run = open_run(run_dir)
         models = adapt_cases(run, target_cases(run, target), method_names("all"), None, cfg)
@@ -118,7 +118,7 @@ def run_outside(suite: str, seeds: list[int], out: Path, extra: list[str], jobs:
 
 def oracle_scores(out: Path, sites: list[str], seeds: list[int]) -> dict[str, list[float]]:
     """The upper bound: each site's own model trained on its labels — the inside ``local`` runs."""
-    files = [out / "inside" / f"local-s{seed}" / "results.json" for seed in seeds]
+    files = [RunDir(out / "inside" / f"local-s{seed}").results for seed in seeds]
     runs = [json.loads(f.read_text()) for f in files if f.exists()]
     return {s: [r["models"]["personalized"]["sites"][s]["dice"] for r in runs] for s in sites} if runs else {}
 
