@@ -21,9 +21,8 @@ import numpy as np
 from iopfl.config import load_config
 from iopfl.engine.outside import adapt_cases, open_run, target_cases
 from iopfl.engine.rundir import RunDir
+from iopfl.report.compare import cell
 from iopfl.report.tables import markdown_table
-
-from bench_quality import seed_cell
 
 # name: (method, adapt overrides); the first iopfl row is the default configuration
 SETTINGS: dict[str, tuple[str, list[str]]] = {
@@ -50,7 +49,7 @@ def hold_out_runs(out: Path, seeds: int) -> list[tuple[str, int, Path]]:
     return found
 
 
-def sweep(runs: list[tuple[str, int, Path]]) -> dict[str, dict[str, list[float]]]:
+def sweep(runs: list[tuple[str, int, Path]]) -> dict[str, dict]:
     """``{"scores": {setting: {target: [Dice per seed]}}, "seconds": {setting: total seconds}}``."""
     scores: dict[str, dict[str, list[float]]] = {name: {} for name in SETTINGS}
     seconds = dict.fromkeys(SETTINGS, 0.0)
@@ -73,7 +72,7 @@ def write_tables(result: dict, out: Path) -> None:
     rows = []
     for name, by_target in scores.items():
         means = [100 * np.mean(by_target[t]) for t in targets]
-        cells = [seed_cell(by_target[t]) for t in targets]
+        cells = [cell(by_target[t], 100) for t in targets]
         rows.append([name, *cells, f"{np.mean(means):.2f}", f"{seconds[name]:.0f}"])
     (out / "outside-sweep.json").write_text(json.dumps(result, indent=1))
     (out / "outside-sweep.md").write_text(

@@ -30,7 +30,7 @@ from iopfl.engine.runner import FederatedRun
 from iopfl.engine.rundir import RunDir
 from iopfl.engine.session import CONFIG_DIR
 from iopfl.fl import STRATEGIES
-from iopfl.report.compare import compare_runs
+from iopfl.report.compare import cell, compare_runs
 from iopfl.report.tables import markdown_table
 
 SUITES: dict[str, tuple[str, list[str], bool]] = {
@@ -128,17 +128,11 @@ ORACLE_NOTE = (f"\n`{ORACLE}`: the site's own model trained on its labelled trai
                "run), scored on its test split only; every other row is scored on all of the site's cases.\n")
 
 
-def seed_cell(values: list[float]) -> str:
-    """Dice fractions over seeds → "mean ± std" in %, or the mean alone for one seed."""
-    v = 100 * np.asarray(values)
-    return f"{v.mean():.2f}" if len(v) == 1 else f"{v.mean():.2f} ± {v.std(ddof=1):.2f}"
-
-
 def write_outside_table(scores: dict, sites: list[str], path: Path) -> None:
     rows = []
     for method, by_site in scores.items():
         means = [np.mean(by_site[s]) for s in sites]
-        rows.append([method, *[seed_cell(by_site[s]) for s in sites], f"{100 * np.mean(means):.2f}"])
+        rows.append([method, *[cell(by_site[s], 100) for s in sites], f"{100 * np.mean(means):.2f}"])
     path.write_text("# Outside: Dice % on each held-out site (experts trained on the others)\n\n"
                     + markdown_table(["method", *sites, "mean"], rows) + ORACLE_NOTE)
 

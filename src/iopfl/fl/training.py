@@ -132,8 +132,8 @@ class LocalTrainer:
         return TrainResult(clone_state(model.state_dict()), total / max(steps, 1), steps)
 
     def _epochs(self, run: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,
-                generator: torch.Generator, epochs: int | None, penalty: Penalty | None, after_step: Callable[[], None] | None
-                ) -> tuple[float, int]:
+                generator: torch.Generator, epochs: int | None, penalty: Penalty | None,
+                after_step: Callable[[], None] | None) -> tuple[float, int]:
         """The local epochs; returns (summed loss, optimizer steps)."""
         model = self.model
         total, steps = 0.0, 0
