@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 
 from iopfl.config import build_config, read_yaml
-from iopfl.engine.runner import FederatedRun
+from iopfl.engine.inprocess import in_process_run
 from iopfl.engine.session import CONFIG_DIR
 
 OUT = Path(__file__).resolve().parent / "results"
@@ -28,15 +28,17 @@ OUT = Path(__file__).resolve().parent / "results"
 class MemoryProbe:
     """A runner progress hook recording RSS and peak RSS (MB) once per round, after its training."""
 
-    def __init__(self, last_client: str):
+    def __init__(self):
         self.rows: list[dict] = []
         self.process = psutil.Process()
-        self.last_site = last_client  # a round is over when its last client has trained
+        self.per_round, self.done = 0, 0
 
-    def start(self, total_rounds: int, first_round: int) -> None: ...
+    def start(self, total_rounds: int, first_round: int, trainers_per_round: int) -> None:
+        self.per_round = trainers_per_round
 
     def client_done(self, round_: int, site: str, loss: float) -> None:
-        if site == self.last_site:
+        self.done += 1
+        if self.done % self.per_round == 0:  # the round's last client has trained
             self.rows.append({"round": round_, "rss_mb": self.process.memory_info().rss / 2**20,
                               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
 
@@ -49,10 +51,8 @@ def main() -> None:
     args = parser.parse_args()
     cfg = build_config(read_yaml(CONFIG_DIR / "demo.yaml"), [f"fl.rounds={args.rounds}", "eval.eval_every=1"])
     with tempfile.TemporaryDirectory() as tmp:
-        run = FederatedRun(cfg, Path(tmp) / "run")
-        probe = MemoryProbe(last_client=list(run.fit_clients)[-1])
-        run.progress = probe
-        run.run()
+        probe = MemoryProbe()
+        in_process_run(cfg, Path(tmp) / "run", probe).run()
     by_round = {r["round"]: r for r in probe.rows}
     r5, last = by_round[5], by_round[args.rounds]
     growth = last["peak_rss_mb"] / r5["peak_rss_mb"] - 1

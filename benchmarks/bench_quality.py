@@ -26,7 +26,7 @@ import torch
 from iopfl.config import Config, build_config, read_yaml
 from iopfl.data import load_dataset
 from iopfl.engine.outside import adapt_cases, method_names, open_run, target_cases
-from iopfl.engine.runner import FederatedRun
+from iopfl.engine.inprocess import in_process_run
 from iopfl.engine.rundir import RunDir
 from iopfl.engine.session import CONFIG_DIR
 from iopfl.fl import STRATEGIES
@@ -53,7 +53,7 @@ def suite_config(suite: str, overrides: list[str]) -> Config:
 
 def finish_run(cfg: Config, run_dir: Path) -> None:
     """Train ``run_dir`` to the end, resuming from its checkpoint if an earlier call was interrupted."""
-    FederatedRun(cfg, run_dir).run(resume=RunDir(run_dir).checkpoint.exists())
+    in_process_run(cfg, run_dir).run(resume=RunDir(run_dir).checkpoint.exists())
 
 
 def inside_job(suite: str, method: str, seed: int, out: Path, extra: list[str]) -> Path:

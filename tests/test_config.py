@@ -14,9 +14,9 @@ def test_shipped_configs_validate():
 
 
 def test_overrides_are_typed():
-    cfg = load_config(CONFIG_DIR / "demo.yaml", ["fl.rounds=3", "fl.alpha=0.5", "fl.method=fedavg",
+    cfg = load_config(CONFIG_DIR / "demo.yaml", ["fl.rounds=3", "fl.alpha=0.5", "fl.method=iopfl",
                                                  "data.sites=[SiteA, SiteB]"])
-    assert (cfg.fl.rounds, cfg.fl.alpha, cfg.fl.method) == (3, 0.5, "fedavg")
+    assert (cfg.fl.rounds, cfg.fl.alpha, cfg.fl.method) == (3, 0.5, "iopfl")
     assert cfg.data.sites == ["SiteA", "SiteB"]
     assert parse_overrides(["a.b=x=y"]) == [("a.b", "x=y")]
 
@@ -33,6 +33,18 @@ def test_overrides_are_typed():
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
         load_config(CONFIG_DIR / "demo.yaml", [override])
+
+
+def test_method_parameters_are_validated_against_the_chosen_method():
+    prox = load_config(CONFIG_DIR / "demo.yaml", ["fl.method=fedprox", "fl.mu=0.5"])
+    assert prox.fl.strategy_params().mu == 0.5 and "mu: 0.5" in prox.to_yaml()
+    # the resolved config lists every parameter of the method with its default
+    assert load_config(CONFIG_DIR / "demo.yaml", ["fl.method=ditto"]).fl.model_dump()["ditto_lambda"] == 0.1
+    assert "alpha" not in load_config(CONFIG_DIR / "demo.yaml", ["fl.method=fedavg"]).fl.model_dump()
+    with pytest.raises(UserError, match=r"fl\.alpha.*not a parameter of method 'fedavg'"):
+        load_config(CONFIG_DIR / "demo.yaml", ["fl.method=fedavg", "fl.alpha=0.5"])
+    with pytest.raises(UserError, match=r"fl\.mu.*greater than or equal to 0"):
+        load_config(CONFIG_DIR / "demo.yaml", ["fl.method=fedprox", "fl.mu=-1"])
 
 
 def test_bad_override_syntax():

@@ -13,7 +13,7 @@ import yaml
 
 from _tiny import tiny_config, tiny_tree
 from iopfl.engine.checkpoint import load_checkpoint
-from iopfl.engine.runner import FederatedRun
+from iopfl.engine.inprocess import in_process_run
 
 pytestmark = pytest.mark.slow
 KILLS = 5
@@ -25,7 +25,7 @@ def _lines(path):
 
 def test_five_sigkills_then_resume_equals_uninterrupted(tmp_path):
     overrides = ["fl.rounds=4"]
-    expected = FederatedRun(tiny_config(tmp_path / "cache", overrides), tmp_path / "reference").run()
+    expected = in_process_run(tiny_config(tmp_path / "cache", overrides), tmp_path / "reference").run()
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny_tree(tmp_path / "cache", rounds=4)))
     run = tmp_path / "run"

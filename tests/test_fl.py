@@ -55,7 +55,7 @@ def test_iopfl_rule_equals_the_gradient_form():
     g = torch.Generator().manual_seed(0)
     phi, theta_prev, theta_k = (torch.randn(5, generator=g) for _ in range(3))
     alpha = 0.3
-    s = build_strategy("iopfl", type(IOPFLInside().config)(alpha=alpha))
+    s = build_strategy("iopfl", {"alpha": alpha})
     ema_form = s.update_personal({"w": phi}, {"w": theta_k})["w"]
     grad_form = phi - (1 - alpha) * ((phi - theta_prev) + (theta_prev - theta_k))
     assert torch.allclose(ema_form, grad_form, atol=1e-6)

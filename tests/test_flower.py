@@ -1,6 +1,7 @@
 """The Flower engine: loopback deployments give the in-process numbers (also with TLS and SuperNode
 authentication, and in Flower's simulation runtime), a failing site is left out and logged, a
-restarted server resumes, and a site's replies carry only shared weights, its sample count and metrics.
+restarted server resumes, a site's replies carry only shared weights, its sample count and metrics,
+and only sites that opted in publish their personalised model (which `iopfl adapt` then routes among).
 
 Every Flower process is bound to 127.0.0.1, runs with telemetry and update checks off and a FLWR_HOME
 under pytest's tmp dir, and is stopped by PID in the fixtures' teardown (also when a test fails).
@@ -12,6 +13,7 @@ import importlib.util
 import json
 import shutil
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,17 +31,23 @@ from iopfl.engine.checkpoint import load_checkpoint
 from iopfl.engine.flower import client as flower_client
 from iopfl.engine.flower import wire
 from iopfl.engine.flower.deploy import Deployment, RunOutcome
-from iopfl.engine.flower.server import FlowerRun, Settings
+from iopfl.engine.flower.server import Settings, flower_run
 from iopfl.engine.flower.state import EVALUATE, TRAIN, SiteStateStore
-from iopfl.engine.runner import FederatedRun
+from iopfl.data import load_dataset
+from iopfl.engine.inprocess import in_process_run
+from iopfl.engine.rounds import initial_weights
+from iopfl.engine.site import make_client
+from iopfl.fl import build_strategy
 from iopfl.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 SITES = ["SiteA", "SiteB", "SiteC"]
+HOLDOUT = "SiteD"  # the unseen site that outside personalization adapts to
+PUBLISHERS = {"SiteA", "SiteB"}  # sites of the plain deployment that opt in to publish their model
 # two rounds, one evaluation (every phase costs seconds of Flower polling and process start-up);
 # one torch thread per process: 3 SuperNodes share 2 cores, and equal thread counts keep the float
 # sums of both engines identical
-OVERRIDES = ["fl.rounds=2", "eval.eval_every=2", "train.threads=1"]
+OVERRIDES = ["fl.rounds=2", "eval.eval_every=2", "train.threads=1", f"data.holdout={HOLDOUT}"]
 HAS_TLS_TOOLS = bool(shutil.which("openssl") and shutil.which("ssh-keygen"))
 HAS_RAY = importlib.util.find_spec("ray") is not None  # Flower's simulation runtime
 
@@ -49,10 +57,10 @@ def reference(tmp_path_factory):
     """The config file every deployment runs, and the in-process results for it."""
     root = tmp_path_factory.mktemp("flower")
     config = root / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny_tree(root / "cache")))
+    config.write_text(yaml.safe_dump(tiny_tree(root / "cache", sites=4)))
     threads = torch.get_num_threads()
     try:  # the in-process run also fills the data cache, so SuperNodes never generate data concurrently
-        results = FederatedRun(tiny_config(root / "cache", OVERRIDES), root / "inprocess").run()
+        results = in_process_run(tiny_config(root / "cache", OVERRIDES, sites=4), root / "inprocess").run()
     finally:
         torch.set_num_threads(threads)
     return root, config, results
@@ -87,8 +95,12 @@ def deployment(home: Path, **kw) -> Deployment:
 
 
 def plain_job(root: Path, config: Path) -> Job:
+    """SiteA and SiteB opt in to publish their personalised models; SiteC does not."""
     with deployment(root / "home-plain") as d:
-        d.start(SITES)
+        d.start_superlink()
+        for site in SITES:
+            d.add_supernode(site, **({"publish-personal": "true"} if site in PUBLISHERS else {}))
+        d.wait_for_nodes(len(SITES))
         job = Job(deploy_run(d, config, root / "run-plain"))
         job.logs = d.log_text()
     return job
@@ -193,6 +205,71 @@ def test_loopback_deployment_matches_in_process(reference, deployments):
     assert json.loads((run / "manifest.json").read_text())["engine"] == "flower"
 
 
+def iopfl_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "iopfl.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_only_sites_that_opted_in_publish_and_adapt_routes_over_them(reference, deployments, tmp_path):
+    root, _, _ = reference
+    completed(deployments["plain"].result())
+    run = root / "run-plain"
+    results = json.loads((run / "results.json").read_text())
+    assert results["published"] == ["SiteA", "SiteB"]
+    assert sorted(p.name for p in (run / "experts").iterdir()) == ["SiteA.safetensors", "SiteB.safetensors"]
+    # SiteC kept its selected model in its own state folder, on its machine
+    store = root / "home-plain" / "site-state" / "SiteC" / f"{results_key(run)}-SiteC"
+    assert any(k.startswith("best/SiteC/") for k in SiteStateStore(store).latest()[0])
+    # overlays (eval.overlays=1: the first site's) are drawn at the site, never in the run directory
+    assert list((root / "home-plain" / "site-state" / "SiteA").glob("*-SiteA/overlays/*.png"))
+    assert not (store / "overlays").exists() and not (run / "plots" / "overlays").exists()
+    out = tmp_path / "adapted"
+    done = iopfl_cli("adapt", str(run), "--target", HOLDOUT, "--method", "all", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    adapted = json.loads((out / "results.json").read_text())
+    assert set(adapted["models"]) == {"global", "bn", "tent", "ensemble", "iopfl"}
+    assert adapted["experts"] == ["global", "SiteA", "SiteB"]  # routing over 3 experts
+
+
+def results_key(run: Path) -> str:
+    return json.loads((run / "manifest.json").read_text())["run_key"]
+
+
+def test_predict_uses_a_published_model_or_the_sites_own_state(reference, deployments, tmp_path):
+    root, _, _ = reference
+    completed(deployments["plain"].result())
+    run = root / "run-plain"
+    scan = next((root / "cache").glob(f"synthetic-*/{HOLDOUT}/Case00.nii.gz"))
+    assert iopfl_cli("predict", str(run), str(scan), "--site", "SiteA", "--out", str(tmp_path / "a")).returncode == 0
+    refused = iopfl_cli("predict", str(run), str(scan), "--site", "SiteC", "--out", str(tmp_path / "c"))
+    assert refused.returncode == 2 and "did not publish" in refused.stderr and "--state-dir" in refused.stderr
+    assert not (tmp_path / "c").exists()
+    state = root / "home-plain" / "site-state" / "SiteC"
+    done = iopfl_cli("predict", str(run), str(scan), "--site", "SiteC", "--out", str(tmp_path / "c"),
+                     "--state-dir", str(state))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "c" / "Case00.nii.gz").exists()
+
+
+def test_without_an_opt_in_routing_is_refused_before_anything_is_written(reference, deployments, tmp_path):
+    root, _, _ = reference
+    completed(deployments["fail"].result())
+    run = root / "run-fail"
+    assert json.loads((run / "results.json").read_text())["published"] == []
+    out = tmp_path / "adapted"
+    done = iopfl_cli("adapt", str(run), "--target", HOLDOUT, "--method", "iopfl", "--out", str(out))
+    assert done.returncode == 2 and "publish-personal='true'" in done.stderr and "Traceback" not in done.stderr
+    assert not out.exists() or not any(out.iterdir())
+    assert iopfl_cli("adapt", str(run), "--target", HOLDOUT, "--method", "bn", "--out", str(out)).returncode == 0
+
+
+def test_resuming_a_flower_run_in_process_is_refused(reference, deployments):
+    root, config, _ = reference
+    completed(deployments["plain"].result())
+    done = iopfl_cli("train", str(config), "--out", str(root / "run-plain"), "--resume")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "last.safetensors" in done.stderr and "Flower deployment" in done.stderr
+
+
 def tls_job(deployments) -> Job:
     if "tls" not in deployments:
         pytest.skip("needs openssl and ssh-keygen (scripts/make_certs.sh)")
@@ -216,9 +293,9 @@ def test_a_failing_site_is_left_out_and_logged(reference, deployments):
     root, _, expected = reference
     job = completed(deployments["fail"].result())
     log = (root / "run-fail" / "run.log").read_text()
-    assert "round 2: site SiteB failed during train and is left out" in log and "injected failure at round 2" in log
+    assert "round 2: site SiteB is left out of training: it failed: " in log and "injected failure at round 2" in log
     assert "round 2 train: 2/3 sites replied" in log
-    assert "site SiteB failed during train" in job.outcome.output  # also in the streamed server log
+    assert "site SiteB is left out of training" in job.outcome.output  # also in the streamed server log
     results = json.loads((root / "run-fail" / "results.json").read_text())
     assert results["last_round"]["round"] == 2 and set(results["models"]["global"]["sites"]) == set(SITES)
     lines = [json.loads(x) for x in (root / "run-fail" / "metrics.jsonl").read_text().splitlines()]
@@ -251,11 +328,12 @@ def task_identity(monkeypatch):
 @pytest.mark.parametrize("method", ["iopfl", "fedbn"])
 def test_a_site_sends_only_shared_weights_count_and_metrics(reference, tmp_path, task_identity, method):
     root = reference[0]
-    cfg = tiny_config(root / "cache", [*OVERRIDES, f"fl.method={method}"])
-    run = FederatedRun(cfg, tmp_path / "init")
-    weights = run.server.global_weights
-    shared = set(run.strategy.client_round(run.clients["SiteA"].trainer, weights, {},
-                                           torch.Generator().manual_seed(0)).weights)
+    cfg = tiny_config(root / "cache", [*OVERRIDES, f"fl.method={method}"], sites=4)
+    spec = load_dataset(cfg.data)
+    site = make_client(cfg, spec, "SiteA", spec.sites["SiteA"], spec.sites["SiteA"].train)
+    weights = initial_weights(cfg, site.build)
+    shared = set(build_strategy(method).client_round(site.trainer, weights, {},
+                                                     torch.Generator().manual_seed(0)).weights)
     context = Context(run_id=1, node_id=1, node_config={"site": "SiteA", "state-dir": str(tmp_path / "state")},
                       state=RecordDict(), run_config={})
     config_json = json.dumps(cfg.model_dump(mode="json"))
@@ -269,7 +347,7 @@ def test_a_site_sends_only_shared_weights_count_and_metrics(reference, tmp_path,
         names = wire.record_weight_names(reply.content["arrays"])
         assert set(names) == shared  # exactly what the strategy shares: θ_k (IOP-FL), no norm layers (FedBN)
         assert set(reply.content["metrics"].keys()) == {"num-examples", "loss"}
-        assert reply.content["metrics"]["num-examples"] == run.clients["SiteA"].trainer.num_samples
+        assert reply.content["metrics"]["num-examples"] == site.trainer.num_samples
         assert dict(reply.content["info"]) == {"site": "SiteA"}
         sent = wire.record_weights(reply.content["arrays"])
         payload = reply.content["arrays"]["data"].numpy().nbytes  # no bytes beyond those tensors
@@ -277,7 +355,7 @@ def test_a_site_sends_only_shared_weights_count_and_metrics(reference, tmp_path,
     if method == "fedbn":
         from iopfl.fl.fedbn import norm_state_keys
 
-        norm = norm_state_keys(run.build())
+        norm = norm_state_keys(site.build())
         assert norm and shared.isdisjoint(norm) and shared | norm == set(weights)
     # what stays behind: the personal state, in the site's own store, never in a reply
     kept, _ = SiteStateStore(tmp_path / "state" / "run-key-SiteA").load_before(3, TRAIN)
@@ -345,6 +423,7 @@ class LocalGrid:
         self.crash = crash
         self.outbox: dict[str, Message] = {}
         self.sent: list[Message] = []
+        self.replies: list[tuple[int, Message]] = []  # (node, reply) of every message a site answered
         self.on_push = lambda kind, round_: None
 
     def get_node_ids(self):
@@ -374,6 +453,7 @@ class LocalGrid:
             except Exception as exc:  # noqa: BLE001 — what flwr-clientapp does with any exception
                 reply = Message(Error(code=0, reason=f"{type(exc)}:<'{exc}'>"), reply_to=msg)
             self.outbox[msg.metadata.message_id] = reply
+            self.replies.append((node, reply))
             ids.append(msg.metadata.message_id)
         return ids
 
@@ -386,24 +466,48 @@ def local_grid(root: Path, tmp: Path, **node_extra) -> LocalGrid:
                       for i, s in enumerate(SITES, 1)}, crash=node_extra.get("crash"))
 
 
-def flower_run(root: Path, config: Path, run_dir: Path, grid: LocalGrid, extra: list[str] = (), **settings) -> dict:
+def grid_run(root: Path, config: Path, run_dir: Path, grid: LocalGrid, extra: list[str] = (), **settings) -> dict:
     from iopfl.config import load_config
 
     base = {"join_timeout": 1, "reply_timeout": 5, "poll_interval": 0.01, **settings}
     overrides = [*OVERRIDES, *extra]
-    return FlowerRun(load_config(config, overrides), Settings(config, run_dir, overrides, **base), grid).run()
+    return flower_run(load_config(config, overrides), Settings(config, run_dir, overrides, **base), grid).run(resume=True)
 
 
 def test_server_app_on_a_local_grid_matches_in_process(reference, tmp_path, task_identity):
     root, config, expected = reference
     grid = local_grid(root, tmp_path)
-    results = flower_run(root, config, tmp_path / "run", grid)
+    results = grid_run(root, config, tmp_path / "run", grid)
     assert_same_metrics(results, expected)
     assert_same_metric_lines(tmp_path / "run", root / "inprocess")
     # what the server sent: global weights, the round, the run key and the config; nothing else
     for msg in grid.sent:
         assert set(msg.content.keys()) <= {"arrays", "config"}
-        assert set(msg.content["config"].keys()) == {"round", "run-key", "iopfl-config"}
+        extra = {"overlay"} if msg.metadata.message_type == "query.publish" else set()
+        assert set(msg.content["config"].keys()) == {"round", "run-key", "iopfl-config"} | extra
+
+
+def test_a_site_that_did_not_opt_in_never_sends_its_personal_model(reference, tmp_path, task_identity):
+    root, config, _ = reference
+    opt_in = {"publish-personal": "true"}
+    grid = local_grid(root, tmp_path, SiteA=opt_in, SiteB=opt_in)
+    results = grid_run(root, config, tmp_path / "run", grid)
+    assert results["published"] == ["SiteA", "SiteB"]
+    assert sorted(p.stem for p in (tmp_path / "run" / "experts").iterdir()) == ["SiteA", "SiteB"]
+    key = json.loads((tmp_path / "run" / "manifest.json").read_text())["run_key"]
+    kept, _ = SiteStateStore(tmp_path / "state" / f"{key}-SiteC").latest()
+    personal = {k.removeprefix("best/SiteC/"): v for k, v in kept.items() if k.startswith("best/SiteC/")}
+    assert personal
+    from_c = [reply for node, reply in grid.replies if node == 3]
+    assert {r.metadata.message_type for r in from_c} >= {"train", "evaluate", "query.publish"}
+    for reply in from_c:  # no tensor SiteC ever sent is one of its selected personalised model's
+        sent = wire.record_weights(reply.content["arrays"]) if "arrays" in reply.content else {}
+        assert not any(torch.equal(v, personal[k]) for k, v in sent.items() if v.is_floating_point())
+    published = [reply for node, reply in grid.replies if reply.metadata.message_type == "query.publish"]
+    assert sorted("arrays" in r.content for r in published) == [False, True, True]
+    expert, _ = load_checkpoint(tmp_path / "run" / "experts" / "SiteA.safetensors")
+    kept_a, _ = SiteStateStore(tmp_path / "state" / f"{key}-SiteA").latest()
+    assert all(torch.equal(v, kept_a[f"best/SiteA/{k}"]) for k, v in expert.items())
 
 
 def test_a_server_that_dies_mid_round_resumes_exactly(reference, tmp_path, task_identity):
@@ -411,11 +515,11 @@ def test_a_server_that_dies_mid_round_resumes_exactly(reference, tmp_path, task_
     round-2 checkpoint; the restarted server replays round 2 and ends with the uninterrupted numbers."""
     root, config, expected = reference
     with pytest.raises(RuntimeError, match="the server died"):
-        flower_run(root, config, tmp_path / "run", local_grid(root, tmp_path, crash=("evaluate", 2)))
+        grid_run(root, config, tmp_path / "run", local_grid(root, tmp_path, crash=("evaluate", 2)))
     _, state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.safetensors")
-    assert state["server"]["round"] == 1
+    assert state["round"] == 1
     assert (tmp_path / "state" / f"{state['run_key']}-SiteA" / "r000002-0.safetensors").exists()
-    results = flower_run(root, config, tmp_path / "run", local_grid(root, tmp_path))  # a new server process
+    results = grid_run(root, config, tmp_path / "run", local_grid(root, tmp_path))  # a new server process
     assert "resumed from" in (tmp_path / "run" / "run.log").read_text()
     assert_same_metrics(results, expected)
     assert_same_metric_lines(tmp_path / "run", root / "inprocess")
@@ -424,8 +528,8 @@ def test_a_server_that_dies_mid_round_resumes_exactly(reference, tmp_path, task_
 def test_stop_after_round_then_resume(reference, tmp_path, task_identity):
     root, config, expected = reference
     with pytest.raises(RuntimeError, match="stop-after-round=1"):
-        flower_run(root, config, tmp_path / "run", local_grid(root, tmp_path), stop_after_round=1)
-    assert_same_metrics(flower_run(root, config, tmp_path / "run", local_grid(root, tmp_path)), expected)
+        grid_run(root, config, tmp_path / "run", local_grid(root, tmp_path), stop_after_round=1)
+    assert_same_metrics(grid_run(root, config, tmp_path / "run", local_grid(root, tmp_path)), expected)
 
 
 def test_sites_that_fail_or_fall_silent_are_left_out_until_too_few_reply(reference, tmp_path, task_identity):
@@ -433,10 +537,10 @@ def test_sites_that_fail_or_fall_silent_are_left_out_until_too_few_reply(referen
     grid = local_grid(root, tmp_path, SiteA={"fail-at-round": 1})
     grid.on_push = lambda kind, round_: kind == MessageType.TRAIN and grid.silent.add(3)  # SiteC falls silent
     with pytest.raises(UserError, match="round 1: 1 of 3 sites replied, fewer than fl.min_clients=2"):
-        flower_run(root, config, tmp_path / "run", grid, reply_timeout=0.3, extra=["fl.min_clients=2"])
+        grid_run(root, config, tmp_path / "run", grid, reply_timeout=0.3, extra=["fl.min_clients=2"])
     log = (tmp_path / "run" / "run.log").read_text()
-    assert "round 1: site SiteA failed during train and is left out: " in log and "injected failure" in log
-    assert "round 1: site SiteC sent no train reply within 0.3 s and is left out" in log
+    assert "round 1: site SiteA is left out of training: it failed: " in log and "injected failure" in log
+    assert "round 1: site SiteC is left out of training: no train reply within 0.3 s" in log
 
 
 def test_a_site_that_disconnects_is_left_out_and_rejoins(reference, tmp_path, task_identity):
@@ -452,11 +556,11 @@ def test_a_site_that_disconnects_is_left_out_and_rejoins(reference, tmp_path, ta
                                        state=RecordDict(), run_config={})
 
     grid.on_push = events
-    results = flower_run(root, config, tmp_path / "run", grid, extra=["fl.rounds=3"])
+    results = grid_run(root, config, tmp_path / "run", grid, extra=["fl.rounds=3"])
     log = (tmp_path / "run" / "run.log").read_text()
-    assert "round 1: site SiteB failed during train and is left out: " in log and "Node Unavailable" in log
+    assert "round 1: site SiteB is left out of training: it failed: " in log and "Node Unavailable" in log
     assert "site SiteB: its SuperNode (node 2) is offline" in log
-    assert "round 2: site SiteB has no SuperNode online and is left out of training" in log
+    assert "round 2: site SiteB is left out of training: no SuperNode online" in log
     assert "round 2: not every site was evaluated; model selection skips this round" in log
     assert "round 3 train: 3/3 sites replied" in log
     assert results["last_round"]["round"] == 3 and set(results["models"]["personalized"]["sites"]) == set(SITES)

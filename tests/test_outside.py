@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from _tiny import tiny_config
+from iopfl.adapt import METHODS
 from iopfl.data import load_dataset
 from iopfl.engine.outside import adapt_cases, open_run, run_adapt, run_predict
-from iopfl.engine.runner import FederatedRun
+from iopfl.engine.inprocess import in_process_run
 from iopfl.errors import UserError
 
 pytestmark = pytest.mark.slow
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.slow
 def holdout_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("outside")
     cfg = tiny_config(root / "cache", ["data.holdout=SiteC", "fl.rounds=2"], sites=4)
-    FederatedRun(cfg, root / "run").run()
+    in_process_run(cfg, root / "run").run()
     return cfg, root
 
 
@@ -44,20 +45,41 @@ def test_adapt_all_methods_on_the_held_out_site(holdout_run, tmp_path):
     assert (tmp_path / "out" / "results.json").exists()
 
 
-def test_no_method_reads_labels(holdout_run):
+def test_no_method_reads_labels(holdout_run, tmp_path):
+    """Every outside method writes bit-identical masks with the true labels, with poisoned labels and
+    with no labels at all: labels are only ever used to score."""
     cfg, root = holdout_run
     run = open_run(root / "run")
-    cases = load_dataset(cfg.data).sites["SiteC"].all_cases()
-    clean = adapt_cases(run, cases, ["iopfl", "tent"], None, cfg)
+    methods = list(METHODS)
     rng = np.random.default_rng(0)
-    for case in cases:
-        case.mask = rng.integers(0, 2, size=case.mask.shape).astype(np.uint8)  # poison
-    poisoned = adapt_cases(run, cases, ["iopfl", "tent"], None, cfg)
-    # the predictions are unchanged, so only the scores against the poisoned truth differ
-    for method in clean:
-        assert clean[method]["mean"]["dice"] != poisoned[method]["mean"]["dice"]
-    cases_again = load_dataset(cfg.data).sites["SiteC"].all_cases()
-    assert adapt_cases(run, cases_again, ["iopfl", "tent"], None, cfg) == clean
+    outputs = {}
+    for labels in ("true", "poisoned", "none"):
+        cases = load_dataset(cfg.data).sites["SiteC"].all_cases()
+        for case in cases:
+            if labels == "poisoned":
+                case.mask = rng.integers(0, 2, size=case.mask.shape).astype(np.uint8)
+            elif labels == "none":
+                case.mask = None
+        scores = adapt_cases(run, cases, methods, tmp_path / labels, cfg)
+        assert set(scores) == (set() if labels == "none" else set(methods))
+        outputs[labels] = {p.relative_to(tmp_path / labels): p.read_bytes()
+                           for p in sorted((tmp_path / labels).rglob("*.nii.gz"))}
+    assert len(outputs["true"]) == len(methods) * len(cases)
+    assert outputs["true"] == outputs["poisoned"] == outputs["none"]
+
+
+def test_routing_needs_a_published_expert(holdout_run, tmp_path):
+    """In-process, fl.publish_personal=false publishes nothing: routing and the ensemble are refused
+    before anything is written; the methods that need no personal model still run."""
+    cfg, root = holdout_run
+    private = tiny_config(root / "cache", ["data.holdout=SiteC", "fl.rounds=1", "fl.publish_personal=false"], sites=4)
+    results = in_process_run(private, tmp_path / "run").run()
+    assert results["published"] == [] and not (tmp_path / "run" / "experts").exists()
+    for method in ("iopfl", "ensemble", "all"):
+        with pytest.raises(UserError, match="publish-personal='true'.*fl.publish_personal=true"):
+            run_adapt(tmp_path / "run", "SiteC", method, tmp_path / "out", [])
+        assert not (tmp_path / "out").exists()
+    assert set(run_adapt(tmp_path / "run", "SiteC", "bn", tmp_path / "out", [])["models"]) == {"bn"}
 
 
 def test_unlabelled_nifti_folder_keeps_shape_and_affine(holdout_run, tmp_path):

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from _tiny import tiny_config, tiny_tree
-from iopfl.engine.runner import FederatedRun
+from iopfl.engine.federation import Federation
+from iopfl.engine.inprocess import in_process_run
 from iopfl.errors import UserError
 
 pytestmark = pytest.mark.slow
@@ -25,7 +26,7 @@ def _numbers(results: dict) -> dict:
 def baseline(tmp_path_factory):
     root = tmp_path_factory.mktemp("baseline")
     cfg = tiny_config(root / "cache")
-    results = FederatedRun(cfg, root / "run").run()
+    results = in_process_run(cfg, root / "run").run()
     return cfg, root, results
 
 
@@ -60,24 +61,24 @@ def test_selection_uses_validation_only(baseline):
 
 def test_same_seed_same_numbers(baseline, tmp_path):
     cfg, root, results = baseline
-    again = FederatedRun(cfg, tmp_path / "run").run()
+    again = in_process_run(cfg, tmp_path / "run").run()
     assert _numbers(again) == _numbers(results)
 
 
 def test_resume_after_a_crash_equals_uninterrupted(baseline, tmp_path, monkeypatch):
     cfg, root, results = baseline
-    original = FederatedRun._train_round
+    original = Federation._train_round
 
     def crash_in_round_3(self, round_):
         if round_ == 3:
             raise KeyboardInterrupt
         original(self, round_)
 
-    monkeypatch.setattr(FederatedRun, "_train_round", crash_in_round_3)
+    monkeypatch.setattr(Federation, "_train_round", crash_in_round_3)
     with pytest.raises(KeyboardInterrupt):
-        FederatedRun(cfg, tmp_path / "run").run()
-    monkeypatch.setattr(FederatedRun, "_train_round", original)
-    resumed = FederatedRun(cfg, tmp_path / "run").run(resume=True)
+        in_process_run(cfg, tmp_path / "run").run()
+    monkeypatch.setattr(Federation, "_train_round", original)
+    resumed = in_process_run(cfg, tmp_path / "run").run(resume=True)
     assert _numbers(resumed) == _numbers(results)
     rounds = [json.loads(x)["round"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rounds == sorted(rounds) and rounds.count(3) == len(rounds) // 3
@@ -86,14 +87,14 @@ def test_resume_after_a_crash_equals_uninterrupted(baseline, tmp_path, monkeypat
 def test_existing_run_is_not_overwritten(baseline):
     cfg, root, _ = baseline
     with pytest.raises(UserError, match="--resume"):
-        FederatedRun(cfg, root / "run").run()
+        in_process_run(cfg, root / "run").run()
 
 
 def test_resume_with_a_changed_config_is_refused(baseline, tmp_path):
     cfg, root, _ = baseline
     other = tiny_config(root / "cache", ["fl.alpha=0.5"])
     with pytest.raises(UserError, match="different config"):
-        FederatedRun(other, root / "run").run(resume=True)
+        in_process_run(other, root / "run").run(resume=True)
 
 
 def test_sigkill_then_resume_via_cli(baseline, tmp_path):
@@ -126,5 +127,5 @@ def test_the_tiny_run_learns_and_seeds_matter(baseline, tmp_path):
     val = {(x["round"], x["site"]): x["dice"] for x in lines if x["split"] == "val" and x["model"] == "personalized"}
     assert len(set(val.values())) > 3
     assert results["models"]["personalized"]["mean"]["dice"] > 0.3
-    other = FederatedRun(tiny_config(root / "cache", ["seed=1"]), tmp_path / "run").run()
+    other = in_process_run(tiny_config(root / "cache", ["seed=1"]), tmp_path / "run").run()
     assert _numbers(other) != _numbers(results)

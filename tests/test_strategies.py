@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from _tiny import tiny_config
-from iopfl.fl import STRATEGIES, StrategyConfig, build_strategy
+from iopfl.fl import STRATEGIES, build_strategy
 from iopfl.fl.apfl import ALPHA, mixed_forward, mixture
 from iopfl.fl.fedbn import norm_state_keys
 from iopfl.fl.fedprox import proximal_term
@@ -88,7 +88,7 @@ def test_fedprox_client_anchors_mu_at_the_global_weights():
     g0 = init(Odd)
     trainer = trainer_for(Odd)
     spy = Spy(trainer)
-    reply = build_strategy("fedprox", StrategyConfig(mu=0.5)).client_round(trainer, g0, {}, derive_generator(0, 1))
+    reply = build_strategy("fedprox", {"mu": 0.5}).client_round(trainer, g0, {}, derive_generator(0, 1))
     (start, kw), = spy.calls
     assert same(start, g0) and set(reply.weights) == set(g0) and not reply.personal
     probe = Odd()
@@ -137,7 +137,7 @@ def test_fedbn_keeps_every_norm_tensor_local():
 def test_ditto_personal_update():
     g0 = init(Odd)
     # λ = 0: v is plain local training from where v was; the FedAvg part comes first on the same stream
-    free = build_strategy("ditto", StrategyConfig(ditto_lambda=0.0))
+    free = build_strategy("ditto", {"ditto_lambda": 0.0})
     r1 = free.client_round(trainer_for(Odd), g0, {}, derive_generator(0, 1))
     g1 = init(Odd, seed=2)  # a different "global" for round 2, so "from v" and "from θ" differ
     r2 = free.client_round(trainer_for(Odd), g1, r1.personal, derive_generator(0, 2))
@@ -149,7 +149,7 @@ def test_ditto_personal_update():
     # the penalty Ditto uses is (λ/2)‖v − θ^{t-1}‖², anchored at this round's global weights
     trainer = trainer_for(Odd)
     spy = Spy(trainer)
-    build_strategy("ditto", StrategyConfig(ditto_lambda=2.0)).client_round(trainer, g1, r1.personal,
+    build_strategy("ditto", {"ditto_lambda": 2.0}).client_round(trainer, g1, r1.personal,
                                                                           derive_generator(0, 2))
     start, kw = spy.calls[1]
     assert same(start, r1.personal)
@@ -162,7 +162,7 @@ def test_ditto_personal_update():
     lr, params = 0.01, ("foo.weight", "foo.bias", "bar.weight", "bar.bias")
 
     def drift(lam):
-        v = build_strategy("ditto", StrategyConfig(ditto_lambda=lam)).client_round(
+        v = build_strategy("ditto", {"ditto_lambda": lam}).client_round(
             trainer_for(Odd, lr=lr, epochs=20), g1, {}, derive_generator(0, 3)).personal
         return max((v[k] - g1[k]).abs().max().item() for k in params)
 
@@ -229,7 +229,7 @@ def test_apfl_mixed_forward_gradients_by_hand():
 
 
 def test_apfl_client_round_and_personalised_model():
-    s = build_strategy("apfl", StrategyConfig(apfl_alpha=0.25))
+    s = build_strategy("apfl", {"apfl_alpha": 0.25})
     g0 = init(Odd)
     trainer = trainer_for(Odd)
     reply = s.client_round(trainer, g0, {}, derive_generator(0, 1))
@@ -246,7 +246,7 @@ def test_apfl_client_round_and_personalised_model():
 
 def test_apfl_learned_alpha_moves_and_stays_in_the_unit_interval():
     g0 = init(Odd)
-    learned = build_strategy("apfl", StrategyConfig(apfl_alpha=0.5, apfl_learn_alpha=True))
+    learned = build_strategy("apfl", {"apfl_alpha": 0.5, "apfl_learn_alpha": True})
     alpha = learned.client_round(trainer_for(Odd), g0, {}, derive_generator(0, 1)).personal[ALPHA]
     assert alpha.dim() == 0 and alpha.item() != 0.5 and 0.0 <= alpha.item() <= 1.0
     # a huge learning rate would throw α far outside; the projection after every step keeps it in
@@ -291,14 +291,14 @@ def test_fedavgft_does_not_touch_the_global_weights():
     g0 = init(Odd)
     before = {k: v.clone() for k, v in g0.items()}
     trainer = trainer_for(Odd)
-    s = build_strategy("fedavgft", StrategyConfig(finetune_epochs=2))
+    s = build_strategy("fedavgft", {"finetune_epochs": 2})
     spy = Spy(trainer)
     tuned = s.personalized_weights(trainer, g0, {}, derive_generator(0, 1))
     assert same(g0, before)
     assert spy.calls[0][1]["epochs"] == 2
     assert not torch.equal(tuned["foo.weight"], g0["foo.weight"])
     assert all(tuned[k].data_ptr() != g0[k].data_ptr() for k in g0)
-    assert build_strategy("fedavgft", StrategyConfig(finetune_epochs=0)).personalized_weights(
+    assert build_strategy("fedavgft", {"finetune_epochs": 0}).personalized_weights(
         trainer, g0, {}, None) is None
 
 
@@ -307,10 +307,10 @@ def test_fedavgft_does_not_touch_the_global_weights():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_every_strategy_runs_end_to_end(tmp_path_factory, name):
-    from iopfl.engine.runner import FederatedRun
+    from iopfl.engine.inprocess import in_process_run
 
     cache = tmp_path_factory.getbasetemp() / "strategy-cache"
-    results = FederatedRun(tiny_config(cache, [f"fl.method={name}", "fl.rounds=2", "model.width=4"]),
+    results = in_process_run(tiny_config(cache, [f"fl.method={name}", "fl.rounds=2", "model.width=4"]),
                            tmp_path_factory.mktemp(name)).run()
     assert results["method"] == name and results["federated"] == STRATEGIES[name].federated
     assert set(results["models"]) == set(STRATEGIES[name].models)
@@ -320,20 +320,36 @@ def test_every_strategy_runs_end_to_end(tmp_path_factory, name):
 
 @pytest.mark.slow
 def test_a_new_strategy_needs_only_its_class_and_a_registry_entry(tmp_path, monkeypatch):
-    """The config, the runner and the results accept a strategy they were never told about."""
-    from iopfl.engine.runner import FederatedRun
-    from iopfl.fl.base import Strategy
+    """The config, the runner and the results accept a strategy they were never told about, and its
+    own parameter: declared next to its rule, validated as ``fl.<param>`` for that method only."""
+    from pydantic import Field
 
-    class KeepFirst(Strategy):
-        """Server keeps the first reply's weights (a rule no built-in strategy has)."""
+    from iopfl.engine.inprocess import in_process_run
+    from iopfl.errors import UserError
+    from iopfl.fl.base import Strategy, StrategyParams
 
-        name = "keepfirst"
+    class KeepOneParams(StrategyParams):
+        keep: int = Field(0, ge=0, description="index of the reply the server keeps")
+
+    class KeepOne(Strategy):
+        """Server keeps one reply's weights (a rule no built-in strategy has)."""
+
+        name = "keepone"
+        Params = KeepOneParams
 
         def aggregate(self, global_weights, replies):
-            return replies[0][0]
+            kept.append(self.params.keep)
+            return replies[self.params.keep][0]
 
-    monkeypatch.setitem(STRATEGIES, KeepFirst.name, KeepFirst)
+    kept: list[int] = []
+    monkeypatch.setitem(STRATEGIES, KeepOne.name, KeepOne)
     cache = tmp_path / "cache"
-    results = FederatedRun(tiny_config(cache, ["fl.method=keepfirst", "fl.rounds=2", "model.width=4"]),
-                           tmp_path / "run").run()
-    assert results["method"] == "keepfirst" and set(results["models"]) == {"global"}
+    base = ["fl.method=keepone", "fl.rounds=2", "model.width=4"]
+    results = in_process_run(tiny_config(cache, [*base, "fl.keep=2"]), tmp_path / "run").run()
+    assert results["method"] == "keepone" and set(results["models"]) == {"global"}
+    assert kept == [2, 2]
+    assert "keep: 2" in (tmp_path / "run" / "config.yaml").read_text()
+    with pytest.raises(UserError, match=r"fl\.keep.*greater than or equal to 0"):
+        tiny_config(cache, [*base, "fl.keep=-1"])
+    with pytest.raises(UserError, match=r"fl\.keep.*not a parameter of method 'fedavg'"):
+        tiny_config(cache, ["fl.method=fedavg", "fl.keep=1"])

@@ -128,11 +128,14 @@ def predict(run: Annotated[Path, typer.Argument(help="A finished training run di
             inputs: Annotated[list[Path], typer.Argument(help="Image files, NIfTI volumes or folders of them.")],
             site: Annotated[str, typer.Option("--site", help="Whose personalized model to use.")],
             out: Annotated[Path, typer.Option("--out", help="Output folder for the masks.")],
-            model: Annotated[str, typer.Option("--model", help="personalized | global.")] = "personalized"):
+            model: Annotated[str, typer.Option("--model", help="personalized | global.")] = "personalized",
+            state_dir: Annotated[Optional[Path], typer.Option(
+                "--state-dir", help="On a Flower site's own machine: its node config state-dir, for a "
+                "personalised model it did not publish.")] = None):
     """Segment new images or volumes with a site's val-selected model."""
     from iopfl.engine.outside import run_predict
 
-    written = run_predict(run, site, inputs, out, model)
+    written = run_predict(run, site, inputs, out, model, state_dir)
     console.print(f"wrote {len(written)} masks to {out}")
 
 

@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from iopfl.adapt.config import AdaptConfig
 from iopfl.data.config import DataConfig
 from iopfl.errors import UserError
-from iopfl.fl import STRATEGIES, StrategyConfig
+from iopfl.fl import STRATEGIES, StrategyParams
 from iopfl.fl.training import TrainSettings, resolve_precision
 
 
@@ -31,17 +32,17 @@ class ModelConfig(_Section):
 
 
 class FLConfig(_Section):
+    """Federation settings; every other ``fl.<key>`` is a parameter of the chosen method, validated
+    against that strategy's own ``Params`` (an unknown one is an error naming the key)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
     method: str = "iopfl"
     rounds: int = Field(10, gt=0)
     local_epochs: int = Field(1, gt=0)
-    alpha: float = Field(0.1, ge=0.0, le=1.0, description="IOP-FL inside EMA weight of the old φ")
     client_fraction: float = Field(1.0, gt=0.0, le=1.0)
     min_clients: int = Field(1, ge=1)
-    mu: float = Field(0.01, ge=0.0, description="FedProx proximal weight")
-    ditto_lambda: float = Field(0.1, ge=0.0)
-    apfl_alpha: float = Field(0.5, ge=0.0, le=1.0)
-    apfl_learn_alpha: bool = False
-    finetune_epochs: int = Field(1, ge=0)
+    publish_personal: bool = Field(True, description="in-process: every site publishes its val-selected "
+                                   "personalised model at the end (a simulation; on Flower each site opts in)")
 
     @field_validator("method")
     @classmethod
@@ -50,10 +51,26 @@ class FLConfig(_Section):
             raise ValueError(f"unknown method '{value}' (choose from {', '.join(STRATEGIES)})")
         return value
 
-    def strategy_config(self) -> StrategyConfig:
-        return StrategyConfig(alpha=self.alpha, mu=self.mu, ditto_lambda=self.ditto_lambda,
-                              apfl_alpha=self.apfl_alpha, apfl_learn_alpha=self.apfl_learn_alpha,
-                              finetune_epochs=self.finetune_epochs)
+    @model_validator(mode="after")
+    def _method_params(self) -> FLConfig:
+        params = STRATEGIES[self.method].Params
+        try:
+            resolved = params(**(self.model_extra or {}))
+        except ValidationError as err:
+            first = err.errors()[0]
+            key = ".".join(str(p) for p in first["loc"])
+            if first["type"] == "extra_forbidden":
+                known = ", ".join(f"fl.{k}" for k in params.model_fields) or "none"
+                message = f"not a parameter of method '{self.method}' (its parameters: {known})"
+            else:
+                message = first["msg"]
+            raise PydanticCustomError(METHOD_PARAM, "{message}", {"key": key, "message": message}) from None
+        # the resolved config (config.yaml, the digest) lists every parameter with its value
+        self.__pydantic_extra__ = resolved.model_dump()
+        return self
+
+    def strategy_params(self) -> StrategyParams:
+        return STRATEGIES[self.method].Params(**(self.model_extra or {}))
 
 
 class TrainConfig(_Section):
@@ -123,9 +140,15 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return pairs
 
 
+METHOD_PARAM = "method_param"
+
+
 def _format_error(err: ValidationError, origin: str) -> str:
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"])
+    loc = [str(p) for p in first["loc"]]
+    if first["type"] == METHOD_PARAM:  # raised by the fl section for one of its method's keys
+        loc.append(first["ctx"]["key"])
+    key = ".".join(loc)
     msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
     return f"{origin}: config key '{key}': {msg}"
 

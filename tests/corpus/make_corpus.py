@@ -222,7 +222,7 @@ def build(root: Path) -> list[dict]:
     # checkpoints: another architecture, truncated, and a pickle payload that would run code
     run = root / "run-template"
     make_run(run, good)
-    for name, damage in [("checkpoint-other-architecture", other_architecture),
+    for name, damage in [("checkpoint-other-architecture", other_architecture), ("checkpoint-old-format", old_format),
                          ("checkpoint-truncated", truncate_checkpoint), ("checkpoint-pickle-payload", pickle_payload)]:
         target = root / name / "run"
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -238,30 +238,48 @@ def build(root: Path) -> list[dict]:
 
 
 def make_run(run: Path, data: Path) -> None:
-    """A minimal run directory: config + a checkpoint of the right architecture (untrained weights)."""
-    from iopfl.engine.checkpoint import pack, save_checkpoint
-    from iopfl.models import build_model
+    """A minimal finished run directory: config, a checkpoint of the right architecture (untrained
+    weights) and both sites' published personalised models."""
+    from iopfl.engine.checkpoint import pack, save_run_checkpoint
 
     run.mkdir(parents=True)
     tree = {"data": {"source": "prostate", "root": str(data), "image_size": 16},
             "model": {"width": 4, "depth": 2}}
     (run / "config.yaml").write_text(yaml.safe_dump(tree))
-    weights = build_model(3, 2, 4, 2).state_dict()
     network = {"in_channels": 3, "num_classes": 2, "context": 1, "regions": {"prostate": [1]}, "image_size": 16,
                "width": 4, "depth": 2}
-    tensors = {**pack("best/global", weights), **pack("best/S1", weights), **pack("best/S2", weights)}
-    save_checkpoint(run / "checkpoints" / "last.safetensors", tensors, {"sites": ["S1", "S2"], "network": network})
+    save_run_checkpoint(run / "checkpoints" / "last.safetensors", pack("best/global", _weights(4)),
+                        {"sites": ["S1", "S2"], "network": network, "run_key": "corpus"}, "inprocess", "corpus")
+    (run / "results.json").write_text(json.dumps({"published": ["S1", "S2"]}))
+    _publish(run, _weights(4))
+
+
+def _weights(width: int) -> dict:
+    from iopfl.models import build_model
+
+    return build_model(3, 2, width, 2).state_dict()
+
+
+def _publish(run: Path, weights: dict) -> None:
+    from iopfl.engine.checkpoint import save_checkpoint
+
+    for site in ("S1", "S2"):
+        save_checkpoint(run / "experts" / f"{site}.safetensors", weights, {"site": site})
 
 
 def other_architecture(run: Path) -> str:
-    from iopfl.engine.checkpoint import load_checkpoint, pack, save_checkpoint
-    from iopfl.models import build_model
-
-    _, state = load_checkpoint(run / "checkpoints" / "last.safetensors")
-    w = build_model(3, 2, 8, 2).state_dict()  # width 8 where the config says 4
-    save_checkpoint(run / "checkpoints" / "last.safetensors",
-                    {**pack("best/global", w), **pack("best/S1", w), **pack("best/S2", w)}, state)
+    _publish(run, _weights(8))  # width 8 where the config says 4
     return "does not match the architecture"
+
+
+def old_format(run: Path) -> str:
+    """A checkpoint as iopfl 0.1 wrote it (format 1, no engine)."""
+    from iopfl.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    path = run / "checkpoints" / "last.safetensors"
+    tensors, state = load_checkpoint(path)
+    save_checkpoint(path, tensors, {**state, "format": 1, "engine": None})
+    return "format 1"
 
 
 def truncate_checkpoint(run: Path) -> str:

@@ -26,6 +26,8 @@ class TTAMethod:
     """Base: no adaptation, the global expert in eval mode (running statistics)."""
 
     name: ClassVar[str] = ""
+    #: True when the method needs personalised experts besides the global model.
+    needs_personal: ClassVar[bool] = False
 
     def __init__(self, experts: Sequence[StateDict], build: Callable[[], nn.Module], config: AdaptConfig):
         self.experts, self.build, self.config = list(experts), build, config

@@ -20,6 +20,7 @@ class _Mean(nn.Module):
 
 
 class Ensemble(TTAMethod):
+    needs_personal = True
     name = "ensemble"
 
     def make_model(self) -> nn.Module:

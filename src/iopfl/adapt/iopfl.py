@@ -21,6 +21,7 @@ from iopfl.models.routing import norm_affine_parameters, route_experts, routing_
 
 
 class IOPFLRouting(TTAMethod):
+    needs_personal = True
     name = "iopfl"
 
     def make_model(self) -> nn.Module:

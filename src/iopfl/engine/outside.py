@@ -1,10 +1,11 @@
-"""Outside personalization of a finished run: adapt to an unseen site's unlabelled images.
+"""Outside personalization of a finished run (either engine): adapt to an unseen site's images.
 
-The experts are the run's val-selected global model and every inside site's val-selected personalised
-model (in the in-process engine they sit in the run's checkpoint; on a real deployment, publishing a
-personalised model to outside sites is each client's explicit opt-in). The target is a site of the
-run's dataset (usually ``data.holdout``) or a folder of images / NIfTI volumes. Predicted masks are
-written in the input's format; metrics are computed when labels exist.
+The experts are the run's val-selected global model and the val-selected personalised model of every
+inside site that published it (``RUN/experts/<site>.safetensors``, listed in results.json): on a
+deployment publishing is each site's opt-in, in-process ``fl.publish_personal``. Methods that route
+among or average the experts need at least one published model; that is checked before anything is
+written. The target is a site of the run's dataset (usually ``data.holdout``) or a folder of images /
+NIfTI volumes. Predicted masks are written in the input's format; metrics are computed when labels exist.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ from iopfl.adapt import METHODS, build_method
 from iopfl.config import Config, load_config
 from iopfl.data import Case, load_dataset, load_unlabelled
 from iopfl.data.writers import write_prediction
-from iopfl.engine.checkpoint import load_checkpoint, unpack
+from iopfl.engine.checkpoint import load_checkpoint, read_run_checkpoint, unpack
+from iopfl.engine.flower.state import SiteStateStore
 from iopfl.engine.rundir import RunDir
+from iopfl.engine.site import network_builder
 from iopfl.errors import UserError
 from iopfl.evaluation.evaluate import predict_case, score_case
 from iopfl.evaluation.metrics import summarize_cases
 from iopfl.fl.aggregation import StateDict
-from iopfl.models import build_model
+from iopfl.fl import STRATEGIES
 from iopfl.models.routing import load_expert
 from iopfl.report.tables import models_table
 
@@ -39,37 +42,41 @@ class TrainedRun:
     path: Path
     cfg: Config
     network: dict[str, Any]          # in_channels, num_classes, context, regions, image_size, width, depth
-    sites: list[str]
+    sites: list[str]                 # the inside sites
+    run_key: str
     global_weights: StateDict        # val-selected θ*
-    personal: dict[str, StateDict]   # val-selected φ_k* per inside site (empty when the method has none)
+    personal: dict[str, StateDict]   # the published val-selected φ_k*, by site (in site order)
 
     def build(self) -> Callable[[], torch.nn.Module]:
-        n = self.network
-        return lambda: build_model(n["in_channels"], n["num_classes"], n["width"], n["depth"])
+        return network_builder(self.network)
 
     def experts(self) -> list[StateDict]:
-        """[θ*, φ_1*, …, φ_K*] when the run has personalised models, else [θ*]."""
-        if all(self.personal.get(s) for s in self.sites):
-            return [self.global_weights] + [self.personal[s] for s in self.sites]
-        return [self.global_weights]
+        """[θ*, then every published φ_k*]."""
+        return [self.global_weights, *self.personal.values()]
+
+    def expert_names(self) -> list[str]:
+        return ["global", *self.personal]
+
+
+OPT_IN = ("on a Flower deployment a site publishes its model only with node config publish-personal='true'; "
+          "in-process with fl.publish_personal=true")
 
 
 def open_run(path: Path) -> TrainedRun:
-    """Config and val-selected weights of a run; clear errors for anything missing."""
+    """Config, val-selected global weights and published experts of a run; clear errors for anything missing."""
     run = RunDir(path)
     if not run.path.is_dir():
         raise UserError(f"{path}: run directory not found")
     cfg = load_config(run.path / "config.yaml")
     if not run.checkpoint.exists():
         raise UserError(f"{run.checkpoint}: no checkpoint (the run has not finished a round)")
-    tensors, state = load_checkpoint(run.checkpoint)
-    try:
-        sites, network = list(state["sites"]), state["network"]
-    except KeyError as exc:
-        raise UserError(f"{run.checkpoint}: checkpoint lacks '{exc.args[0]}'") from None
+    tensors, state = read_run_checkpoint(run.checkpoint)
+    published = run.read_json("results.json").get("published", []) if run.results.exists() else []
+    personal = {}
+    for site in (s for s in state["sites"] if s in published):
+        personal[site], _ = load_checkpoint(run.expert(site))
     best_global = unpack("best/global", tensors) or unpack("global", tensors)
-    personal = {s: unpack(f"best/{s}", tensors) for s in sites}
-    return TrainedRun(run.path, cfg, network, sites, best_global, personal)
+    return TrainedRun(run.path, cfg, state["network"], list(state["sites"]), state["run_key"], best_global, personal)
 
 
 def target_cases(run: TrainedRun, target: str) -> list[Case]:
@@ -115,6 +122,14 @@ def method_names(method: str) -> list[str]:
     return [method]
 
 
+def check_experts(run: TrainedRun, methods: list[str]) -> None:
+    """Refuse, before anything is written, methods that need a published personalised model."""
+    needy = [m for m in methods if METHODS[m].needs_personal]
+    if needy and not run.personal:
+        raise UserError(f"{run.path}: no inside site published its personalised model, which --method "
+                        f"{'/'.join(needy)} needs ({OPT_IN}); --method global, bn and tent need none")
+
+
 def adapt_cases(run: TrainedRun, cases: list[Case], methods: list[str], out: Path | None,
                 cfg: Config) -> dict[str, Any]:
     """Each method online over the same batches; masks under ``out/<method>``; metrics with labels."""
@@ -138,27 +153,27 @@ def run_adapt(run_dir: Path, target: str, method: str, out: Path, overrides: lis
     """``iopfl adapt``: adapt, write masks, and write results.json + report.md when labels exist."""
     run = open_run(run_dir)
     cfg = load_config(run.path / "config.yaml", overrides)
+    methods = method_names(method)
+    check_experts(run, methods)
     cases = target_cases(run, target)
-    models = adapt_cases(run, cases, method_names(method), out, cfg)
+    models = adapt_cases(run, cases, methods, out, cfg)
     results = {"method": "outside", "dataset": run.cfg.data.source, "seed": cfg.adapt.seed,
-               "target": Path(target).name, "experts": ["global", *run.sites][: len(run.experts())],
-               "models": models}
+               "target": Path(target).name, "experts": run.expert_names(), "models": models}
     RunDir(out).write_json("results.json", results)
     if models:
         (out / "report.md").write_text(f"# Outside: {results['target']}\n\n" + models_table(models))
     return results
 
 
-def run_predict(run_dir: Path, site: str, inputs: list[Path], out: Path, model: str) -> list[Path]:
+def run_predict(run_dir: Path, site: str, inputs: list[Path], out: Path, model: str,
+                state_dir: Path | None = None) -> list[Path]:
     """``iopfl predict``: segment files/folders with ``site``'s val-selected model (or the global one)."""
     run = open_run(run_dir)
     if model not in ("personalized", "global"):
         raise UserError(f"--model: expected personalized or global, got '{model}'")
     if site not in run.sites:
         raise UserError(f"--site: '{site}' is not an inside site of {run_dir} (sites: {', '.join(run.sites)})")
-    weights = run.personal.get(site) if model == "personalized" else run.global_weights
-    if not weights:
-        raise UserError(f"{run_dir}: method '{run.cfg.fl.method}' has no personalized model; use --model global")
+    weights = personal_weights(run, site, state_dir) if model == "personalized" else run.global_weights
     net = load_expert(run.build(), weights, 0)
     written = []
     for path in inputs:
@@ -166,6 +181,23 @@ def run_predict(run_dir: Path, site: str, inputs: list[Path], out: Path, model: 
             pred = predict_case(net, case, run.network["context"], run.cfg.eval.batch_size)
             written.append(write_prediction(case, pred, out, run.network["num_classes"]))
     return written
+
+
+def personal_weights(run: TrainedRun, site: str, state_dir: Path | None) -> StateDict:
+    """``site``'s published personalised model, else the one in its own state folder (on its machine)."""
+    if "personalized" not in STRATEGIES[run.cfg.fl.method].models:
+        raise UserError(f"{run.path}: method '{run.cfg.fl.method}' has no personalized model; use --model global")
+    if site in run.personal:
+        return run.personal[site]
+    if state_dir is None:
+        raise UserError(f"{run.path}: site {site} did not publish its personalised model ({OPT_IN}); on "
+                        f"{site}'s own machine pass --state-dir (its node config state-dir)")
+    folder = Path(state_dir) / f"{run.run_key}-{site}"
+    snapshot = SiteStateStore(folder).latest()
+    weights = unpack(f"best/{site}", snapshot[0]) if snapshot else {}
+    if not weights:
+        raise UserError(f"{folder}: no selected personalised model of site {site} for this run")
+    return weights
 
 
 def _input_cases(path: Path, image_size: int) -> list[Case]:

@@ -1,17 +1,19 @@
 """The run directory (DESIGN §5): where every output of a run lives, written safely.
 
-``config.yaml``, ``manifest.json``, ``metrics.jsonl``, ``results.json``, ``checkpoints/``,
-``report.md``, ``plots/``. JSON files are replaced atomically; ``metrics.jsonl`` is append-only and
+``config.yaml``, ``manifest.json``, ``metrics.jsonl``, ``run.log``, ``results.json``, ``checkpoints/``,
+``experts/`` (published personalised models), ``report.md``, ``plots/``. JSON files are replaced atomically; ``metrics.jsonl`` is append-only and
 trimmed back to the checkpointed round on resume, so it never holds lines of a round that is re-run.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,10 @@ class RunDir:
     @property
     def plots(self) -> Path:
         return self.path / "plots"
+
+    def expert(self, site: str) -> Path:
+        """Where a site's published personalised model is stored."""
+        return self.path / "experts" / f"{site}.safetensors"
 
     def create(self) -> None:
         try:
@@ -83,6 +89,26 @@ class RunDir:
         """Keep only lines of rounds ≤ ``last_round`` (those the checkpoint already covers)."""
         kept = [line for line in self.read_metrics() if line.get("round", 0) <= last_round]
         atomic_write_text(self.metrics, "".join(json.dumps(line) + "\n" for line in kept))
+
+
+class RunLog:
+    """``run.log`` of a run directory — what happened to which site, with times — mirrored to a logger."""
+
+    def __init__(self, run_dir: RunDir, logger: logging.Logger):
+        self.path, self.logger = run_dir.path / "run.log", logger
+
+    def _write(self, level: int, text: str) -> None:
+        self.logger.log(level, "[iopfl] %s", text)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as fh:
+            fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {'WARNING ' if level >= logging.WARNING else ''}{text}\n")
+
+    def note(self, text: str) -> None:
+        """Something a user should know about (a site left out, a node gone)."""
+        self._write(logging.WARNING, text)
+
+    def info(self, text: str) -> None:
+        self._write(logging.INFO, text)
 
 
 def git_commit() -> str | None:

@@ -11,11 +11,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from iopfl.config import Config, build_config, read_yaml
-from iopfl.engine.runner import FederatedRun, sample_clients
-from iopfl.evaluation.evaluate import predict_case
 from iopfl.data.synthetic import SITE_NAMES
+from iopfl.engine.inprocess import in_process_run
 from iopfl.engine.rundir import RunDir
-from iopfl.report.run_report import save_overlay, write_run_report
+from iopfl.report.run_report import write_run_report
 from iopfl.report.tables import models_table
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -24,18 +23,17 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 class RichProgress:
     """Round/client progress bar with the last loss and the last mean val Dice."""
 
-    def __init__(self, console: Console, clients_per_round: int):
+    def __init__(self, console: Console):
         self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TimeElapsedColumn(), TextColumn("{task.fields[status]}"), console=console,
                             transient=False)
-        self.clients = clients_per_round
         self.task = None
         self.val = "val dice —"
 
-    def start(self, total_rounds: int, first_round: int) -> None:
+    def start(self, total_rounds: int, first_round: int, trainers_per_round: int) -> None:
         self.bar.start()
-        done = (first_round - 1) * self.clients
-        self.task = self.bar.add_task("training", total=total_rounds * self.clients, completed=done,
+        done = (first_round - 1) * trainers_per_round
+        self.task = self.bar.add_task("training", total=total_rounds * trainers_per_round, completed=done,
                                       status="")
 
     def client_done(self, round_: int, site: str, loss: float) -> None:
@@ -52,36 +50,12 @@ class RichProgress:
 
 
 def train_run(cfg: Config, run_dir: Path, resume: bool = False, console: Console | None = None) -> dict:
-    """Train, write results.json, overlays and report.md; return the results."""
-    console = console or Console(stderr=True)
-    run = FederatedRun(cfg, run_dir)
-    progress = RichProgress(console, clients_per_round=len(sample_clients(cfg, list(run.fit_clients), 1)))
-    run.progress = progress
+    """Train in-process (results.json, experts, overlays and report.md written); return the results."""
+    progress = RichProgress(console or Console(stderr=True))
     try:
-        results = run.run(resume=resume)
+        return in_process_run(cfg, run_dir, progress).run(resume=resume)
     finally:
         progress.stop()
-    draw_overlays(run)
-    write_run_report(run.dir.path)
-    return results
-
-
-def draw_overlays(run: FederatedRun) -> None:
-    """Middle-slice overlays of the first test case of the first sites, with the selected model."""
-    model_name = "personalized" if "personalized" in run.strategy.models else "global"
-    out = run.dir.plots / "overlays"
-    model = run.build()
-    for site in run.sites[: run.cfg.eval.overlays]:
-        cases = run.spec.sites[site].test
-        if not cases:
-            continue
-        case = cases[0]
-        model.load_state_dict(run.selected_weights(model_name, site))
-        pred = predict_case(model, case, run.spec.context, run.cfg.eval.batch_size)
-        mid = len(case.mask) // 2
-        image = case.image[mid].mean(axis=0)
-        save_overlay(out / f"{site}_{case.case_id}.png", image, case.mask[mid], pred[mid],
-                     f"{site} {case.case_id} ({model_name})")
 
 
 def results_table(results: dict[str, Any], selection: str = "val-selected") -> Table:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from iopfl.errors import UserError
 from iopfl.fl.apfl import APFL
-from iopfl.fl.base import ClientReply, Strategy, StrategyConfig
+from iopfl.fl.base import ClientReply, Strategy, StrategyParams
 from iopfl.fl.centralized import Centralized
 from iopfl.fl.ditto import Ditto
 from iopfl.fl.fedavg import FedAvg
@@ -29,12 +32,11 @@ STRATEGIES: dict[str, type[Strategy]] = {
 }
 
 
-def build_strategy(name: str, config: StrategyConfig | None = None) -> Strategy:
-    """The strategy registered under ``name`` (the ``fl.method`` config key)."""
-    try:
-        return STRATEGIES[name](config)
-    except KeyError:
-        raise UserError(f"fl.method: unknown method '{name}' (choose from {', '.join(STRATEGIES)})") from None
+def build_strategy(name: str, params: StrategyParams | Mapping[str, Any] | None = None) -> Strategy:
+    """The strategy registered under ``name`` (the ``fl.method`` config key) with its parameters."""
+    if name not in STRATEGIES:
+        raise UserError(f"fl.method: unknown method '{name}' (choose from {', '.join(STRATEGIES)})")
+    return STRATEGIES[name](params)
 
 
-__all__ = ["STRATEGIES", "ClientReply", "Strategy", "StrategyConfig", "build_strategy"]
+__all__ = ["STRATEGIES", "ClientReply", "Strategy", "StrategyParams", "build_strategy"]

@@ -24,11 +24,12 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 
 import torch
+from pydantic import Field
 from torch import nn
 from torch.func import functional_call
 
 from iopfl.fl.aggregation import StateDict
-from iopfl.fl.base import ClientReply, Strategy
+from iopfl.fl.base import ClientReply, Strategy, StrategyParams
 from iopfl.fl.training import LocalTrainer
 
 ALPHA = "apfl.alpha"
@@ -55,15 +56,21 @@ def mixed_forward(model: nn.Module, shared: StateDict, alpha: torch.Tensor) -> C
     return forward
 
 
+class APFLParams(StrategyParams):
+    apfl_alpha: float = Field(0.5, ge=0.0, le=1.0, description="initial mixing weight α of the local model")
+    apfl_learn_alpha: bool = Field(False, description="train α by its gradient (projected onto [0, 1])")
+
+
 class APFL(Strategy):
     name = "apfl"
     models = ("global", "personalized")
+    Params = APFLParams
 
     def client_round(self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict,
                      generator: torch.Generator) -> ClientReply:
         reply = super().client_round(trainer, global_weights, personal, generator)
-        learn = self.config.apfl_learn_alpha
-        alpha = (personal[ALPHA] if personal else torch.tensor(self.config.apfl_alpha)).detach().clone().float()
+        learn = self.params.apfl_learn_alpha
+        alpha = (personal[ALPHA] if personal else torch.tensor(self.params.apfl_alpha)).detach().clone().float()
         alpha.requires_grad_(learn)
 
         def project() -> None:

@@ -9,25 +9,22 @@ two halves and store the personal state on the client side, so personal weights 
 from __future__ import annotations
 
 from abc import ABC
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
+from pydantic import BaseModel, ConfigDict
 
 from iopfl.fl.aggregation import StateDict, clone_state, weighted_average
 from iopfl.fl.training import LocalTrainer
 
 
-@dataclass(frozen=True)
-class StrategyConfig:
-    """Hyper-parameters of the strategies (the ``fl.`` config keys they read)."""
+class StrategyParams(BaseModel):
+    """A strategy's own hyper-parameters: each strategy declares a subclass next to its rule, and the
+    config accepts exactly its fields as ``fl.<field>`` keys when that strategy is ``fl.method``."""
 
-    alpha: float = 0.1
-    mu: float = 0.01
-    ditto_lambda: float = 0.1
-    apfl_alpha: float = 0.5
-    apfl_learn_alpha: bool = False
-    finetune_epochs: int = 1
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 @dataclass
@@ -58,9 +55,11 @@ class Strategy(ABC):
     pooled: ClassVar[bool] = False
     #: Model names this strategy reports ("global", "personalized").
     models: ClassVar[tuple[str, ...]] = ("global",)
+    #: The ``fl.`` keys this strategy reads (none by default).
+    Params: ClassVar[type[StrategyParams]] = StrategyParams
 
-    def __init__(self, config: StrategyConfig | None = None):
-        self.config = config or StrategyConfig()
+    def __init__(self, params: StrategyParams | Mapping[str, Any] | None = None):
+        self.params = params if isinstance(params, StrategyParams) else self.Params(**(params or {}))
 
     def client_round(self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict,
                      generator: torch.Generator) -> ClientReply:

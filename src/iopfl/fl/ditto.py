@@ -8,21 +8,27 @@ the client and is the site's personalised model.
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
 from iopfl.fl.aggregation import StateDict
-from iopfl.fl.base import ClientReply, Strategy
+from iopfl.fl.base import ClientReply, Strategy, StrategyParams
 from iopfl.fl.fedprox import proximal_term
 from iopfl.fl.training import LocalTrainer
+
+
+class DittoParams(StrategyParams):
+    ditto_lambda: float = Field(0.1, ge=0.0, description="proximal weight λ of the personal model")
 
 
 class Ditto(Strategy):
     name = "ditto"
     models = ("global", "personalized")
+    Params = DittoParams
 
     def client_round(self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict,
                      generator: torch.Generator) -> ClientReply:
         reply = super().client_round(trainer, global_weights, personal, generator)
-        penalty = proximal_term(global_weights, self.config.ditto_lambda)
+        penalty = proximal_term(global_weights, self.params.ditto_lambda)
         reply.personal = trainer.train(personal or global_weights, generator, penalty=penalty).weights
         return reply
 

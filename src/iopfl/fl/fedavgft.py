@@ -8,18 +8,24 @@ The fine-tuning works on a copy: the global weights are never changed by it.
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
 from iopfl.fl.aggregation import StateDict
-from iopfl.fl.base import Strategy
+from iopfl.fl.base import Strategy, StrategyParams
 from iopfl.fl.training import LocalTrainer
+
+
+class FedAvgFTParams(StrategyParams):
+    finetune_epochs: int = Field(1, ge=0, description="local fine-tuning epochs at evaluation (0: none)")
 
 
 class FedAvgFT(Strategy):
     name = "fedavgft"
     models = ("global", "personalized")
+    Params = FedAvgFTParams
 
     def personalized_weights(self, trainer: LocalTrainer, global_weights: StateDict,
                              personal: StateDict, generator: torch.Generator) -> StateDict | None:
-        if self.config.finetune_epochs == 0:
+        if self.params.finetune_epochs == 0:
             return None
-        return trainer.train(global_weights, generator, epochs=self.config.finetune_epochs).weights
+        return trainer.train(global_weights, generator, epochs=self.params.finetune_epochs).weights

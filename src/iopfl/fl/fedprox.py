@@ -8,10 +8,11 @@ which adds μ(w − θ^{t-1}) to every gradient and keeps local models from drif
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from iopfl.fl.aggregation import StateDict
-from iopfl.fl.base import ClientReply, Strategy
+from iopfl.fl.base import ClientReply, Strategy, StrategyParams
 from iopfl.fl.training import LocalTrainer
 
 
@@ -29,10 +30,15 @@ def proximal_term(anchor: StateDict, weight: float):
     return penalty
 
 
+class FedProxParams(StrategyParams):
+    mu: float = Field(0.01, ge=0.0, description="proximal weight μ")
+
+
 class FedProx(Strategy):
     name = "fedprox"
+    Params = FedProxParams
 
     def client_round(self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict,
                      generator: torch.Generator) -> ClientReply:
-        result = trainer.train(global_weights, generator, penalty=proximal_term(global_weights, self.config.mu))
+        result = trainer.train(global_weights, generator, penalty=proximal_term(global_weights, self.params.mu))
         return ClientReply(result.weights, trainer.num_samples, {"loss": result.loss})

@@ -15,15 +15,21 @@ The server aggregates as FedAvg.
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
 from iopfl.fl.aggregation import StateDict, clone_state, ema
-from iopfl.fl.base import ClientReply, Strategy
+from iopfl.fl.base import ClientReply, Strategy, StrategyParams
 from iopfl.fl.training import LocalTrainer
+
+
+class IOPFLParams(StrategyParams):
+    alpha: float = Field(0.1, ge=0.0, le=1.0, description="EMA weight of the old φ")
 
 
 class IOPFLInside(Strategy):
     name = "iopfl"
     models = ("global", "personalized")
+    Params = IOPFLParams
 
     def client_round(self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict,
                      generator: torch.Generator) -> ClientReply:
@@ -35,7 +41,7 @@ class IOPFLInside(Strategy):
         """φ ← θ_k on first participation (empty ``personal``), else α·φ + (1−α)·θ_k."""
         if not personal:
             return clone_state(local)
-        return ema(personal, local, self.config.alpha)
+        return ema(personal, local, self.params.alpha)
 
     def personalized_weights(self, trainer: LocalTrainer, global_weights: StateDict,
                              personal: StateDict, generator: torch.Generator) -> StateDict | None:

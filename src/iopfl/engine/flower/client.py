@@ -8,7 +8,10 @@ Node config (``flower-supernode --node-config "site='BIDMC' data-root='/data/SAM
 - ``data-root``: this machine's dataset folder (overrides the config's ``data.root``). Every other data
   setting comes from the iopfl config the server sends with each message, so a site needs no file.
 - ``state-dir``: where the site keeps its personal state between messages and across server restarts
-  (default ``$FLWR_HOME/iopfl-state``); see :mod:`iopfl.engine.flower.state`.
+  (default ``$FLWR_HOME/iopfl-state``); see :mod:`iopfl.engine.flower.state`. Its overlays are drawn
+  there too (``<state-dir>/<run-key>-<site>/overlays``): the site's images never leave its machine.
+- ``publish-personal``: ``'true'`` to send the site's val-selected personalised model to the
+  coordinator at the end of training (outside personalization needs it); default ``'false'``.
 - ``fail-at-round``: TESTING ONLY — the node raises in that round's training (the failure test).
 
 Each message runs in a fresh ``flwr-clientapp`` process: the site's data comes from iopfl's on-disk
@@ -30,14 +33,8 @@ from flwr.clientapp import ClientApp
 from iopfl.config import Config, build_config
 from iopfl.data import DatasetSpec, load_dataset
 from iopfl.engine.flower import wire
-from iopfl.engine.flower.state import EVALUATE, TRAIN, SiteStateStore
-from iopfl.engine.runner import (
-    SiteClient,
-    build_network,
-    make_trainer,
-    network_description,
-    training_sites,
-)
+from iopfl.engine.flower.state import EVALUATE, PUBLISH, TRAIN, SiteStateStore
+from iopfl.engine.site import make_client, network_description, training_sites
 from iopfl.errors import UserError
 from iopfl.fl import Strategy, build_strategy
 
@@ -83,11 +80,10 @@ class SiteNode:
         if self.cfg.train.threads:
             torch.set_num_threads(self.cfg.train.threads)
         self.spec = _dataset(self.cfg)
-        self.build = build_network(self.cfg, self.spec)
         data = self.spec.sites[self.site]
-        trainer = make_trainer(self.cfg, self.build, data.train, self.spec.context, self.site)
-        self.client = SiteClient(self.site, trainer, data, self.spec, self.build, self.cfg.eval.batch_size)
-        self.strategy: Strategy = build_strategy(self.cfg.fl.method, self.cfg.fl.strategy_config())
+        self.client = make_client(self.cfg, self.spec, self.site, data, data.train)
+        self.strategy: Strategy = build_strategy(self.cfg.fl.method, self.cfg.fl.strategy_params())
+        self.publishes = _opted_in(nc)
         home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
         state_dir = Path(str(nc.get("state-dir", home / "iopfl-state"))).expanduser()
         self.store = SiteStateStore(state_dir / f"{run_key}-{self.site}")
@@ -101,6 +97,14 @@ class SiteNode:
 
     def save(self, phase: int) -> None:
         self.store.save(self.round, phase, self.client.state_tensors(), {"best": self.client.best.state()})
+
+
+def _opted_in(node_config: dict) -> bool:
+    """Node config ``publish-personal``: true or false (TOML bool or string), default false."""
+    value = str(node_config.get("publish-personal", "false")).strip().lower()
+    if value not in ("true", "false"):
+        raise UserError(f"node config 'publish-personal': expected 'true' or 'false', got '{value}'")
+    return value == "true"
 
 
 def _fail_if_asked(context: Context, round_: int) -> None:
@@ -139,8 +143,25 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(wire.info_reply(node.site, scores=scores, best=node.client.best.state()), reply_to=msg)
 
 
+@app.query("publish")
+def publish(msg: Message, context: Context) -> Message:
+    """End of training: draw this site's overlay here, and send the val-selected personalised model
+    only if this node opted in (``publish-personal='true'``)."""
+    node = SiteNode(msg, context)
+    node.restore(PUBLISH)
+    client = node.client
+    if bool(msg.content["config"]["overlay"]):
+        label = "personalized" if "personalized" in node.strategy.models else "global"
+        client.draw_overlay(client.selected(node.strategy, node.global_weights), node.store.folder / "overlays",
+                            label)
+    personal = client.best.weights if node.publishes and "personalized" in node.strategy.models else None
+    return Message(wire.publish_reply(node.site, personal or None), reply_to=msg)
+
+
+HANDLERS = {"query": query, "query.publish": publish, "train": train, "evaluate": evaluate}
+
+
 def handle(msg: Message, context: Context) -> Message:
     """Dispatch one message as the ClientApp would (used by tests that inspect replies)."""
-    kind = msg.metadata.message_type.split(".")[0]
-    return {"query": query, "train": train, "evaluate": evaluate}[kind](msg, context)
+    return HANDLERS[msg.metadata.message_type](msg, context)
 

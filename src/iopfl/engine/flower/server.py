@@ -1,11 +1,12 @@
-"""The ServerApp: the coordinator's side of a Flower deployment, driving the same strategy classes.
+"""The ServerApp: the coordinator's side of a Flower deployment — the federation core
+(:mod:`iopfl.engine.federation`) over a transport that sends Flower messages (:class:`FlowerSites`).
 
 Run config (``flwr run APP CONNECTION --run-config "config='...' run-dir='...'"``; defaults in
 ``app/pyproject.toml``):
 
 - ``config``: the iopfl YAML on the server machine; ``overrides``: ``;``-separated ``key=value``.
-- ``run-dir``: the run directory (same layout as ``iopfl train``). If it holds a checkpoint, the run
-  continues from it: restarting the server resumes a run.
+- ``run-dir``: the run directory (same layout as ``iopfl train``). If it holds a checkpoint of a
+  Flower run with the same config, the run continues from it: restarting the server resumes a run.
 - ``nodes``: SuperNodes to wait for before the first round (default: the configured sites, else
   ``fl.min_clients``); ``join-timeout``: how long to wait for them (s, default 300).
 - ``reply-timeout``: how long a round waits for its replies (s, default 600); a site silent for
@@ -13,12 +14,11 @@ Run config (``flwr run APP CONNECTION --run-config "config='...' run-dir='...'"`
 - ``stop-after-round``: TESTING ONLY — the ServerApp stops (raises) right after checkpointing that
   round, as a crash would; running again with the same run-dir resumes.
 
-Per round: sample sites (seeded by the round, as in-process), send them the global weights, aggregate
-the replies in site order (the in-process order, so the float sums match exactly). A site that
-raises, disconnects or stays silent is left out of that round and named, with the reason, in the
-log and in ``RUN/run.log``; the run stops if fewer than ``fl.min_clients`` reply. Evaluation rounds
-ask every site for its scores and the summary of its val-selected personalised model (the model
-stays at the site). The server state is checkpointed atomically after every round.
+Messages: ``query`` (which site a node serves), ``train``, ``evaluate`` and, at the end,
+``query.publish``: a site answers it with its val-selected personalised model only when its node
+config opts in (``publish-personal='true'``), and draws its overlays on its own machine. A site that
+raises, disconnects or stays silent is left out of that phase and named, with the reason, in the log
+and in ``RUN/run.log``.
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
-from collections.abc import Iterable
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,25 +35,17 @@ from flwr.app import Context, Message, MessageType
 from flwr.serverapp import Grid, ServerApp
 
 from iopfl.config import Config, load_config
-from iopfl.engine.checkpoint import load_checkpoint, save_checkpoint
+from iopfl.engine.federation import EvalReply, Federation, Reply, Roster
 from iopfl.engine.flower import wire
-from iopfl.engine.rundir import RunDir, manifest
-from iopfl.engine.runner import (
-    Coordinator,
-    initial_weights,
-    is_eval_round,
-    metric_lines,
-    sample_clients,
-)
+from iopfl.engine.flower.nodes import Messenger, NodeDirectory
+from iopfl.engine.rundir import RunDir, RunLog
 from iopfl.errors import UserError
-from iopfl.fileio import atomic_write_text
-from iopfl.fl import build_strategy
-from iopfl.models import build_model
+from iopfl.fl import STRATEGIES, ClientReply
+from iopfl.fl.aggregation import StateDict
 
 app = ServerApp()
 log = logging.getLogger("flwr")  # Flower's logger: shown by `flwr run --stream` and in `flwr log`
-FORMAT = 1
-QUERY_TIMEOUT = 120.0  # s: a query only starts the ClientApp and reads the site's data settings
+PUBLISH = f"{MessageType.QUERY}.publish"
 
 
 @dataclass
@@ -83,275 +74,100 @@ class Settings:
                    stop_after_round=int(rc.get("stop-after-round", 0)))
 
 
-class FlowerRun:
-    """One federated run over the SuperNodes of a Flower grid, writing the run directory."""
+class FlowerSites:
+    """The sites of a Flower grid: each phase is one message per site and the replies that come back."""
 
-    def __init__(self, cfg: Config, settings: Settings, grid: Grid):
-        self.cfg, self.settings, self.grid = cfg, settings, grid
-        self.dir = RunDir(settings.run_dir)
-        self.config_json = json.dumps(cfg.model_dump(mode="json"))
-        self.strategy = build_strategy(cfg.fl.method, cfg.fl.strategy_config())
-        if self.strategy.pooled:
-            raise UserError(f"fl.method={cfg.fl.method} pools every site's data in one place: not a "
-                            "federated method, so it has no Flower deployment (use `iopfl train`)")
-        self.nodes: dict[str, int] = {}       # site -> node id of the SuperNode serving it
-        self.ignored: set[int] = set()        # nodes that serve no training site of this run
-        self.sites: list[str] = []            # training sites, in the in-process order
-        self.network: dict[str, Any] | None = None
-        self.best: dict[str, Any] = {}        # site -> summary of its val-selected personalised model
-        self.run_key = ""
+    engine = "flower"
 
-    # --- logging ----------------------------------------------------------------------------------
-    def _log(self, level: int, text: str) -> None:
-        log.log(level, "[iopfl] %s", text)
-        with (self.dir.path / "run.log").open("a") as fh:
-            fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {'WARNING ' if level >= logging.WARNING else ''}{text}\n")
+    def __init__(self, cfg: Config, settings: Settings, grid: Grid, runlog: RunLog):
+        self.cfg, self.settings, self.log = cfg, settings, runlog
+        self.messenger = Messenger(grid, json.dumps(cfg.model_dump(mode="json")), settings.reply_timeout,
+                                   settings.poll_interval)
+        self.directory = NodeDirectory(grid, cfg, self.messenger, runlog.note, runlog.info)
+        self.sites: list[str] = []
 
-    def note(self, text: str) -> None:
-        self._log(logging.WARNING, text)
+    def connect(self, run_key: str, known_sites: list[str] | None) -> Roster:
+        self.messenger.run_key = run_key
+        self.sites = self.directory.discover(known_sites, self.settings.nodes, self.settings.join_timeout)
+        return Roster(self.sites, self.sites, self.directory.network)
 
-    def info(self, text: str) -> None:
-        self._log(logging.INFO, text)
-
-    # --- messaging ------------------------------------------------------------------------------
-    def _message(self, kind: str, node: int, round_: int, weights=None) -> Message:
-        # the TTL ends when the server stops waiting: a node back later never gets a stale round
-        return Message(wire.instruction(self.config_json, round_, self.run_key, weights), dst_node_id=node,
-                       message_type=kind, group_id=str(round_), ttl=max(self.settings.reply_timeout, 10.0))
-
-    def _exchange(self, messages: dict[Any, Message], timeout: float | None = None) -> dict[Any, Message]:
-        """Push, then pull every ``poll_interval`` s until every reply arrived or ``reply_timeout``.
-
-        (``Grid.send_and_receive`` sleeps 3 s between pulls; a phase here ends as soon as it can.)
-        Replies are matched to their key by message id, so the SuperLink's own error replies for an
-        unreachable node are matched too.
-        """
-        if not messages:
-            return {}
-        keys = list(messages)
-        ids = list(self.grid.push_messages([messages[k] for k in keys]))
-        key_of = {i: k for k, i in zip(keys, ids) if i}
-        pending = set(key_of)
-        replies: dict[Any, Message] = {}
-        deadline = time.monotonic() + (self.settings.reply_timeout if timeout is None else timeout)
-        while pending and time.monotonic() < deadline:
-            for reply in self.grid.pull_messages(pending):
-                mid = reply.metadata.reply_to_message_id
-                if mid in key_of:
-                    replies[key_of[mid]] = reply
-                    pending.discard(mid)
-            if pending:
-                time.sleep(self.settings.poll_interval)
-        return replies
-
-    def send(self, kind: str, targets: dict[str, int], round_: int, weights=None) -> dict[str, Message]:
-        """One message per site; the good replies by site. Every failure is noted with its reason."""
+    def _send(self, kind: str, sites: list[str], round_: int, weights: StateDict,
+              **extra: Any) -> dict[str, Message | str]:
+        """One message per site; by site, its reply or why there is none."""
         start = time.monotonic()
-        replies = self._exchange({s: self._message(kind, node, round_, weights) for s, node in targets.items()})
-        good = {}
+        nodes = self.directory.nodes
+        out: dict[str, Message | str] = {s: "no SuperNode online" for s in sites if s not in nodes}
+        targets = {s: nodes[s] for s in sites if s in nodes}
+        messages = {s: self.messenger.message(kind, node, round_, weights, **extra.get(s, {}))
+                    for s, node in targets.items()}
+        replies = self.messenger.exchange(messages)
         for site in targets:
             reply = replies.get(site)
             if reply is None:
-                self.note(f"round {round_}: site {site} sent no {kind} reply within "
-                          f"{self.settings.reply_timeout:g} s and is left out")
+                out[site] = f"no {kind} reply within {self.messenger.reply_timeout:g} s"
             elif reply.has_error():
-                self.note(f"round {round_}: site {site} failed during {kind} and is left out: "
-                          f"{reply.error.reason} (Flower error code {reply.error.code})")
+                out[site] = f"it failed: {reply.error.reason} (Flower error code {reply.error.code})"
             else:
-                good[site] = reply
-        self.info(f"round {round_} {kind}: {len(good)}/{len(targets)} sites replied "
-                  f"in {time.monotonic() - start:.1f} s")
-        return good
+                out[site] = reply
+        good = sum(not isinstance(r, str) for r in out.values())
+        self.log.info(f"round {round_} {kind}: {good}/{len(targets)} sites replied in {time.monotonic() - start:.1f} s")
+        return out
 
-    # --- which SuperNode serves which site ------------------------------------------------------
-    def _online(self) -> set[int]:
-        return set(self.grid.get_node_ids())
-
-    def _query(self, node_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
-        """Ask nodes which site they serve. A node that fails or stays silent is left aside for the
-        rest of the run (a restarted SuperNode comes back with a new node id and is asked again)."""
-        node_ids = list(node_ids)
-        timeout = min(self.settings.reply_timeout, QUERY_TIMEOUT)
-        replies = self._exchange({n: self._message(MessageType.QUERY, n, 0) for n in node_ids}, timeout)
-        infos = {}
-        for node in node_ids:
-            reply = replies.get(node)
-            if reply is None:
-                self.note(f"node {node} did not say which site it serves within {timeout:g} s; it takes no part")
-            elif reply.has_error():
-                self.note(f"node {node} could not join: {reply.error.reason}")
-            else:
-                infos[node] = wire.read_info(reply.content)
+    def fit(self, round_: int, names: list[str], weights: StateDict) -> Iterator[tuple[str, Reply]]:
+        if round_ > 1:
+            self.directory.refresh(self.sites)
+        replies = self._send(MessageType.TRAIN, names, round_, weights)
+        for site in names:
+            reply = replies[site]
+            if isinstance(reply, str):
+                yield site, reply
                 continue
-            self.ignored.add(node)
-        return infos
+            reply_site, sent, n, metrics = wire.read_train_reply(reply.content)
+            yield site, (ClientReply(sent, n, metrics) if reply_site == site
+                         else f"node {self.directory.nodes.get(site)} answered for {reply_site}")
 
-    def _adopt(self, infos: dict[int, dict[str, Any]], allowed: list[str] | None) -> None:
-        """Map sites to the queried nodes (a site's newest node replaces an older one)."""
-        holdout = self.cfg.data.holdout
-        for node, info in sorted(infos.items()):
-            site = info["site"]
-            if site == holdout or (allowed is not None and site not in allowed):
-                why = "the held-out site" if site == holdout else "not a site of this run"
-                self.note(f"node {node} serves {site}: {why}; it takes no part")
-                self.ignored.add(node)
-                continue
-            if site in self.nodes and self.nodes[site] != node:
-                self.note(f"site {site} is now served by node {node} (was node {self.nodes[site]})")
-            self.nodes[site] = node
-            self.network = self.network or info["network"]
-            if info["network"] != self.network:
-                raise UserError(f"site {site}: its data needs network {info['network']}, "
-                                f"other sites {self.network} (same data settings everywhere?)")
+    def evaluate(self, round_: int, sites: list[str], weights: StateDict) -> dict[str, EvalReply | str]:
+        replies = self._send(MessageType.EVALUATE, sites, round_, weights)
+        out: dict[str, EvalReply | str] = {}
+        for site, reply in replies.items():
+            info = reply if isinstance(reply, str) else wire.read_info(reply.content)
+            out[site] = info if isinstance(info, str) else EvalReply(info["scores"], info["best"])
+        return out
 
-    def discover(self, known_sites: list[str] | None) -> None:
-        """Wait for the SuperNodes, learn which site each serves, and fix the run's site order."""
-        cfg = self.cfg
-        wanted = [s for s in (known_sites or cfg.data.sites or []) if s != cfg.data.holdout]
-        expected = self.settings.nodes or len(wanted) or cfg.fl.min_clients
-        deadline = time.monotonic() + self.settings.join_timeout
-        online = self._online()
-        while len(online) < expected and time.monotonic() < deadline:
-            time.sleep(0.5)
-            online = self._online()
-        if len(online) < expected:
-            self.note(f"{len(online)} of {expected} expected SuperNodes joined within "
-                      f"{self.settings.join_timeout:g} s; starting with them")
-        if not self.settings.nodes and not wanted:
-            self.note(f"run config 'nodes' is not set: the run's sites are those of the {len(online)} "
-                      "SuperNode(s) online now; set nodes=<number of sites> to wait for every site")
-        self._adopt(self._query(online), known_sites or cfg.data.sites)
-        # the in-process order: the configured sites, else sorted by name (as sites are discovered)
-        self.sites = list(known_sites) if known_sites else (wanted or sorted(self.nodes))
-        missing = [s for s in self.sites if s not in self.nodes]
-        if missing:
-            self.note(f"no SuperNode serves {', '.join(missing)} yet")
-        if len(self.nodes) < cfg.fl.min_clients:
-            raise UserError(f"only {len(self.nodes)} site(s) joined ({', '.join(self.nodes) or 'none'}); "
-                            f"fl.min_clients is {cfg.fl.min_clients}")
-        self.info(f"sites: {', '.join(f'{s} (node {self.nodes[s]})' for s in self.sites if s in self.nodes)}")
+    def publish(self, selected_global: StateDict, overlay_sites: list[str]) -> dict[str, StateDict | None]:
+        """The last message of a run: sites that opted in send their val-selected personalised model."""
+        extra = {s: {"overlay": s in overlay_sites} for s in self.sites}
+        replies = self._send(PUBLISH, self.sites, self.cfg.fl.rounds, selected_global, **extra)
+        out: dict[str, StateDict | None] = {}
+        for site, reply in replies.items():
+            out[site] = None if isinstance(reply, str) else wire.read_publish_reply(reply.content)
+            if isinstance(reply, str):
+                self.log.note(f"site {site} could not be asked to publish: {reply}")
+            elif out[site] is None and "personalized" in STRATEGIES[self.cfg.fl.method].models:
+                self.log.info(f"site {site} did not opt in to publish its personalised model")
+        return out
 
-    def refresh(self) -> None:
-        """Between rounds: adopt SuperNodes that (re)joined, forget those that went offline."""
-        online = self._online()
-        for site, node in list(self.nodes.items()):
-            if node not in online:
-                self.note(f"site {site}: its SuperNode (node {node}) is offline")
-                del self.nodes[site]
-        new = online - set(self.nodes.values()) - self.ignored
-        if new:
-            self._adopt(self._query(new), self.sites)
+    def state(self) -> tuple[dict, dict]:
+        return {}, {}  # the sites keep their own state, on their machines
 
-    def _targets(self, sites: list[str], round_: int, kind: str) -> dict[str, int]:
-        absent = [s for s in sites if s not in self.nodes]
-        for site in absent:
-            self.note(f"round {round_}: site {site} has no SuperNode online and is left out of {kind}")
-        return {s: self.nodes[s] for s in sites if s in self.nodes}
+    def load_state(self, tensors: dict, state: dict) -> None:
+        pass
 
-    # --- the run --------------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
-        self.dir.create()
-        state = self._checkpoint_state()
-        self.run_key = state["run_key"] if state else uuid.uuid4().hex[:16]
-        if state and state["server"]["round"] >= self.cfg.fl.rounds:  # finished: only rewrite the results
-            self.sites = state["sites"]
-        else:
-            self.discover(state["sites"] if state else None)
-        if state:
-            self.network = state["network"]
-        n = self.network
-        build = lambda: build_model(n["in_channels"], n["num_classes"], n["width"], n["depth"])
-        server = Coordinator(self.strategy, initial_weights(self.cfg, build), self.sites)
-        if state:
-            self._resume(server, state)
-        else:
-            self._start()
-        while server.round < self.cfg.fl.rounds:
-            round_ = server.round + 1
-            if round_ > 1:
-                self.refresh()
-            self._train(server, round_)
-            server.round = round_
-            if is_eval_round(self.cfg, round_):
-                self._evaluate(server, round_)
-            self._save(server)
-            if self.settings.stop_after_round == round_:
-                raise RuntimeError(f"stop-after-round={round_}: stopping as a crash would (testing)")
-        if not server.last_eval:
-            raise UserError("no round was evaluated by every site: no results to report")
-        results = server.results(self.best, self.cfg.data.source, self.cfg)
-        self.dir.write_json("results.json", results)
-        self._report()
-        self.info(f"run complete: {self.dir.path / 'results.json'}")
-        return results
 
-    def _train(self, server: Coordinator, round_: int) -> None:
-        chosen = sample_clients(self.cfg, self.sites, round_)
-        replies = self.send(MessageType.TRAIN, self._targets(chosen, round_, "training"), round_,
-                            server.global_weights)
-        sent = {}
-        for site in (s for s in chosen if s in replies):  # the in-process aggregation order
-            reply_site, weights, n, metrics = wire.read_train_reply(replies[site].content)
-            if reply_site != site:
-                self.note(f"round {round_}: node {self.nodes.get(site)} answered for {reply_site}, not {site}; "
-                          "left out")
-                continue
-            sent[site] = (weights, n, metrics)
-        if len(sent) < self.cfg.fl.min_clients:
-            raise UserError(f"round {round_}: {len(sent)} of {len(chosen)} sites replied, "
-                            f"fewer than fl.min_clients={self.cfg.fl.min_clients}; stopping")
-        server.aggregate([(w, n) for w, n, _ in sent.values()])
-        self.dir.append_metrics([{"round": round_, "model": "local", "split": "train", "site": s,
-                                  "loss": m.get("loss", float("nan"))} for s, (_, _, m) in sent.items()])
+def flower_run(cfg: Config, settings: Settings, grid: Grid) -> Federation:
+    """The federation core over this grid's SuperNodes, writing ``settings.run_dir``."""
+    if STRATEGIES[cfg.fl.method].pooled:
+        raise UserError(f"fl.method={cfg.fl.method} pools every site's data in one place: not a "
+                        "federated method, so it has no Flower deployment (use `iopfl train`)")
+    runlog = RunLog(RunDir(settings.run_dir), log)
+    stop = settings.stop_after_round
 
-    def _evaluate(self, server: Coordinator, round_: int) -> None:
-        targets = self._targets(self.sites, round_, "evaluation")
-        replies = self.send(MessageType.EVALUATE, targets, round_, server.global_weights)
-        infos = {s: wire.read_info(r.content) for s, r in replies.items()}
-        for site, info in infos.items():
-            self.best[site] = info["best"]
-        if len(infos) < len(self.sites):
-            self.note(f"round {round_}: not every site was evaluated; model selection skips this round")
-            return
-        scores = {s: infos[s]["scores"] for s in self.sites}
-        server.record(round_, scores)
-        self.dir.append_metrics(metric_lines(round_, scores))
+    def stop_as_a_crash_would(round_: int) -> None:
+        if round_ == stop:
+            raise RuntimeError(f"stop-after-round={round_}: stopping as a crash would (testing)")
 
-    # --- run directory, checkpoint, resume ------------------------------------------------------
-    def _checkpoint_state(self) -> dict[str, Any] | None:
-        if not self.dir.checkpoint.exists():
-            return None
-        self._tensors, state = load_checkpoint(self.dir.checkpoint)
-        if state.get("engine") != "flower":
-            raise UserError(f"{self.dir.checkpoint}: written by `iopfl train`, not by the Flower engine; "
-                            "use another run-dir")
-        if state.get("config_hash") != self.cfg.digest():
-            raise UserError(f"{self.dir.checkpoint}: written with a different config; resume with the "
-                            "run's own config.yaml or use another run-dir")
-        return state
-
-    def _start(self) -> None:
-        atomic_write_text(self.dir.path / "config.yaml", self.cfg.to_yaml())
-        self.dir.write_json("manifest.json", {**manifest(self.cfg.seed, self.cfg.digest()), "engine": "flower",
-                                              "run_key": self.run_key})
-        self.dir.metrics.unlink(missing_ok=True)
-
-    def _resume(self, server: Coordinator, state: dict[str, Any]) -> None:
-        server.load_state(self._tensors, state["server"])
-        self.best = state["best"]
-        self.dir.trim_metrics(server.round)
-        self.info(f"resumed from {self.dir.checkpoint} at round {server.round}")
-
-    def _save(self, server: Coordinator) -> None:
-        save_checkpoint(self.dir.checkpoint, server.state_tensors(),
-                        {"format": FORMAT, "engine": "flower", "config_hash": self.cfg.digest(),
-                         "method": self.strategy.name, "run_key": self.run_key, "sites": self.sites,
-                         "network": self.network, "server": server.state(), "best": self.best})
-
-    def _report(self) -> None:
-        from iopfl.report.run_report import write_run_report  # matplotlib only when a run finishes
-
-        write_run_report(self.dir.path)
+    return Federation(cfg, settings.run_dir, FlowerSites(cfg, settings, grid, runlog), runlog=runlog,
+                      on_checkpoint=stop_as_a_crash_would if stop else None)
 
 
 @app.main()
@@ -359,7 +175,7 @@ def main(grid: Grid, context: Context) -> None:
     settings = Settings.from_run_config(dict(context.run_config))
     cfg = load_config(settings.config, settings.overrides)
     try:
-        FlowerRun(cfg, settings, grid).run()
+        flower_run(cfg, settings, grid).run(resume=True)  # a restarted server continues its run
     except UserError as err:
         log.error("[iopfl] %s", err)
         raise

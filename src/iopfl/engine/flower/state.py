@@ -23,6 +23,7 @@ import torch
 from iopfl.engine.checkpoint import load_checkpoint, save_checkpoint
 
 TRAIN, EVALUATE = 0, 1
+PUBLISH = 2  # reads the state after the last evaluation; writes none
 _NAME = re.compile(r"^r(\d{6})-([01])\.safetensors$")
 Key = tuple[int, int]
 
@@ -53,6 +54,11 @@ class SiteStateStore:
         """The newest snapshot strictly before (round, phase), or None for a site's first message."""
         earlier = [k for k in self._keys() if k < (round_, phase)]
         return load_checkpoint(self._path(earlier[-1])) if earlier else None
+
+    def latest(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """The newest snapshot (the site's state at the end of the run), or None."""
+        keys = self._keys()
+        return load_checkpoint(self._path(keys[-1])) if keys else None
 
     def save(self, round_: int, phase: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Write the snapshot of (round, phase); drop later ones (a replaced attempt) and old ones."""

@@ -1,9 +1,10 @@
 """What crosses the wire, in Flower's record types.
 
-Server → site (``train`` / ``evaluate``; ``query`` has no weights):
-  ``arrays``  ArrayRecord   the global weights θ
+Server → site (``train`` / ``evaluate`` / ``query.publish``; ``query`` has no weights):
+  ``arrays``  ArrayRecord   the global weights θ (``query.publish``: the val-selected global model)
   ``config``  ConfigRecord  ``round``, ``run-key`` (names the run for the site's state store) and
-                            ``iopfl-config`` (the resolved iopfl config as JSON: sites need no file)
+                            ``iopfl-config`` (the resolved iopfl config as JSON: sites need no file);
+                            ``query.publish`` adds ``overlay`` (draw this site's overlay, at the site)
 Site → server, ``train``:
   ``arrays``  ArrayRecord   exactly the weights the strategy sends (``ClientReply.weights``)
   ``metrics`` MetricRecord  ``num-examples`` (the sample count n_k) and the strategy's metrics (loss)
@@ -14,8 +15,13 @@ Site → server, ``evaluate``:
                             model — its summary; the model itself stays at the site)
 Site → server, ``query``:
   ``info``    ConfigRecord  ``site``, ``num-examples``, ``network`` (JSON: channels, classes, sizes)
+Site → server, ``query.publish``:
+  ``info``    ConfigRecord  ``site``, ``published`` (JSON bool)
+  ``arrays``  ArrayRecord   the site's val-selected personalised model — only when its node config
+                            opts in (``publish-personal='true'``)
 
-Personal state (φ_k, heads, norm layers, the selected personalised weights) is never put in a reply.
+Personal state (φ_k, heads, norm layers) is never put in a reply; the selected personalised model only
+in a ``query.publish`` reply of a site that opted in.
 
 Weights travel packed: the ArrayRecord holds two arrays, ``index`` (JSON: each tensor's name, dtype,
 shape and byte range) and ``data`` (every tensor's bytes, concatenated), instead of one array per
@@ -77,10 +83,11 @@ def record_weight_names(record: ArrayRecord) -> list[str]:
     return [item["name"] for item in json.loads(record["index"].numpy().tobytes().decode())]
 
 
-def instruction(config_json: str, round_: int, run_key: str, weights: StateDict | None = None) -> RecordDict:
-    """The body of a server → site message."""
+def instruction(config_json: str, round_: int, run_key: str, weights: StateDict | None = None,
+                **extra: bool | int | float | str) -> RecordDict:
+    """The body of a server → site message (``extra``: further config values of that message)."""
     records: dict[str, Any] = {"config": ConfigRecord({"round": round_, "run-key": run_key,
-                                                        "iopfl-config": config_json})}
+                                                        "iopfl-config": config_json, **extra})}
     if weights is not None:
         records["arrays"] = weights_record(weights)
     return RecordDict(records)
@@ -91,6 +98,18 @@ def read_instruction(content: RecordDict) -> tuple[dict[str, Any], int, str, Sta
     cfg = content["config"]
     weights = record_weights(content["arrays"]) if "arrays" in content else None
     return json.loads(str(cfg["iopfl-config"])), int(cfg["round"]), str(cfg["run-key"]), weights
+
+
+def publish_reply(site: str, weights: StateDict | None) -> RecordDict:
+    """A site's answer to ``query.publish``: its personalised model, or nothing when it did not opt in."""
+    body = info_reply(site, published=weights is not None)
+    if weights is not None:
+        body["arrays"] = weights_record(weights)
+    return body
+
+
+def read_publish_reply(content: RecordDict) -> StateDict | None:
+    return record_weights(content["arrays"]) if read_info(content)["published"] else None
 
 
 def train_reply(site: str, weights: StateDict, num_samples: int, metrics: dict[str, Any]) -> RecordDict:

@@ -1,0 +1,228 @@
+"""The federation core: the round loop, val-based model selection, the run directory and the
+checkpoint, written once for every engine.
+
+An engine is only a transport (:class:`Sites`): it reaches the sites to fit a round, evaluate a round
+and, at the end, publish the val-selected personal models of the sites that opted in. The in-process
+engine calls site objects directly (:mod:`iopfl.engine.inprocess`); the Flower ServerApp sends messages
+(:mod:`iopfl.engine.flower.server`). One round: sample the trainers (seeded by the round), each runs
+the strategy's client half, every valid reply is aggregated in site order. Every ``eval_every`` rounds
+(and at the last) each site scores the global and its personalised model on val and test; model
+selection reads val only. The checkpoint after every round makes resuming exact.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from iopfl.config import Config
+from iopfl.engine.checkpoint import pack, read_run_checkpoint, save_checkpoint, save_run_checkpoint, unpack
+from iopfl.engine.rounds import check_reply, initial_weights, is_eval_round, metric_lines, results_json, \
+    sample_clients, val_dice_by_site
+from iopfl.engine.rundir import RunDir, RunLog, manifest
+from iopfl.engine.site import Scores, Selected, network_builder, val_dice
+from iopfl.errors import UserError
+from iopfl.fileio import atomic_write_text
+from iopfl.fl import ClientReply, build_strategy
+from iopfl.fl.aggregation import StateDict
+
+
+@dataclass
+class Roster:
+    """Who takes part: the inside sites (evaluated, in order), the names that train (the sites, or one
+    pooled client for centralised training) and the network their data needs."""
+
+    sites: list[str]
+    trainers: list[str]
+    network: dict[str, Any]
+
+
+@dataclass
+class EvalReply:
+    """A site's evaluation: its scores (model → split → summary) and the summary of its val-selected
+    personalised model (the model itself stays at the site)."""
+
+    scores: Scores
+    best: dict[str, Any]
+
+
+Reply = ClientReply | str  # a site's result, or why it has none this time
+
+
+class Sites(Protocol):
+    """The transport: how the federation reaches its sites."""
+
+    engine: str
+
+    def connect(self, run_key: str, known_sites: list[str] | None) -> Roster: ...
+    def fit(self, round_: int, names: list[str], weights: StateDict) -> Iterator[tuple[str, Reply]]: ...
+    def evaluate(self, round_: int, sites: list[str], weights: StateDict) -> dict[str, EvalReply | str]: ...
+    def publish(self, selected_global: StateDict, overlay_sites: list[str]) -> dict[str, StateDict | None]: ...
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]: ...
+    def load_state(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None: ...
+
+
+class Progress(Protocol):
+    """What the core reports while it works (the CLI draws it with rich)."""
+
+    def start(self, total_rounds: int, first_round: int, trainers_per_round: int) -> None: ...
+    def client_done(self, round_: int, site: str, loss: float) -> None: ...
+    def round_done(self, round_: int, val_dice: dict[str, float]) -> None: ...
+
+
+class Federation:
+    """One federated run over ``sites``, writing ``run_dir`` (config, manifest, metrics, checkpoint,
+    published experts, results, report)."""
+
+    def __init__(self, cfg: Config, run_dir: Path, sites: Sites, progress: Progress | None = None,
+                 runlog: RunLog | None = None, on_checkpoint: Callable[[int], None] | None = None):
+        self.cfg, self.dir, self.sites, self.progress = cfg, RunDir(run_dir), sites, progress
+        self.log = runlog or RunLog(self.dir, logging.getLogger(__name__))
+        self.on_checkpoint = on_checkpoint
+        self.strategy = build_strategy(cfg.fl.method, cfg.fl.strategy_params())
+        self.round = 0
+        self.global_weights: StateDict = {}
+        self.best_global = Selected()
+        self.last_eval: dict[str, Any] = {}
+        self.personal_best: dict[str, dict[str, Any]] = {}
+        self.run_key = ""
+        self.roster: Roster | None = None
+
+    # --- the run ---------------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        checkpoint = self._open(resume)
+        self.run_key = checkpoint[1]["run_key"] if checkpoint else uuid.uuid4().hex[:16]
+        self.roster = self.sites.connect(self.run_key, checkpoint[1]["sites"] if checkpoint else None)
+        self.global_weights = initial_weights(self.cfg, network_builder(self.roster.network))
+        if checkpoint:
+            self._restore(*checkpoint)
+        else:
+            self._start()
+        total = self.cfg.fl.rounds
+        if self.progress:
+            self.progress.start(total, self.round + 1, len(sample_clients(self.cfg, self.roster.trainers, 1)))
+        while self.round < total:
+            round_ = self.round + 1
+            self._train_round(round_)
+            self.round = round_
+            if is_eval_round(self.cfg, round_):
+                self._evaluate_round(round_)
+            self._save()
+            if self.on_checkpoint:
+                self.on_checkpoint(round_)
+        return self._finish()
+
+    def _train_round(self, round_: int) -> None:
+        chosen = sample_clients(self.cfg, self.roster.trainers, round_)
+        good: dict[str, ClientReply] = {}
+        for name, reply in self.sites.fit(round_, chosen, self.global_weights):
+            reason = reply if isinstance(reply, str) else check_reply(reply, self.global_weights)
+            if reason:
+                self.log.note(f"round {round_}: site {name} is left out of training: {reason}")
+                continue
+            good[name] = reply
+            loss = float(reply.metrics.get("loss", float("nan")))
+            self.dir.append_metrics([{"round": round_, "model": "local", "split": "train", "site": name,
+                                      "loss": loss}])
+            if self.progress:
+                self.progress.client_done(round_, name, loss)
+        if len(good) < self.cfg.fl.min_clients:
+            raise UserError(f"round {round_}: {len(good)} of {len(chosen)} sites replied, "
+                            f"fewer than fl.min_clients={self.cfg.fl.min_clients}; stopping")
+        # in the sampled order whatever the order of arrival: the float sums are the same every time
+        replies = [(good[s].weights, good[s].num_samples) for s in chosen if s in good]
+        self.global_weights = self.strategy.aggregate(self.global_weights, replies)
+
+    def _evaluate_round(self, round_: int) -> None:
+        sites = self.roster.sites
+        replies = self.sites.evaluate(round_, sites, self.global_weights)
+        good = {}
+        for site in sites:
+            reply = replies.get(site, "no reply")
+            if isinstance(reply, str):
+                self.log.note(f"round {round_}: site {site} is left out of evaluation: {reply}")
+                continue
+            good[site] = reply
+            self.personal_best[site] = reply.best
+        if len(good) < len(sites):
+            self.log.note(f"round {round_}: not every site was evaluated; model selection skips this round")
+            return
+        scores = {s: good[s].scores for s in sites}
+        self._select(round_, scores)
+        self.dir.append_metrics(metric_lines(round_, scores))
+        if self.progress:
+            self.progress.round_done(round_, val_dice_by_site(scores))
+
+    def _select(self, round_: int, scores: dict[str, Scores]) -> None:
+        """Keep the round's scores; select the global model by mean val Dice over the sites."""
+        self.last_eval = {"round": round_, "scores": scores}
+        if "global" not in self.strategy.models:
+            return
+        sites = self.roster.sites
+        vals = [val_dice(scores[s]["global"]) for s in sites]
+        mean_val = None if any(v is None for v in vals) else sum(vals) / len(vals)
+        self.best_global.offer(round_, mean_val, {s: scores[s]["global"]["test"] for s in sites},
+                               self.global_weights)
+
+    def _finish(self) -> dict[str, Any]:
+        """Publish the opted-in experts, then write results.json and report.md."""
+        if not self.last_eval:
+            raise UserError("no round was evaluated by every site: no results to report")
+        overlay_sites = self.roster.sites[: self.cfg.eval.overlays]
+        published = self.sites.publish(self.best_global.weights, overlay_sites)
+        for site in self.roster.sites:
+            if published.get(site):
+                save_checkpoint(self.dir.expert(site), published[site],
+                                {"site": site, "round": self.personal_best[site]["round"]})
+                self.log.info(f"site {site} published its personalised model: {self.dir.expert(site)}")
+        results = results_json(self, [s for s in self.roster.sites if published.get(s)])
+        self.dir.write_json("results.json", results)
+        from iopfl.report.run_report import write_run_report  # matplotlib only when a run finishes
+
+        write_run_report(self.dir.path)
+        self.log.info(f"run complete: {self.dir.results}")
+        return results
+
+    # --- run directory, checkpoint, resume --------------------------------------------------------
+    def _open(self, resume: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """The checkpoint to resume from, checked (None: a new run)."""
+        exists = self.dir.checkpoint.exists()
+        if exists and not resume:
+            raise UserError(f"{self.dir.path}: already holds a run; pass --resume to continue it "
+                            "or choose another --out")
+        checkpoint = read_run_checkpoint(self.dir.checkpoint, self.sites.engine, self.cfg.digest()) if exists else None
+        self.dir.create()
+        if checkpoint is None:  # what a run that died before its first checkpoint left
+            self.dir.metrics.unlink(missing_ok=True)
+            (self.dir.path / "run.log").unlink(missing_ok=True)
+        return checkpoint
+
+    def _start(self) -> None:
+        atomic_write_text(self.dir.path / "config.yaml", self.cfg.to_yaml())
+        self.dir.write_json("manifest.json", {**manifest(self.cfg.seed, self.cfg.digest()),
+                                              "engine": self.sites.engine, "run_key": self.run_key})
+
+    def _save(self) -> None:
+        site_tensors, site_state = self.sites.state()
+        tensors = {**pack("global", self.global_weights), **pack("best/global", self.best_global.weights),
+                   **site_tensors, "rng/torch": torch.get_rng_state()}
+        state = {"method": self.strategy.name, "run_key": self.run_key, "sites": self.roster.sites,
+                 "network": self.roster.network, "round": self.round, "best_global": self.best_global.state(),
+                 "last_eval": self.last_eval, "personal_best": self.personal_best, "site_state": site_state}
+        save_run_checkpoint(self.dir.checkpoint, tensors, state, self.sites.engine, self.cfg.digest())
+
+    def _restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        self.round = int(state["round"])
+        self.global_weights = unpack("global", tensors)
+        self.best_global = Selected.restore(state["best_global"], unpack("best/global", tensors))
+        self.last_eval, self.personal_best = state["last_eval"], state["personal_best"]
+        self.sites.load_state(tensors, state["site_state"])
+        torch.set_rng_state(tensors["rng/torch"])
+        self.dir.trim_metrics(self.round)
+        self.log.info(f"resumed from {self.dir.checkpoint} at round {self.round}")

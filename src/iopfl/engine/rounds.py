@@ -1,0 +1,113 @@
+"""The pieces of a round that need no state: which sites take part, whether a site's reply can be
+aggregated, what a round writes to metrics.jsonl, and results.json at the end."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from iopfl.config import Config
+from iopfl.engine.site import Scores, val_dice
+from iopfl.fl import ClientReply
+from iopfl.fl.aggregation import StateDict, clone_state
+from iopfl.seeding import derive_generator, derive_seed
+
+if TYPE_CHECKING:
+    from iopfl.engine.federation import Federation
+
+
+def initial_weights(cfg: Config, build: Callable[[], torch.nn.Module]) -> StateDict:
+    """θ^0: the same for every engine given the seed."""
+    torch.manual_seed(derive_seed(cfg.seed, "init"))
+    return clone_state(build().state_dict())
+
+
+def sample_clients(cfg: Config, clients: list[str], round_: int) -> list[str]:
+    """The round's participants: ⌈fraction·K⌉ (at least ``min_clients``) drawn by a round-seeded RNG."""
+    k = len(clients)
+    m = min(k, max(cfg.fl.min_clients, math.ceil(cfg.fl.client_fraction * k - 1e-9)))
+    if m == k:
+        return list(clients)
+    order = torch.randperm(k, generator=derive_generator(cfg.seed, "sample", round_))[:m]
+    return [clients[i] for i in sorted(order.tolist())]
+
+
+def is_eval_round(cfg: Config, round_: int) -> bool:
+    return round_ % cfg.eval.eval_every == 0 or round_ == cfg.fl.rounds
+
+
+def check_reply(reply: ClientReply, global_weights: StateDict) -> str | None:
+    """Why a site's reply cannot be aggregated (None: it can): every key it sends must be a key of the
+    global weights with the same shape and dtype, every value finite, the sample count positive."""
+    if reply.num_samples <= 0:
+        return f"sample count {reply.num_samples} is not positive"
+    for key, value in reply.weights.items():
+        ref = global_weights.get(key)
+        if ref is None:
+            return f"it sent '{key}', which the model does not have"
+        if value.shape != ref.shape or value.dtype != ref.dtype:
+            return (f"'{key}' has shape {tuple(value.shape)} and dtype {value.dtype}, the model "
+                    f"{tuple(ref.shape)} and {ref.dtype}")
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            return f"'{key}' holds non-finite values"
+    return None
+
+
+def metric_lines(round_: int, scores: dict[str, Scores]) -> list[dict]:
+    """metrics.jsonl lines of one evaluation: one per (model, split, site)."""
+    keys = ("dice", "hd95", "assd", "ref_dice", "n")
+    return [{"round": round_, "model": model, "split": split, "site": site,
+             **{k: summary[k] for k in keys if k in summary}}
+            for site, by_model in scores.items() for model, by_split in by_model.items()
+            for split, summary in by_split.items()]
+
+
+def val_dice_by_site(scores: dict[str, Scores]) -> dict[str, float]:
+    """Val Dice per site of the personalised model (the global one for strategies without it)."""
+    out = {}
+    for site, by_model in scores.items():
+        model = "personalized" if "personalized" in by_model else "global"
+        value = val_dice(by_model[model])
+        out[site] = float("nan") if value is None else value
+    return out
+
+
+def model_entry(sites: dict[str, dict]) -> dict[str, Any]:
+    from iopfl.evaluation.metrics import summarize_sites
+
+    return {"sites": sites, "mean": summarize_sites(list(sites.values()))}
+
+
+def results_json(run: Federation, published: list[str]) -> dict[str, Any]:
+    """results.json (docs/ARCHITECTURE.md, "run directory"): val-selected models under ``models``, the
+    last round under ``last_round``, the sites whose personalised models were published."""
+    cfg, sites, models = run.cfg, run.roster.sites, run.strategy.models
+    chosen: dict[str, Any] = {}
+    selection: dict[str, Any] = {}
+    if "global" in models:
+        chosen["global"] = model_entry(run.best_global.test)
+        selection["global"] = run.best_global.round
+    if "personalized" in models:
+        chosen["personalized"] = model_entry({s: run.personal_best[s]["test"] for s in sites})
+        selection["personalized"] = {s: run.personal_best[s]["round"] for s in sites}
+    scores = run.last_eval["scores"]
+    last = {m: model_entry({s: scores[s][m]["test"] for s in sites}) for m in models}
+    return {
+        "method": run.strategy.name,
+        "federated": run.strategy.federated,
+        "engine": run.sites.engine,
+        "dataset": cfg.data.source,
+        "seed": cfg.seed,
+        "rounds": cfg.fl.rounds,
+        "sites": sites,
+        "holdout": cfg.data.holdout,
+        "models": chosen,
+        "last_round": {"round": run.last_eval["round"], "models": last},
+        "selection": selection,
+        "published": published,
+        "experts": {s: f"experts/{s}.safetensors" for s in published},
+        "units": {"dice": "fraction", "hd95": "mm", "assd": "mm"},
+    }
