@@ -1,4 +1,4 @@
-"""Outside routing settings: gate normalisation (raw sigmoid vs. divided by the sum, DESIGN §2.2 asks to
+"""Outside routing settings: gate normalisation (raw sigmoid vs. divided by the sum: docs/METHOD.md §2 asks to
 measure both), the shape weight λ_S, and passes over the site's images — against BN-adapt, the best
 simple baseline, on the same experts and batches.
 

@@ -38,9 +38,9 @@ SUITES: dict[str, tuple[str, list[str], bool]] = {
     # the demo's six sites with 10 cases each; 16 rounds, evaluated every 4, channels-last (1.1x on an
     # AVX2 CPU): all 48 runs of --seeds 3 fit in an hour on 2 cores
     "synthetic": ("demo.yaml", ["data.synthetic.cases=10", "fl.rounds=16", "eval.eval_every=4",
-                                "train.channels_last=true"], True),
+                                "runtime.channels_last=true"], True),
     "polyp": ("polyp.yaml", ["data.image_size=64", "model.width=8", "model.depth=3", "data.max_cases_per_site=200",
-                             "fl.rounds=20", "eval.eval_every=4", "train.precision=auto"], True),
+                             "fl.rounds=20", "eval.eval_every=4", "runtime.precision=auto"], True),
     "prostate": ("prostate.yaml", [], True),
     "fundus": ("fundus.yaml", [], True),
 }

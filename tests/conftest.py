@@ -6,7 +6,7 @@ import torch
 
 @pytest.fixture(autouse=True)
 def keep_torch_threads():
-    """Restore torch's thread count after each test: code under test may set ``train.threads``
+    """Restore torch's thread count after each test: code under test may set ``runtime.threads``
     in-process (the runner, the Flower ClientApp), and float sums depend on the thread count, so a
     later test comparing an in-process run with a subprocess would otherwise see other numbers."""
     threads = torch.get_num_threads()

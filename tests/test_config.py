@@ -76,5 +76,13 @@ def test_auto_precision_uses_bf16_only_where_the_cpu_has_bf16_kernels(monkeypatc
     import torch
 
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    assert load_config(CONFIG_DIR / "demo.yaml").train_settings().precision == expected
-    assert load_config(CONFIG_DIR / "demo.yaml", ["train.precision=bf16"]).train_settings().precision == "bf16"
+    cpu = ["runtime.device=cpu"]
+    assert load_config(CONFIG_DIR / "demo.yaml", cpu).train_settings().precision == expected
+    assert load_config(CONFIG_DIR / "demo.yaml", [*cpu, "runtime.precision=bf16"]).train_settings().precision == "bf16"
+
+
+@pytest.mark.parametrize("old", ["precision=bf16", "channels_last=true", "threads=1"])
+def test_moved_train_keys_name_their_runtime_key(old):
+    key = old.split("=")[0]
+    with pytest.raises(UserError, match=rf"train\.{key}.*moved: use runtime\.{key}"):
+        load_config(CONFIG_DIR / "demo.yaml", [f"train.{old}"])

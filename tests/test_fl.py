@@ -51,7 +51,7 @@ def test_iopfl_first_participation_copies_then_ema():
 
 
 def test_iopfl_rule_equals_the_gradient_form():
-    """φ^t = φ^{t-1} − (1−α)[(φ^{t-1} − θ^{t-1}) + Δ_k^t], Δ_k^t = θ^{t-1} − θ_k^t (DESIGN §2.1)."""
+    """φ^t = φ^{t-1} − (1−α)[(φ^{t-1} − θ^{t-1}) + Δ_k^t], Δ_k^t = θ^{t-1} − θ_k^t (docs/METHOD.md §1)."""
     g = torch.Generator().manual_seed(0)
     phi, theta_prev, theta_k = (torch.randn(5, generator=g) for _ in range(3))
     alpha = 0.3

@@ -47,7 +47,7 @@ PUBLISHERS = {"SiteA", "SiteB"}  # sites of the plain deployment that opt in to 
 # two rounds, one evaluation (every phase costs seconds of Flower polling and process start-up);
 # one torch thread per process: 3 SuperNodes share 2 cores, and equal thread counts keep the float
 # sums of both engines identical
-OVERRIDES = ["fl.rounds=2", "eval.eval_every=2", "train.threads=1", f"data.holdout={HOLDOUT}"]
+OVERRIDES = ["fl.rounds=2", "eval.eval_every=2", "runtime.threads=1", f"data.holdout={HOLDOUT}"]
 HAS_TLS_TOOLS = bool(shutil.which("openssl") and shutil.which("ssh-keygen"))
 HAS_RAY = importlib.util.find_spec("ray") is not None  # Flower's simulation runtime
 

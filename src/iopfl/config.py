@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -19,7 +19,8 @@ from iopfl.adapt.config import AdaptConfig
 from iopfl.data.config import DataConfig
 from iopfl.errors import UserError
 from iopfl.fl import STRATEGIES, StrategyParams
-from iopfl.fl.training import TrainSettings, resolve_precision
+from iopfl.fl.training import TrainSettings
+from iopfl.runtime import RuntimeConfig, resolve_device, resolve_precision
 
 
 class _Section(BaseModel):
@@ -64,7 +65,7 @@ class FLConfig(_Section):
                 message = f"not a parameter of method '{self.method}' (its parameters: {known})"
             else:
                 message = first["msg"]
-            raise PydanticCustomError(METHOD_PARAM, "{message}", {"key": key, "message": message}) from None
+            raise PydanticCustomError(KEYED, "{message}", {"key": key, "message": message}) from None
         # the resolved config (config.yaml, the digest) lists every parameter with its value
         self.__pydantic_extra__ = resolved.model_dump()
         return self
@@ -78,10 +79,14 @@ class TrainConfig(_Section):
     lr: float = Field(1e-3, gt=0.0)
     amsgrad: bool = True
     ce_weight: float = Field(0.0, ge=0.0, description="weight of cross-entropy added to soft Dice")
-    channels_last: bool = False
-    precision: Literal["fp32", "bf16", "auto"] = Field(
-        "fp32", description="bf16: CPU autocast in local training; auto: bf16 only where the CPU has bf16 kernels")
-    threads: int | None = Field(None, gt=0, description="torch intra-op threads (default: all cores)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, tree: Any) -> Any:
+        for key in MOVED_TO_RUNTIME:
+            if isinstance(tree, dict) and key in tree:
+                raise PydanticCustomError(KEYED, "{message}", {"key": key, "message": f"moved: use runtime.{key}"})
+        return tree
 
 
 class EvalConfig(_Section):
@@ -98,12 +103,14 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     adapt: AdaptConfig = Field(default_factory=AdaptConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     def train_settings(self) -> TrainSettings:
+        device = resolve_device(self.runtime.device)
         return TrainSettings(epochs=self.fl.local_epochs, batch_size=self.train.batch_size,
                              lr=self.train.lr, amsgrad=self.train.amsgrad,
-                             ce_weight=self.train.ce_weight, channels_last=self.train.channels_last,
-                             precision=resolve_precision(self.train.precision))
+                             ce_weight=self.train.ce_weight, channels_last=self.runtime.channels_last,
+                             precision=resolve_precision(self.runtime.precision, device))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -140,13 +147,14 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return pairs
 
 
-METHOD_PARAM = "method_param"
+KEYED = "keyed"  # an error a section raises for one of its keys (the message names it)
+MOVED_TO_RUNTIME = ("precision", "channels_last", "threads")
 
 
 def _format_error(err: ValidationError, origin: str) -> str:
     first = err.errors()[0]
     loc = [str(p) for p in first["loc"]]
-    if first["type"] == METHOD_PARAM:  # raised by the fl section for one of its method's keys
+    if first["type"] == KEYED:
         loc.append(first["ctx"]["key"])
     key = ".".join(loc)
     msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]

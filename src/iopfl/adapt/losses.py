@@ -1,4 +1,4 @@
-"""Unsupervised objectives of test-time adaptation (DESIGN §2.2): entropy, consistency, shape."""
+"""Unsupervised objectives of test-time adaptation (docs/METHOD.md §2): entropy, consistency, shape."""
 
 from __future__ import annotations
 

@@ -66,6 +66,7 @@ class Sites(Protocol):
     def publish(self, selected_global: StateDict, overlay_sites: list[str]) -> dict[str, StateDict | None]: ...
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]: ...
     def load_state(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None: ...
+    def close(self) -> None: ...
 
 
 class Progress(Protocol):
@@ -96,6 +97,12 @@ class Federation:
 
     # --- the run ---------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict[str, Any]:
+        try:
+            return self._run(resume)
+        finally:
+            self.sites.close()
+
+    def _run(self, resume: bool) -> dict[str, Any]:
         checkpoint = self._open(resume)
         self.run_key = checkpoint[1]["run_key"] if checkpoint else uuid.uuid4().hex[:16]
         self.roster = self.sites.connect(self.run_key, checkpoint[1]["sites"] if checkpoint else None)

@@ -15,8 +15,9 @@ from iopfl.data import load_dataset
 from iopfl.engine.federation import EvalReply, Federation, Progress, Reply, Roster
 from iopfl.engine.rundir import RunDir
 from iopfl.engine.site import SiteClient, SiteFailure, make_client, network_description, training_sites
-from iopfl.fl import build_strategy
+from iopfl.fl import STRATEGIES, build_strategy
 from iopfl.fl.aggregation import StateDict
+from iopfl.runtime import apply_runtime, resolve_device
 
 POOLED = "pooled"
 
@@ -34,8 +35,7 @@ class InProcessSites:
         self.strategy = build_strategy(cfg.fl.method, cfg.fl.strategy_params())
         self.clients: dict[str, SiteClient] = {}      # the evaluated sites
         self.trainers: dict[str, SiteClient] = {}     # who trains: the same objects unless pooled
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
+        apply_runtime(cfg.runtime, resolve_device(cfg.runtime.device))
 
     def connect(self, run_key: str, known_sites: list[str] | None) -> Roster:
         cfg = self.cfg
@@ -87,7 +87,18 @@ class InProcessSites:
         for name, client in self._all().items():
             client.load_state(tensors, state[name])
 
+    def close(self) -> None:
+        pass
+
 
 def in_process_run(cfg: Config, run_dir: Path, progress: Progress | None = None) -> Federation:
-    """An in-process federated run over the sites of ``cfg.data``, writing ``run_dir``."""
-    return Federation(cfg, run_dir, InProcessSites(cfg, RunDir(run_dir).plots / "overlays"), progress)
+    """An in-process federated run over the sites of ``cfg.data``, writing ``run_dir``; with
+    ``runtime.workers`` > 1 the sites are spread over worker processes."""
+    overlays = RunDir(run_dir).plots / "overlays"
+    if cfg.runtime.workers > 1 and not STRATEGIES[cfg.fl.method].pooled:
+        from iopfl.engine.workers import WorkerSites
+
+        sites = WorkerSites(cfg, overlays, cfg.runtime.workers)
+    else:
+        sites = InProcessSites(cfg, overlays)
+    return Federation(cfg, run_dir, sites, progress)

@@ -1,4 +1,4 @@
-"""The run directory (DESIGN §5): where every output of a run lives, written safely.
+"""The run directory (docs/ARCHITECTURE.md, "Run directory"): where every output of a run lives, written safely.
 
 ``config.yaml``, ``manifest.json``, ``metrics.jsonl``, ``run.log``, ``results.json``, ``checkpoints/``,
 ``experts/`` (published personalised models), ``report.md``, ``plots/``. JSON files are replaced atomically; ``metrics.jsonl`` is append-only and

@@ -1,7 +1,7 @@
 """Segmentation metrics per case: Dice, HD95 and ASSD in millimetres (MONAI), with an explicit
 empty-mask policy, and the slice-wise "reference Dice" of the published code.
 
-Empty-mask policy (DESIGN §2.4): both prediction and truth empty → Dice 1, HD95 0, ASSD 0;
+Empty-mask policy (docs/METHOD.md §4): both prediction and truth empty → Dice 1, HD95 0, ASSD 0;
 exactly one empty → Dice 0, HD95 = ASSD = the physical diagonal of the case (the worst distance
 possible inside the image), so an empty case never yields NaN or inf.
 """

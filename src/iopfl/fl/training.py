@@ -35,17 +35,6 @@ class TrainSettings:
     precision: str = "fp32"
 
 
-def resolve_precision(precision: str) -> str:
-    """``auto`` → ``bf16`` on CPUs with AVX-512 (oneDNN has bf16 kernels there), else ``fp32``.
-
-    Without AVX-512, autocast falls back to emulated bf16 convolutions: 8.7× slower than fp32 for the
-    demo U-Net on an AVX2-only EPYC (README, "Speed"), so ``auto`` must not pick it there.
-    """
-    if precision != "auto":
-        return precision
-    return "bf16" if torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX")) else "fp32"
-
-
 @dataclass
 class TrainResult:
     weights: StateDict

@@ -1,10 +1,14 @@
 """iopfl on Flower 1.41: the same strategies across machines (the only package that imports ``flwr``).
 
-- ``server.app``: the ServerApp (rounds, sampling, aggregation in site order, selection, run directory,
-  checkpoints, resume); ``client.app``: the ClientApp (one site: its data, its personal state);
+The round loop, selection and run directory are the federation core's (``iopfl.engine.federation``);
+this package is the transport:
+
+- ``server.app``: the ServerApp (the core over ``FlowerSites``); ``nodes``: messaging and which
+  SuperNode serves which site; ``client.app``: the ClientApp (one site: its data, its personal state,
+  its opt-in to publish its personalised model);
 - ``wire``: what a message carries; ``state``: a site's own store of its personal state;
-- ``deploy``: start/stop a SuperLink and SuperNodes on this machine and ``flwr run`` the app
-  (no ``flwr`` import: it drives Flower's command-line tools);
+- ``deploy`` and ``env``: start/stop a SuperLink and SuperNodes on this machine and ``flwr run`` the
+  app (no ``flwr`` import: they drive Flower's command-line tools);
 - ``app/``: the Flower app folder given to ``flwr run``.
 
 See README, "Several machines (Flower)". Importing this package does not import ``flwr``.

@@ -26,7 +26,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
@@ -37,6 +36,7 @@ from iopfl.engine.flower.state import EVALUATE, PUBLISH, TRAIN, SiteStateStore
 from iopfl.engine.site import make_client, network_description, training_sites
 from iopfl.errors import UserError
 from iopfl.fl import Strategy, build_strategy
+from iopfl.runtime import apply_runtime, resolve_device
 
 app = ClientApp()
 _SPECS: dict[str, DatasetSpec] = {}  # per-process dataset cache, keyed by the data settings
@@ -77,8 +77,7 @@ class SiteNode:
         tree["data"]["sites"] = [self.site]
         tree["data"]["holdout"] = None
         self.cfg: Config = build_config(tree, [], origin="config from the server")
-        if self.cfg.train.threads:
-            torch.set_num_threads(self.cfg.train.threads)
+        apply_runtime(self.cfg.runtime, resolve_device(self.cfg.runtime.device))
         self.spec = _dataset(self.cfg)
         data = self.spec.sites[self.site]
         self.client = make_client(self.cfg, self.spec, self.site, data, data.train)

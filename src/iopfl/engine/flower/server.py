@@ -153,6 +153,9 @@ class FlowerSites:
     def load_state(self, tensors: dict, state: dict) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
 
 def flower_run(cfg: Config, settings: Settings, grid: Grid) -> Federation:
     """The federation core over this grid's SuperNodes, writing ``settings.run_dir``."""
