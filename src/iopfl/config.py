@@ -9,13 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from iopfl.adapt.config import AdaptConfig
+from iopfl.data.augment import AugmentSettings
 from iopfl.data.config import DataConfig
 from iopfl.errors import UserError
 from iopfl.fl import STRATEGIES, StrategyParams
@@ -79,6 +80,21 @@ class TrainConfig(_Section):
     lr: float = Field(1e-3, gt=0.0)
     amsgrad: bool = True
     ce_weight: float = Field(0.0, ge=0.0, description="weight of cross-entropy added to soft Dice")
+    augment: Literal["none", "standard"] = Field(
+        "none", description="standard: random flips, quarter turns, affine, intensity, noise/blur per batch")
+    aug_scale: float = Field(0.15, ge=0.0, le=1.0, description="zoom drawn from [1/(1+s), 1+s]")
+    aug_rotate: float = Field(15.0, ge=0.0, le=180.0, description="rotation ± degrees (after a quarter turn)")
+    aug_intensity: float = Field(0.2, ge=0.0, le=1.0,
+                                 description="brightness/contrast/gamma/colour/noise/blur strength (0 = off)")
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="learning rate over rounds")
+    lr_min: float = Field(0.0, ge=0.0, description="the cosine schedule's last-round learning rate")
+    weight_decay: float = Field(0.0, ge=0.0, description="Adam weight decay")
+
+    @model_validator(mode="after")
+    def _floor_below_lr(self) -> TrainConfig:
+        if self.lr_min > self.lr:
+            raise ValueError(f"train.lr_min ({self.lr_min}) exceeds train.lr ({self.lr})")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -106,11 +122,23 @@ class Config(_Section):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     def train_settings(self) -> TrainSettings:
-        device = resolve_device(self.runtime.device)
-        return TrainSettings(epochs=self.fl.local_epochs, batch_size=self.train.batch_size,
-                             lr=self.train.lr, amsgrad=self.train.amsgrad,
-                             ce_weight=self.train.ce_weight, channels_last=self.runtime.channels_last,
-                             precision=resolve_precision(self.runtime.precision, device))
+        t, device = self.train, resolve_device(self.runtime.device)
+        return TrainSettings(epochs=self.fl.local_epochs, batch_size=t.batch_size, lr=t.lr, amsgrad=t.amsgrad,
+                             ce_weight=t.ce_weight, channels_last=self.runtime.channels_last,
+                             precision=resolve_precision(self.runtime.precision, device), augment=self.augment_settings(),
+                             lr_schedule=t.lr_schedule, lr_min=t.lr_min, weight_decay=t.weight_decay,
+                             rounds=self.fl.rounds)
+
+    def augment_settings(self) -> AugmentSettings | None:
+        """The training augmentation, or None; colour jitter only where channels are colours (2D
+        sources), never across the 2.5D prostate input's neighbouring slices."""
+        t = self.train
+        if t.augment == "none":
+            return None
+        from iopfl.data import source_of
+
+        return AugmentSettings(scale=t.aug_scale, rotate=t.aug_rotate, intensity=t.aug_intensity,
+                               colour=source_of(self.data.source).context == 0)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

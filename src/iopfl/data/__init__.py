@@ -55,12 +55,17 @@ def synthetic_root(cfg: DataConfig) -> Path:
     return root
 
 
-def load_dataset(cfg: DataConfig) -> DatasetSpec:
-    """The dataset ``cfg`` describes; every bad input is a UserError naming the file."""
+def source_of(name: str) -> Source:
+    """The :class:`Source` behind a ``data.source`` name (synthetic data is read as prostate)."""
     from iopfl.data import fundus, folder, prostate
 
-    source = {"prostate": prostate.SOURCE, "synthetic": prostate.SOURCE, "fundus": fundus.SOURCE,
-              "folder": folder.SOURCE}[cfg.source]
+    return {"prostate": prostate.SOURCE, "synthetic": prostate.SOURCE, "fundus": fundus.SOURCE,
+            "folder": folder.SOURCE}[name]
+
+
+def load_dataset(cfg: DataConfig) -> DatasetSpec:
+    """The dataset ``cfg`` describes; every bad input is a UserError naming the file."""
+    source = source_of(cfg.source)
     if cfg.source == "synthetic":
         root = synthetic_root(cfg)
     elif cfg.root is None:
@@ -91,4 +96,4 @@ def load_unlabelled(path: Path, image_size: int) -> list[Case]:
 
 
 __all__ = ["Case", "DataConfig", "DatasetSpec", "SiteData", "SliceDataset", "SyntheticConfig", "case_inputs",
-           "load_dataset", "load_unlabelled"]
+           "load_dataset", "load_unlabelled", "source_of"]

@@ -23,6 +23,7 @@ from iopfl.fl import ClientReply, Strategy
 from iopfl.fl.aggregation import StateDict, clone_state
 from iopfl.fl.training import LocalTrainer
 from iopfl.models import build_model
+from iopfl.runtime import resolve_device
 from iopfl.seeding import derive_generator
 
 SPLITS = ("val", "test")
@@ -70,9 +71,10 @@ class SiteClient:
     """
 
     def __init__(self, name: str, trainer: LocalTrainer | None, data: SiteData | None,
-                 spec: DatasetSpec, build: Callable[[], torch.nn.Module], eval_batch: int):
+                 spec: DatasetSpec, build: Callable[[], torch.nn.Module], eval_batch: int,
+                 device: torch.device = torch.device("cpu")):
         self.name, self.trainer, self.data, self.spec = name, trainer, data, spec
-        self.build, self.eval_batch = build, eval_batch
+        self.build, self.eval_batch, self.device = build, eval_batch, device
         self.personal: StateDict = {}
         self.best = Selected()
         self._eval_model: torch.nn.Module | None = None
@@ -80,6 +82,7 @@ class SiteClient:
     def fit(self, strategy: Strategy, global_weights: StateDict, seed: int, round_: int) -> ClientReply:
         """The strategy's client half; the personal state is kept here, only the reply's weights leave."""
         gen = derive_generator(seed, "train", round_, self.name)
+        self.trainer.set_round(round_)
         reply = strategy.client_round(self.trainer, global_weights, self.personal, gen)
         loss = float(reply.metrics.get("loss", 0.0))
         if not math.isfinite(loss):
@@ -90,12 +93,14 @@ class SiteClient:
     def personalized(self, strategy: Strategy, global_weights: StateDict, seed: int, round_: int) -> StateDict:
         """This site's personalised model; the global one until the strategy has made one."""
         gen = derive_generator(seed, "personalize", round_, self.name)
+        if self.trainer is not None:  # fine-tuning strategies train here, at this round's learning rate
+            self.trainer.set_round(round_)
         personal = strategy.personalized_weights(self.trainer, global_weights, self.personal, gen)
         return global_weights if personal is None else personal
 
     def _model(self, weights: StateDict) -> torch.nn.Module:
         if self._eval_model is None:
-            self._eval_model = self.build()
+            self._eval_model = self.build().to(self.device)
         self._eval_model.load_state_dict(weights)
         return self._eval_model
 
@@ -183,4 +188,4 @@ def make_client(cfg: Config, spec: DatasetSpec, name: str, data: SiteData | None
             raise UserError(f"site '{name}': no training cases")
         images, masks = SliceDataset(train, spec.context).tensors()
         trainer = LocalTrainer(build, images, masks, cfg.train_settings())
-    return SiteClient(name, trainer, data, spec, build, cfg.eval.batch_size)
+    return SiteClient(name, trainer, data, spec, build, cfg.eval.batch_size, resolve_device(cfg.runtime.device))

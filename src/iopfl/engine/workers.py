@@ -35,6 +35,7 @@ from iopfl.engine.inprocess import InProcessSites
 from iopfl.engine.site import network_description, training_sites
 from iopfl.errors import UserError
 from iopfl.fl.aggregation import StateDict
+from iopfl.runtime import resolve_device
 
 PR_SET_PDEATHSIG = 1
 # tensors sent over a pipe travel as named shared-memory segments (torch's reductions): no file
@@ -113,13 +114,24 @@ class WorkerSites:
         for i in range(max(self.home.values()) + 1):
             mine = [s for s in sites if self.home[s] == i]
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_serve, args=(child, self.cfg.model_dump_json(), mine, str(self.overlay_dir)),
+            proc = ctx.Process(target=_serve, args=(child, self._worker_config(i).model_dump_json(), mine,
+                                                    str(self.overlay_dir)),
                                name=f"iopfl-worker-{i}", daemon=True)
             proc.start()
             child.close()
             self.conns.append(parent)
             self.procs.append(proc)
         return Roster(sites, list(sites), network)
+
+    def _worker_config(self, worker: int) -> Config:
+        """The run's config, on this worker's device when ``runtime.devices`` lists several."""
+        devices = self.cfg.runtime.devices
+        if not devices:
+            return self.cfg
+        for device in devices:
+            resolve_device(device, "runtime.devices")
+        runtime = self.cfg.runtime.model_copy(update={"device": devices[worker % len(devices)]})
+        return self.cfg.model_copy(update={"runtime": runtime})
 
     def _ask(self, calls: dict[int, tuple[str, tuple]]) -> Iterator[tuple[int, str, Any]]:
         """Send each worker its call; yield (worker, kind, value) as the answers arrive."""

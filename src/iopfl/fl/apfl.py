@@ -47,7 +47,7 @@ def mixed_forward(model: nn.Module, shared: StateDict, alpha: torch.Tensor) -> C
     Gradients reach v (as α·∇f(v̄)) and α (as ⟨v − w, ∇f(v̄)⟩); ``shared`` is a constant. Buffers are the
     model's own (BatchNorm statistics of the mixture are accumulated into v's buffers).
     """
-    fixed = {n: shared[n].detach() for n, _ in model.named_parameters()}
+    fixed = {n: shared[n].detach().to(p.device) for n, p in model.named_parameters()}
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         params = {n: alpha * p + (1 - alpha) * fixed[n] for n, p in model.named_parameters()}

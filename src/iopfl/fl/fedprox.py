@@ -20,12 +20,18 @@ def proximal_term(anchor: StateDict, weight: float):
     """(weight/2)·Σ‖p − anchor[p]‖² over the model's parameters (a penalty for LocalTrainer).
 
     Its gradient is weight·(p − anchor[p]). The anchor is a frozen copy taken now, so the penalty
-    stays valid even if the caller's tensors are live weights that training will change.
+    stays valid even if the caller's tensors are live weights that training will change; it moves to
+    the model's device once, at the first step.
     """
     frozen = {k: v.detach().clone() for k, v in anchor.items()}
 
     def penalty(model: nn.Module) -> torch.Tensor:
-        return 0.5 * weight * sum(((p - frozen[n]) ** 2).sum() for n, p in model.named_parameters())
+        terms = []
+        for n, p in model.named_parameters():
+            if frozen[n].device != p.device:
+                frozen[n] = frozen[n].to(p.device)
+            terms.append(((p - frozen[n]) ** 2).sum())
+        return 0.5 * weight * sum(terms)
 
     return penalty
 

@@ -2,12 +2,13 @@
 
 The trainer holds the client's training samples as stacked tensors and indexes batches from a seeded
 permutation, which avoids a DataLoader's per-sample collation (the dominant cost at CPU image sizes).
-All randomness comes from a ``torch.Generator`` the caller seeds, so a round is reproducible from
-(seed, round, client) alone.
+All randomness (batch order, augmentation) comes from a ``torch.Generator`` the caller seeds, so a
+round is reproducible from (seed, round, client) alone.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from iopfl.data.augment import AugmentSettings, augment_batch
 from iopfl.fl.aggregation import StateDict, clone_state
 from iopfl.models.losses import segmentation_loss
 
@@ -33,6 +35,22 @@ class TrainSettings:
     channels_last: bool = False
     #: "bf16" runs the forward pass under CPU autocast (loss and optimizer stay fp32).
     precision: str = "fp32"
+    #: None: batches are used as they are
+    augment: AugmentSettings | None = None
+    lr_schedule: str = "constant"
+    lr_min: float = 0.0
+    weight_decay: float = 0.0
+    #: T of the cosine schedule (the run's ``fl.rounds``)
+    rounds: int = 1
+
+
+def round_lr(settings: TrainSettings, round_: int) -> float:
+    """The learning rate of round ``round_`` (1-based) of ``settings.rounds``: constant, or cosine from
+    ``lr`` at round 1 down to ``lr_min`` at the last round (one round: ``lr``)."""
+    if settings.lr_schedule == "constant" or settings.rounds == 1:
+        return settings.lr
+    progress = (round_ - 1) / (settings.rounds - 1)
+    return settings.lr_min + (settings.lr - settings.lr_min) * (1 + math.cos(math.pi * progress)) / 2
 
 
 @dataclass
@@ -89,8 +107,14 @@ class LocalTrainer:
         self.settings = settings
         memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
         self.model.to(memory_format=memory_format)
+        self.images_format = memory_format
         self.images = images.contiguous(memory_format=memory_format)
         self.masks = masks
+        self.round = 1
+
+    def set_round(self, round_: int) -> None:
+        """The round the next ``train`` calls belong to (it sets their learning rate)."""
+        self.round = round_
 
     @property
     def num_samples(self) -> int:
@@ -115,8 +139,9 @@ class LocalTrainer:
         model.train()
         with frozen_except(model, trainable) as params:
             # the fused kernel updates all parameters in one pass (no per-tensor dispatch overhead)
-            optimizer = torch.optim.Adam([*params, *extra_params], lr=self.settings.lr,
-                                         amsgrad=self.settings.amsgrad, fused=True)
+            optimizer = torch.optim.Adam([*params, *extra_params], lr=round_lr(self.settings, self.round),
+                                         amsgrad=self.settings.amsgrad, weight_decay=self.settings.weight_decay,
+                                         fused=True)
             total, steps = self._epochs(forward or model, optimizer, generator, epochs, penalty, after_step)
         return TrainResult(clone_state(model.state_dict()), total / max(steps, 1), steps)
 
@@ -128,9 +153,10 @@ class LocalTrainer:
         total, steps = 0.0, 0
         for _ in range(self.settings.epochs if epochs is None else epochs):
             for idx in iterate_batches(self.num_samples, self.settings.batch_size, generator):
+                images, masks = self._batch(idx, generator)
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.settings.precision == "bf16"):
-                    logits = run(self.images[idx])
-                loss = segmentation_loss(logits.float(), self.masks[idx], self.settings.ce_weight)
+                    logits = run(images)
+                loss = segmentation_loss(logits.float(), masks, self.settings.ce_weight)
                 if penalty is not None:
                     loss = loss + penalty(model)
                 optimizer.zero_grad(set_to_none=True)
@@ -141,3 +167,12 @@ class LocalTrainer:
                 total += loss.item()
                 steps += 1
         return total, steps
+
+    def _batch(self, idx: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images ``[B, C, H, W]`` and masks ``[B, H, W]`` of the indexed samples, augmented when configured
+        (without augmentation nothing is drawn, so the batch order stream is today's)."""
+        images, masks = self.images[idx], self.masks[idx]
+        if self.settings.augment is None:
+            return images, masks
+        images, masks = augment_batch(images, masks, self.settings.augment, generator)
+        return images.contiguous(memory_format=self.images_format), masks

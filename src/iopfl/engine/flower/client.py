@@ -5,6 +5,8 @@ Node config (``flower-supernode --node-config "site='BIDMC' data-root='/data/SAM
 - ``site``: the site this SuperNode serves (its folder name under the data root). In Flower's
   simulation runtime there is no site key; the node's ``partition-id`` then indexes the run's
   training sites in order (``num-partitions`` must equal their number).
+- ``device``: where this site computes (``cpu``, ``cuda``, ``cuda:N``; default: the config's
+  ``runtime.device``) — each hospital has its own hardware.
 - ``data-root``: this machine's dataset folder (overrides the config's ``data.root``). Every other data
   setting comes from the iopfl config the server sends with each message, so a site needs no file.
 - ``state-dir``: where the site keeps its personal state between messages and across server restarts
@@ -74,6 +76,8 @@ class SiteNode:
         self.site = _resolve_site(tree, nc)
         if "data-root" in nc:
             tree["data"]["root"] = str(nc["data-root"])
+        if "device" in nc:  # each hospital computes on its own hardware
+            tree.setdefault("runtime", {})["device"] = str(resolve_device(str(nc["device"]), "node config 'device'"))
         tree["data"]["sites"] = [self.site]
         tree["data"]["holdout"] = None
         self.cfg: Config = build_config(tree, [], origin="config from the server")
