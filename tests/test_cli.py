@@ -28,6 +28,9 @@ def test_help(command):
     (["train", "{cfg}", "-o", "data.root={tmp}/nowhere", "-o", "data.source=folder"], "nowhere"),
     (["adapt", "{tmp}/norun", "--target", "X"], "norun"),
     (["report", "{tmp}"], "results.json"),
+    (["train", "{cfg}", "-o", "runtime.device=cuda:7" if __import__("torch").cuda.is_available() else "runtime.device=cuda"],
+     "runtime.device"),
+    (["train", "{cfg}", "-o", "train.precision=bf16"], "runtime.precision"),
 ])
 def test_user_errors_are_one_line_and_exit_2(tmp_path, args, needle):
     cfg = tmp_path / "c.yaml"
@@ -38,6 +41,7 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, args, needle):
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and needle in done.stderr
     assert len(done.stderr.strip().splitlines()) <= 3  # one message (rich may wrap a long line)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
     assert not (tmp_path / "run" / "results.json").exists()
 
 

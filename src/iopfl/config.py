@@ -127,7 +127,7 @@ class Config(_Section):
                              ce_weight=t.ce_weight, channels_last=self.runtime.channels_last,
                              precision=resolve_precision(self.runtime.precision, device), augment=self.augment_settings(),
                              lr_schedule=t.lr_schedule, lr_min=t.lr_min, weight_decay=t.weight_decay,
-                             rounds=self.fl.rounds)
+                             rounds=self.fl.rounds, device=str(device), compile=self.runtime.compile)
 
     def augment_settings(self) -> AugmentSettings | None:
         """The training augmentation, or None; colour jitter only where channels are colours (2D

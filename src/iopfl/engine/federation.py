@@ -103,9 +103,10 @@ class Federation:
             self.sites.close()
 
     def _run(self, resume: bool) -> dict[str, Any]:
-        checkpoint = self._open(resume)
+        checkpoint = self._checkpoint(resume)
         self.run_key = checkpoint[1]["run_key"] if checkpoint else uuid.uuid4().hex[:16]
         self.roster = self.sites.connect(self.run_key, checkpoint[1]["sites"] if checkpoint else None)
+        self.dir.create()  # after connecting: data that cannot be read leaves no folder behind
         self.global_weights = initial_weights(self.cfg, network_builder(self.roster.network))
         if checkpoint:
             self._restore(*checkpoint)
@@ -197,18 +198,17 @@ class Federation:
         return results
 
     # --- run directory, checkpoint, resume --------------------------------------------------------
-    def _open(self, resume: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    def _checkpoint(self, resume: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         """The checkpoint to resume from, checked (None: a new run)."""
         exists = self.dir.checkpoint.exists()
         if exists and not resume:
             raise UserError(f"{self.dir.path}: already holds a run; pass --resume to continue it "
                             "or choose another --out")
-        checkpoint = read_run_checkpoint(self.dir.checkpoint, self.sites.engine, self.cfg.digest()) if exists else None
-        self.dir.create()
-        if checkpoint is None:  # what a run that died before its first checkpoint left
-            self.dir.metrics.unlink(missing_ok=True)
-            (self.dir.path / "run.log").unlink(missing_ok=True)
-        return checkpoint
+        if exists:
+            return read_run_checkpoint(self.dir.checkpoint, self.sites.engine, self.cfg.digest())
+        self.dir.metrics.unlink(missing_ok=True)  # what a run that died before its first checkpoint left
+        (self.dir.path / "run.log").unlink(missing_ok=True)
+        return None
 
     def _start(self) -> None:
         atomic_write_text(self.dir.path / "config.yaml", self.cfg.to_yaml())

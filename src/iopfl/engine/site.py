@@ -146,11 +146,16 @@ class SiteClient:
         return path
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {**pack(f"personal/{self.name}", self.personal), **pack(f"best/{self.name}", self.best.weights)}
+        """Everything the site carries from round to round (an fp16 trainer's gradient scale too)."""
+        scaler = self.trainer.scaler_state() if self.trainer else {}
+        return {**pack(f"personal/{self.name}", self.personal), **pack(f"best/{self.name}", self.best.weights),
+                **pack(f"scaler/{self.name}", scaler)}
 
     def load_state(self, tensors: dict[str, torch.Tensor], best_state: dict[str, Any]) -> None:
         self.personal = unpack(f"personal/{self.name}", tensors)
         self.best = Selected.restore(best_state, unpack(f"best/{self.name}", tensors))
+        if self.trainer:
+            self.trainer.load_scaler_state(unpack(f"scaler/{self.name}", tensors))
 
 
 # --- set-up shared by every engine ---------------------------------------------------------------

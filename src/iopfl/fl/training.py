@@ -19,6 +19,7 @@ from torch import nn
 from iopfl.data.augment import AugmentSettings, augment_batch
 from iopfl.fl.aggregation import StateDict, clone_state
 from iopfl.models.losses import segmentation_loss
+from iopfl.runtime import autocast
 
 Penalty = Callable[[nn.Module], torch.Tensor]
 
@@ -33,8 +34,13 @@ class TrainSettings:
     amsgrad: bool = True
     ce_weight: float = 0.0
     channels_last: bool = False
-    #: "bf16" runs the forward pass under CPU autocast (loss and optimizer stay fp32).
+    #: "bf16" / "fp16" run the forward pass under autocast (loss and optimizer stay fp32; fp16 with a
+    #: gradient scaler)
     precision: str = "fp32"
+    #: where the model trains: "cpu", "cuda", "cuda:N" (a resolved ``runtime.device``)
+    device: str = "cpu"
+    #: ``torch.compile`` the training forward
+    compile: bool = False
     #: None: batches are used as they are
     augment: AugmentSettings | None = None
     lr_schedule: str = "constant"
@@ -58,6 +64,17 @@ class TrainResult:
     weights: StateDict
     loss: float
     steps: int
+
+
+def resident(images: torch.Tensor, masks: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training samples where batches are read from: on ``device`` when they take at most a
+    quarter of its free memory (one copy for the whole run), else pinned host memory."""
+    if device.type != "cuda":
+        return images, masks
+    free, _ = torch.cuda.mem_get_info(device)
+    if images.nbytes + masks.nbytes <= free // 4:
+        return images.to(device), masks.to(device)
+    return images.pin_memory(), masks.pin_memory()
 
 
 def iterate_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -90,7 +107,9 @@ def frozen_except(model: nn.Module, trainable: Callable[[str], bool] | None) -> 
 
 
 class LocalTrainer:
-    """Trains a fresh copy of the model from given weights on one client's samples.
+    """Trains a fresh copy of the model from given weights on one client's samples, on
+    ``settings.device``: the samples move there once when they fit in a quarter of its free memory,
+    else they stay in pinned host memory and each batch is copied without blocking.
 
     Args:
         build: makes the (untrained) network; called once, the instance is reused across rounds.
@@ -103,13 +122,14 @@ class LocalTrainer:
                  settings: TrainSettings):
         if len(images) == 0:
             raise ValueError("a client needs at least one training sample")
-        self.model = build()
         self.settings = settings
+        self.device = torch.device(settings.device)
         memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
-        self.model.to(memory_format=memory_format)
+        self.model = build().to(self.device, memory_format=memory_format)
+        self.forward = torch.compile(self.model) if settings.compile else self.model
         self.images_format = memory_format
-        self.images = images.contiguous(memory_format=memory_format)
-        self.masks = masks
+        self.images, self.masks = resident(images.contiguous(memory_format=memory_format), masks, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type) if settings.precision == "fp16" else None
         self.round = 1
 
     def set_round(self, round_: int) -> None:
@@ -142,7 +162,7 @@ class LocalTrainer:
             optimizer = torch.optim.Adam([*params, *extra_params], lr=round_lr(self.settings, self.round),
                                          amsgrad=self.settings.amsgrad, weight_decay=self.settings.weight_decay,
                                          fused=True)
-            total, steps = self._epochs(forward or model, optimizer, generator, epochs, penalty, after_step)
+            total, steps = self._epochs(forward or self.forward, optimizer, generator, epochs, penalty, after_step)
         return TrainResult(clone_state(model.state_dict()), total / max(steps, 1), steps)
 
     def _epochs(self, run: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,
@@ -154,24 +174,47 @@ class LocalTrainer:
         for _ in range(self.settings.epochs if epochs is None else epochs):
             for idx in iterate_batches(self.num_samples, self.settings.batch_size, generator):
                 images, masks = self._batch(idx, generator)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.settings.precision == "bf16"):
+                with autocast(self.device, self.settings.precision):
                     logits = run(images)
                 loss = segmentation_loss(logits.float(), masks, self.settings.ce_weight)
                 if penalty is not None:
                     loss = loss + penalty(model)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                self._step(loss, optimizer)
                 if after_step is not None:
                     after_step()
                 total += loss.item()
                 steps += 1
         return total, steps
 
+    def _step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            loss.backward()
+            optimizer.step()
+            return
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def scaler_state(self) -> dict[str, torch.Tensor]:
+        """The fp16 gradient scaler's state as tensors (empty without fp16), for the site's checkpoint."""
+        if self.scaler is None:
+            return {}
+        state = self.scaler.state_dict()
+        return {"scale": torch.tensor(float(state.get("scale", self.scaler.get_scale()))),
+                "growth_tracker": torch.tensor(int(state.get("_growth_tracker", 0)))}
+
+    def load_scaler_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.scaler is not None and tensors:
+            self.scaler.load_state_dict({**self.scaler.state_dict(), "scale": float(tensors["scale"]),
+                                         "_growth_tracker": int(tensors["growth_tracker"])})
+
     def _batch(self, idx: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images ``[B, C, H, W]`` and masks ``[B, H, W]`` of the indexed samples, augmented when configured
-        (without augmentation nothing is drawn, so the batch order stream is today's)."""
-        images, masks = self.images[idx], self.masks[idx]
+        """Images ``[B, C, H, W]`` and masks ``[B, H, W]`` of the indexed samples on the training device,
+        augmented when configured (without augmentation nothing is drawn, so the batch order stream is
+        today's)."""
+        images = self.images[idx].to(self.device, non_blocking=True)
+        masks = self.masks[idx].to(self.device, non_blocking=True)
         if self.settings.augment is None:
             return images, masks
         images, masks = augment_batch(images, masks, self.settings.augment, generator)

@@ -1,0 +1,80 @@
+"""The device-sensitive paths, on every device this machine has: CPU always, CUDA when
+``torch.cuda.is_available()`` (reported as skipped, with the reason, where there is none). The same
+suite run on a GPU machine verifies it."""
+
+import pytest
+import torch
+
+from _tiny import tiny_config
+from iopfl.engine.federation import Federation
+from iopfl.engine.inprocess import in_process_run
+from iopfl.fl.training import LocalTrainer, TrainSettings
+from iopfl.models import build_model
+from iopfl.seeding import derive_generator
+
+DEVICES = [pytest.param("cpu", id="cpu"),
+           pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                   reason="no CUDA device on this machine"))]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param
+
+
+def _samples(n: int = 6, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    masks = (torch.rand(n, size, size, generator=g) > 0.7).long()
+    return masks[:, None].float().repeat(1, 3, 1, 1) + 0.3 * torch.randn(n, 3, size, size, generator=g), masks
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_a_local_training_round_on_each_device(device, precision):
+    build = lambda: build_model(3, 2, 4, 2)  # noqa: E731
+    images, masks = _samples()
+    start = build().state_dict()
+    settings = TrainSettings(batch_size=3, precision=precision, device=device, augment=None)
+    trainer = LocalTrainer(build, images, masks, settings)
+    assert next(trainer.model.parameters()).device.type == device
+    result = trainer.train(start, derive_generator(0, "round"))
+    assert torch.isfinite(torch.tensor(result.loss)) and result.steps == 2
+    # what leaves the trainer is a CPU copy, whatever the device (checkpoints and messages need no GPU)
+    assert all(v.device.type == "cpu" for v in result.weights.values())
+    assert any(not torch.equal(result.weights[k], start[k]) for k in start if start[k].is_floating_point())
+    again = LocalTrainer(build, images, masks, settings).train(start, derive_generator(0, "round"))
+    assert all(torch.equal(result.weights[k], again.weights[k]) for k in start)  # deterministic
+
+
+def test_fp16_keeps_its_gradient_scale_in_the_site_state(device):
+    build = lambda: build_model(3, 2, 4, 2)  # noqa: E731
+    images, masks = _samples()
+    settings = TrainSettings(batch_size=3, precision="fp16", device=device)
+    trainer = LocalTrainer(build, images, masks, settings)
+    trainer.load_scaler_state({"scale": torch.tensor(1024.0), "growth_tracker": torch.tensor(3)})  # as if lowered
+    trainer.train(build().state_dict(), derive_generator(0, "round"))
+    state = trainer.scaler_state()
+    assert float(state["scale"]) == 1024.0 and int(state["growth_tracker"]) == 3 + 2  # two clean steps
+    fresh = LocalTrainer(build, images, masks, settings)
+    fresh.load_scaler_state(state)
+    assert fresh.scaler.get_scale() == 1024.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_resume_is_exact_on_each_device(device, precision, tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path / "cache", [f"runtime.device={device}", f"runtime.precision={precision}"])
+    expected = in_process_run(cfg, tmp_path / "whole").run()
+    original = Federation._train_round
+
+    def crash_in_round_3(self, round_):
+        if round_ == 3:
+            raise KeyboardInterrupt
+        original(self, round_)
+
+    monkeypatch.setattr(Federation, "_train_round", crash_in_round_3)
+    with pytest.raises(KeyboardInterrupt):
+        in_process_run(cfg, tmp_path / "run").run()
+    monkeypatch.setattr(Federation, "_train_round", original)
+    resumed = in_process_run(cfg, tmp_path / "run").run(resume=True)
+    for key in ("models", "last_round", "selection"):
+        assert resumed[key] == expected[key]
