@@ -80,16 +80,20 @@ def load_dataset(cfg: DataConfig) -> DatasetSpec:
                        source.context)
 
 
-
-
 def load_unlabelled(path: Path, image_size: int) -> list[Case]:
-    """Cases from a folder of NIfTI volumes or of 2D images (``iopfl adapt``/``predict`` inputs)."""
-    from iopfl.data.images2d import load_image_folder
+    """Cases of an ``iopfl adapt``/``predict`` input folder: NIfTI volumes, 2D images, or a site folder
+    (``images/`` + ``masks/``, as for training). Labels are read where the folder has them (a site
+    folder's masks, ``*_segmentation`` volumes) so that the outside site can be scored; the methods
+    never see them."""
+    from iopfl.data.folder import is_flat
+    from iopfl.data.images2d import load_image_folder, load_site_folder
     from iopfl.data.io import is_nifti
     from iopfl.data.prostate import load_volume_folder
 
     if not path.is_dir():
         raise UserError(f"{path}: folder not found")
+    if is_flat(path):
+        return load_site_folder(path, image_size)
     if any(is_nifti(p) for p in path.iterdir()):
         return load_volume_folder(path, image_size)
     return load_image_folder(path, image_size)

@@ -12,6 +12,29 @@ import torch
 from torch.utils.data import Dataset
 
 
+@dataclass(frozen=True)
+class PackedMask:
+    """A class map ``[S, H, W]`` kept as bit planes (``np.packbits``, one plane per bit of the largest
+    class): the original-resolution masks of the polyp sites are ~670 Mpx, an eighth of that as bits."""
+
+    shape: tuple[int, int, int]
+    planes: np.ndarray  # uint8 [P, ⌈S·H·W / 8⌉]
+
+    @classmethod
+    def pack(cls, mask: np.ndarray) -> PackedMask:
+        bits = max(1, int(mask.max(initial=0)).bit_length())
+        flat = mask.astype(np.uint8).ravel()
+        return cls(tuple(int(n) for n in mask.shape), np.stack([np.packbits((flat >> b) & 1) for b in range(bits)]))
+
+    def unpack(self) -> np.ndarray:
+        """The class map, uint8 ``[S, H, W]``."""
+        count = int(np.prod(self.shape))
+        out = np.zeros(count, np.uint8)
+        for b, plane in enumerate(self.planes):
+            out |= np.unpackbits(plane, count=count) << b
+        return out.reshape(self.shape)
+
+
 @dataclass
 class Case:
     """One case: a 3D volume (S slices) or a 2D image (S = 1), preprocessed.
@@ -19,6 +42,9 @@ class Case:
     ``image``: float32 ``[S, C, H, W]``; ``mask``: uint8 ``[S, H, W]`` class indices or None when
     unlabelled; ``spacing``: mm per voxel along (S, H, W) after resizing ((1, 1, 1) = pixels);
     ``meta``: what writing a prediction back needs (original shape, affine, format).
+    Metrics are computed on the original grid: ``original_mask`` holds the labels there (``[S, H0, W0]``;
+    None when unlabelled or when that grid is the mask's own), ``original_spacing`` its voxel size
+    (None: ``spacing``).
     """
 
     site: str
@@ -28,10 +54,31 @@ class Case:
     spacing: tuple[float, float, float]
     source: str
     meta: dict[str, Any] = field(default_factory=dict)
+    original_mask: PackedMask | None = None
+    original_spacing: tuple[float, float, float] | None = None
 
     @property
     def num_slices(self) -> int:
         return int(self.image.shape[0])
+
+    @property
+    def original_size(self) -> tuple[int, int]:
+        """In-plane size ``(H0, W0)`` of the input file (NIfTI: its first two axes)."""
+        shape = self.meta.get("shape")
+        return (int(shape[0]), int(shape[1])) if shape else tuple(self.image.shape[-2:])
+
+    def truth(self) -> np.ndarray | None:
+        """Labels on the original grid, uint8 ``[S, H0, W0]`` (None when unlabelled)."""
+        return self.original_mask.unpack() if self.original_mask is not None else self.mask
+
+    def grid_spacing(self) -> tuple[float, float, float]:
+        """Voxel size of the original grid: mm for volumes, (1, 1, 1) = pixels for 2D images."""
+        return self.original_spacing or self.spacing
+
+
+def original_labels(full: np.ndarray, resized: np.ndarray) -> PackedMask | None:
+    """``full [S, H0, W0]`` packed for scoring, or None when resizing kept the grid (``resized`` is it)."""
+    return None if full.shape == resized.shape else PackedMask.pack(full)
 
 
 @dataclass

@@ -21,7 +21,7 @@ SPLIT_NAMES = ("train", "val", "test")
 SEQUENCE_ROW = re.compile(r"(\d+)\s+to\s+(\d+)\s*\|\s*(\d+)")
 
 
-def _is_flat(path: Path) -> bool:
+def is_flat(path: Path) -> bool:
     return (path / "images").is_dir() and (path / "masks").is_dir()
 
 
@@ -30,7 +30,7 @@ def _is_split(path: Path) -> bool:
 
 
 def is_site(path: Path) -> bool:
-    return _is_flat(path) or _is_split(path)
+    return is_flat(path) or _is_split(path)
 
 
 def sequence_groups(site_dir: Path, stems: list[str]) -> dict[str, str] | None:
@@ -81,7 +81,7 @@ def discover(root: Path, cfg: DataConfig) -> list[Path]:
 
 
 def load_site(root: Path, site_dir: Path, cfg: DataConfig) -> SiteData:
-    return load_flat_site(site_dir, cfg) if _is_flat(site_dir) else load_split_site(site_dir, cfg)
+    return load_flat_site(site_dir, cfg) if is_flat(site_dir) else load_split_site(site_dir, cfg)
 
 
 SOURCE = Source("folder", discover, load_site, in_channels=3, num_classes=2,

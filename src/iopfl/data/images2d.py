@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iopfl.data.base import Case
+from iopfl.data.base import Case, original_labels
 from iopfl.data.io import IMAGE_SUFFIXES, read_image, read_mask_rgb, resize_images, resize_masks, \
     storage_round, zscore
 from iopfl.errors import UserError
@@ -51,18 +51,21 @@ def pair_files(image_dir: Path, mask_dir: Path) -> dict[str, tuple[Path, Path]]:
 
 def image_to_case(site: str, case_id: str, image_path: Path, mask_path: Path | None, size: int,
                   mask_rule: MaskRule = any_channel_foreground) -> Case:
-    """Read an RGB image (grey replicated) and its mask; normalise per image; resize to size²."""
+    """Read an RGB image (grey replicated) and its mask; normalise per image; resize to size² (the mask
+    is also kept at the image's own size, where it is scored)."""
     rgb = read_image(image_path, "RGB")
-    mask = None
+    mask = original = None
     if mask_path is not None:
         raw = read_mask_rgb(mask_path)
         if raw.shape[:2] != rgb.shape[:2]:
             raise UserError(f"{mask_path}: mask size {raw.shape[1]}×{raw.shape[0]} differs from its image "
                             f"{rgb.shape[1]}×{rgb.shape[0]}")
-        mask = resize_masks(mask_rule(raw)[None], size)
+        full = mask_rule(raw)[None]
+        mask = resize_masks(full, size)
+        original = original_labels(full, mask)
     image = storage_round(resize_images(zscore(rgb).transpose(2, 0, 1)[None], size))
     meta = {"format": "image", "shape": list(rgb.shape[:2])}
-    return Case(site, case_id, image, mask, (1.0, 1.0, 1.0), str(image_path), meta)
+    return Case(site, case_id, image, mask, (1.0, 1.0, 1.0), str(image_path), meta, original)
 
 
 def load_image_folder(folder: Path, size: int) -> list[Case]:
@@ -71,3 +74,9 @@ def load_image_folder(folder: Path, size: int) -> list[Case]:
     if not files:
         raise UserError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
     return [image_to_case(folder.name, stem, path, None, size) for stem, path in files.items()]
+
+
+def load_site_folder(folder: Path, size: int) -> list[Case]:
+    """Every image/mask pair of a site folder (``images/`` + ``masks/``, same stems), labelled."""
+    pairs = pair_files(folder / "images", folder / "masks")
+    return [image_to_case(folder.name, stem, image, mask, size) for stem, (image, mask) in pairs.items()]

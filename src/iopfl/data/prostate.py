@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iopfl.data.base import Case, SiteData, Source
+from iopfl.data.base import Case, SiteData, Source, original_labels
 from iopfl.data.config import DataConfig
 from iopfl.data.io import check_finite, is_nifti, nifti_stem, read_nifti, resize_images, resize_masks, \
     storage_round, zscore
@@ -51,18 +51,21 @@ def volume_to_case(site: str, case_id: str, image_path: Path, label_path: Path |
     """Read, check, normalise and resize one volume; slices ``[S, 1, size, size]``."""
     data, affine, zooms = read_nifti(image_path)
     check_finite(data, image_path)
-    mask = None
+    mask = original = None
     if label_path is not None:
         labels, _, _ = read_nifti(label_path)
         if labels.shape != data.shape:
             raise UserError(f"{label_path}: shape {labels.shape} differs from its image {data.shape}")
-        mask = resize_masks(np.moveaxis(labels > 0, 2, 0).astype(np.uint8), size)
+        full = np.moveaxis(labels > 0, 2, 0).astype(np.uint8)  # [Z, X, Y]
+        mask = resize_masks(full, size)
+        original = original_labels(full, mask)
     x, y, z = data.shape
     slices = np.moveaxis(zscore(data, (0.5, 99.5)), 2, 0)[:, None]  # [Z, 1, X, Y]
     image = storage_round(resize_images(slices, size))
     spacing = (zooms[2], zooms[0] * x / size, zooms[1] * y / size)
     meta = {"format": "nifti", "shape": [x, y, z], "affine": affine.tolist()}
-    return Case(site, case_id, image, mask, spacing, str(image_path), meta)
+    return Case(site, case_id, image, mask, spacing, str(image_path), meta, original,
+                (zooms[2], zooms[0], zooms[1]))
 
 
 def resolve_splits(root: Path, site: str, case_ids: list[str], cfg: DataConfig) -> Split:

@@ -1,5 +1,6 @@
 """Write predicted masks back in the input's format: NIfTI with the input's shape and affine for
-volumes, PNG at the input's size for 2D images. Files are written atomically."""
+volumes, PNG at the input's size for 2D images. Predictions arrive on the input's own grid (upsampled
+probabilities, see ``iopfl.evaluation.evaluate.labels_on_original_grid``); files are written atomically."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import numpy as np
 from PIL import Image
 
 from iopfl.data.base import Case
-from iopfl.data.io import resize_masks
 from iopfl.fileio import atomic_write_bytes
 
 
@@ -21,19 +21,18 @@ def output_name(case: Case) -> str:
 
 
 def write_prediction(case: Case, pred: np.ndarray, out_dir: Path, num_classes: int) -> Path:
-    """Save the class map ``pred [S, H, W]`` of ``case`` under ``out_dir``; returns the file."""
+    """Save the class map ``pred [S, H0, W0]`` (the case's original grid) under ``out_dir``; returns the file."""
+    if tuple(pred.shape[-2:]) != case.original_size:
+        raise ValueError(f"{case.case_id}: prediction {pred.shape} is not on the input's grid {case.original_size}")
     out_dir = Path(out_dir)
     if case.meta.get("format") == "nifti":
-        x, y, _ = case.meta["shape"]
-        volume = np.moveaxis(resize_masks(pred, (x, y)), 0, 2).astype(np.uint8)  # [X, Y, Z]
+        volume = np.moveaxis(pred, 0, 2).astype(np.uint8)  # [X, Y, Z]
         img = nib.Nifti1Image(volume, np.asarray(case.meta["affine"]))
         img.header.set_xyzt_units("mm")
         path = out_dir / f"{output_name(case)}.nii.gz"
         atomic_write_bytes(path, gzip.compress(img.to_bytes(), mtime=0))
         return path
-    h, w = case.meta.get("shape", pred.shape[-2:])
-    labels = resize_masks(pred, (h, w))[0]
-    grey = (labels.astype(np.uint16) * (255 // max(1, num_classes - 1))).astype(np.uint8)
+    grey = (pred[0].astype(np.uint16) * (255 // max(1, num_classes - 1))).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(grey).save(buf, format="PNG")
     path = out_dir / f"{output_name(case)}.png"

@@ -27,7 +27,7 @@ from iopfl.engine.flower.state import SiteStateStore
 from iopfl.engine.rundir import RunDir
 from iopfl.engine.site import network_builder
 from iopfl.errors import UserError
-from iopfl.evaluation.evaluate import predict_case, score_case
+from iopfl.evaluation.evaluate import labels_on_original_grid, predict_original, score_case
 from iopfl.evaluation.metrics import summarize_cases
 from iopfl.fl.aggregation import StateDict
 from iopfl.fl import STRATEGIES
@@ -106,12 +106,13 @@ def batches_of(cases: list[Case], context: int, batch_size: int) -> tuple[list[t
     return batches, owners
 
 
-def assemble(probs: list[torch.Tensor], owners: list[int], n_cases: int) -> list[np.ndarray]:
-    """Per-case class maps ``[S, H, W]`` from per-batch probabilities ``[B, K, H, W]``."""
-    parts: list[list[torch.Tensor]] = [[] for _ in range(n_cases)]
+def assemble(probs: list[torch.Tensor], owners: list[int], cases: list[Case]) -> list[np.ndarray]:
+    """Per-case class maps ``[S, H0, W0]`` on each case's original grid from per-batch probabilities
+    ``[B, K, H, W]``."""
+    parts: list[list[torch.Tensor]] = [[] for _ in cases]
     for p, i in zip(probs, owners):
-        parts[i].append(p.argmax(dim=1).to(torch.uint8))
-    return [torch.cat(chunks).numpy() for chunks in parts]
+        parts[i].append(p)
+    return [labels_on_original_grid(torch.cat(chunks), case) for chunks, case in zip(parts, cases)]
 
 
 def method_names(method: str) -> list[str]:
@@ -139,7 +140,7 @@ def adapt_cases(run: TrainedRun, cases: list[Case], methods: list[str], out: Pat
     models: dict[str, Any] = {}
     for name in methods:
         method = build_method(name, run.experts(), run.build(), cfg.adapt)
-        preds = assemble(method.adapt_and_predict(batches), owners, len(cases))
+        preds = assemble(method.adapt_and_predict(batches), owners, cases)
         if out is not None:
             for case, pred in zip(cases, preds):
                 write_prediction(case, pred, out / name, run.network["num_classes"])
@@ -158,7 +159,7 @@ def run_adapt(run_dir: Path, target: str, method: str, out: Path, overrides: lis
     cases = target_cases(run, target)
     models = adapt_cases(run, cases, methods, out, cfg)
     results = {"method": "outside", "dataset": run.cfg.data.source, "seed": cfg.adapt.seed,
-               "target": Path(target).name, "experts": run.expert_names(), "models": models}
+               "target": Path(target).name, "experts": run.expert_names(), "models": models, "grid": "original"}
     RunDir(out).write_json("results.json", results)
     if models:
         (out / "report.md").write_text(f"# Outside: {results['target']}\n\n" + models_table(models))
@@ -178,7 +179,7 @@ def run_predict(run_dir: Path, site: str, inputs: list[Path], out: Path, model: 
     written = []
     for path in inputs:
         for case in _input_cases(Path(path), run.network["image_size"]):
-            pred = predict_case(net, case, run.network["context"], run.cfg.eval.batch_size)
+            pred = predict_original(net, case, run.network["context"], run.cfg.eval.batch_size)
             written.append(write_prediction(case, pred, out, run.network["num_classes"]))
     return written
 

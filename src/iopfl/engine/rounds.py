@@ -110,4 +110,5 @@ def results_json(run: Federation, published: list[str]) -> dict[str, Any]:
         "published": published,
         "experts": {s: f"experts/{s}.safetensors" for s in published},
         "units": {"dice": "fraction", "hd95": "mm", "assd": "mm"},
+        "grid": "original",  # scored at each input's own size and spacing (2D distances: pixels)
     }
