@@ -100,6 +100,22 @@ def test_summaries():
     assert s["regions"]["r1"]["dice"] == pytest.approx(0.25) and s["ref_dice"] == pytest.approx(0.7)
     overall = summarize_sites([s, {**s, "dice": 1.0}, summarize_cases([])])
     assert overall["dice"] == pytest.approx(0.75)
+    other = summarize_cases([{**cases[0], "regions": {"r1": {"dice": 1.0, "hd95": 0.0, "assd": 0.0},
+                                                      "r2": {"dice": 0.0, "hd95": 8.0, "assd": 4.0}}}])
+    both = summarize_sites([s, other])  # per region: the mean over sites of each site's region mean
+    assert both["regions"]["r1"]["dice"] == pytest.approx((0.25 + 1.0) / 2)
+    assert both["regions"]["r2"]["hd95"] == pytest.approx((1.0 + 8.0) / 2)
+
+
+def test_regions_table_lists_each_region_when_there_are_several():
+    from iopfl.report.tables import regions_table
+
+    site = {"dice": 0.5, "regions": {"disc": {"dice": 0.8}, "cup": {"dice": 0.2}}}
+    models = {"personalized": {"sites": {"D1": site}, "mean": site}}
+    table = regions_table(models)
+    assert "| personalized | disc | 80.00 | 80.00 |" in table and "| personalized | cup | 20.00 | 20.00 |" in table
+    single = {"dice": 0.5, "regions": {"fg": {"dice": 0.5}}}
+    assert regions_table({"m": {"sites": {"A": single}, "mean": single}}) == ""
 
 
 @pytest.mark.parametrize("shape,spacing", [((1, 40, 48), (1.0, 0.7, 1.3)), ((9, 20, 24), (3.0, 1.0, 0.8))])

@@ -129,8 +129,13 @@ def summarize_cases(per_case: list[dict]) -> dict:
 
 
 def summarize_sites(site_summaries: list[dict]) -> dict:
-    """Overall figures: the unweighted mean over sites of each site's mean (sites without cases skipped)."""
+    """Overall figures: the unweighted mean over sites of each site's mean (sites without cases skipped),
+    and of each region's (fundus: disc and cup) under ``regions``."""
     scored = [s for s in site_summaries if s.get("n", 0) > 0]
     if not scored:
         return {m: math.nan for m in (*METRICS, "ref_dice")}
-    return {m: float(np.mean([s[m] for s in scored])) for m in (*METRICS, "ref_dice") if m in scored[0]}
+    out = {m: float(np.mean([s[m] for s in scored])) for m in (*METRICS, "ref_dice") if m in scored[0]}
+    names = scored[0].get("regions", {})
+    out["regions"] = {r: {m: float(np.mean([s["regions"][r][m] for s in scored])) for m in METRICS}
+                      for r in names}
+    return out

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from iopfl.fileio import atomic_write_text  # noqa: E402
-from iopfl.report.tables import models_table  # noqa: E402
+from iopfl.report.tables import models_table, regions_table  # noqa: E402
 
 
 def save_overlay(path: Path, image: np.ndarray, gt: np.ndarray | None, pred: np.ndarray, title: str) -> None:
@@ -65,6 +65,8 @@ def write_run_report(run_dir: Path) -> Path:
         parts.append("_Not federated learning: a reference point, not a competitor._\n")
     parts.append("## Test, val-selected models\n")
     parts.append(models_table(results["models"]))
+    if regions_table(results["models"]):
+        parts.append("\n" + regions_table(results["models"]))
     parts.append(f"\nSelected rounds: `{json.dumps(results.get('selection', {}))}`\n")
     if "last_round" in results:
         parts.append(f"\n## Test, last round ({results['last_round']['round']})\n")

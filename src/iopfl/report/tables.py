@@ -30,3 +30,17 @@ def models_table(models: dict[str, Any]) -> str:
             cells = [fmt(entry["sites"][s].get(key), scale) for s in sites]
             rows.append([name, label, *cells, fmt(entry["mean"].get(key), scale)])
     return markdown_table(header, rows)
+
+
+def regions_table(models: dict[str, Any]) -> str:
+    """Dice % per evaluated region (rows = model × region, columns = sites and the mean); empty when the
+    dataset has a single region, whose figures are those of :func:`models_table`."""
+    first = next(iter(models.values()), {"mean": {}})
+    regions = list(first["mean"].get("regions", {}))
+    if len(regions) < 2:
+        return ""
+    sites = list(first["sites"])
+    rows = [[name, region, *(fmt(entry["sites"][s]["regions"][region]["dice"], 100.0) for s in sites),
+             fmt(entry["mean"]["regions"][region]["dice"], 100.0)]
+            for name, entry in models.items() for region in regions]
+    return markdown_table(["model", "region (Dice %)", *sites, "mean"], rows)
