@@ -8,7 +8,7 @@ from iopfl.errors import UserError
 
 
 def test_shipped_configs_validate():
-    for name in ("demo", "prostate", "fundus", "polyp"):
+    for name in ("demo", "prostate", "prostate-cpu", "fundus", "polyp"):
         cfg = load_config(CONFIG_DIR / f"{name}.yaml")
         assert cfg.fl.rounds > 0
 
