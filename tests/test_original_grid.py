@@ -108,6 +108,27 @@ def test_a_resized_image_keeps_its_labels_at_its_own_size(tmp_path):
     assert image_to_case("s", "i", tmp_path / "i32.png", tmp_path / "m32.png", 32).original_mask is None
 
 
+def test_a_volume_is_scored_in_mm_on_its_own_grid(tmp_path):
+    """A 20×24×5 volume (0.5 × 0.5 × 3 mm) trained at 16²: a prediction equal to the truth on the
+    original grid scores Dice 1 / 0 mm, and a one-voxel shift along x scores 0.5 mm."""
+    import nibabel as nib
+
+    from iopfl.data.prostate import volume_to_case
+
+    label = np.zeros((20, 24, 5), np.uint8)
+    label[5:12, 6:14, 1:4] = 1
+    for name, array in (("Case00", np.random.default_rng(0).normal(size=label.shape)), ("Case00_seg", label)):
+        nib.save(nib.Nifti1Image(array.astype(np.float32), np.diag([0.5, 0.5, 3.0, 1.0])), str(tmp_path / f"{name}.nii.gz"))
+    case = volume_to_case("s", "Case00", tmp_path / "Case00.nii.gz", tmp_path / "Case00_seg.nii.gz", 16)
+    assert case.mask.shape == (5, 16, 16) and case.original_size == (20, 24)
+    assert case.grid_spacing() == (3.0, 0.5, 0.5) and case.spacing != case.grid_spacing()
+    truth = np.moveaxis(label, 2, 0)                                   # [Z, X, Y]
+    assert np.array_equal(case.truth(), truth)
+    assert score_case(truth.copy(), case, FG)["regions"]["fg"] == {"dice": 1.0, "hd95": 0.0, "assd": 0.0}
+    shifted = np.roll(truth, 1, axis=2)
+    assert score_case(shifted, case, FG)["regions"]["fg"]["hd95"] == pytest.approx(0.5)
+
+
 # --- end to end: a folder dataset of images of differing sizes ---------------------------------------
 
 SIZES = [(40, 52), (36, 36), (48, 40), (30, 58), (44, 44), (52, 34)]
