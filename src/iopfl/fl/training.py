@@ -211,8 +211,8 @@ class LocalTrainer:
 
     def _batch(self, idx: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Images ``[B, C, H, W]`` and masks ``[B, H, W]`` of the indexed samples on the training device,
-        augmented when configured (without augmentation nothing is drawn, so the batch order stream is
-        today's)."""
+        augmented when configured (without augmentation nothing is drawn from ``generator``, so such runs
+        keep their batch orders)."""
         images = self.images[idx].to(self.device, non_blocking=True)
         masks = self.masks[idx].to(self.device, non_blocking=True)
         if self.settings.augment is None:
