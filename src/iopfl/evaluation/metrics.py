@@ -1,5 +1,5 @@
-"""Segmentation metrics per case: Dice, HD95 and ASSD in millimetres (MONAI), with an explicit
-empty-mask policy, and the slice-wise "reference Dice" of the published code.
+"""Segmentation metrics per case: Dice, and HD95 and ASSD in millimetres (MONAI's surface distances),
+with an explicit empty-mask policy, and the slice-wise "reference Dice" of the published code.
 
 Empty-mask policy (docs/METHOD.md §4): both prediction and truth empty → Dice 1, HD95 0, ASSD 0;
 exactly one empty → Dice 0, HD95 = ASSD = the physical diagonal of the case (the worst distance
@@ -9,12 +9,10 @@ possible inside the image), so an empty case never yields NaN or inf.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-from monai.metrics import compute_dice
 from monai.metrics.utils import get_surface_distance
 from scipy import ndimage
 
@@ -38,12 +36,11 @@ def _region_scores(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], d
         p, g, sp = pred[0], gt[0], tuple(spacing[1:])
     else:
         p, g, sp = pred, gt, tuple(spacing)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # MONAI's deprecation chatter about return types
-        dice = compute_dice(torch.from_numpy(p)[None, None].float(), torch.from_numpy(g)[None, None].float(),
-                            include_background=True).item()
+    # 2|P ∩ G| / (|P| + |G|) from counts: MONAI's compute_dice (its definition) spent 0.1 s per
+    # megapixel frame on conversions
+    dice = _dice_from_counts(int(np.count_nonzero(p)), int(np.count_nonzero(g)), int(np.count_nonzero(p & g)))
     hd95, assd = _surface_distances(p, g, sp)
-    return {"dice": float(dice), "hd95": float(hd95), "assd": float(assd)}
+    return {"dice": dice, "hd95": float(hd95), "assd": float(assd)}
 
 
 def foreground_box(union: np.ndarray) -> tuple[slice, ...]:
