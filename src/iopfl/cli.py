@@ -107,7 +107,8 @@ def report(runs: Annotated[list[Path], typer.Argument(help="Run directories to c
 
 @app.command()
 def adapt(run: Annotated[Path, typer.Argument(help="A finished training run directory.")],
-          target: Annotated[str, typer.Option("--target", help="Held-out site of the run's dataset, or a folder of images / NIfTI volumes.")],
+          target: Annotated[str, typer.Option("--target", help="Held-out site of the run's dataset, a folder of images / NIfTI volumes, "
+                                                              "or a site folder (images/ + masks/, scored).")],
           method: Annotated[str, typer.Option("--method", help="iopfl | tent | bn | ensemble | global | all.")] = "iopfl",
           out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default RUN/outside/<target>).")] = None,
           override: Overrides = None):
@@ -125,7 +126,8 @@ def adapt(run: Annotated[Path, typer.Argument(help="A finished training run dire
 
 @app.command()
 def predict(run: Annotated[Path, typer.Argument(help="A finished training run directory.")],
-            inputs: Annotated[list[Path], typer.Argument(help="Image files, NIfTI volumes or folders of them.")],
+            inputs: Annotated[list[Path], typer.Argument(help="Image files, NIfTI volumes, folders of them, or site folders "
+                                                          "(images/ + masks/); masks come out at each input's size.")],
             site: Annotated[str, typer.Option("--site", help="Whose personalized model to use.")],
             out: Annotated[Path, typer.Option("--out", help="Output folder for the masks.")],
             model: Annotated[str, typer.Option("--model", help="personalized | global.")] = "personalized",

@@ -32,7 +32,7 @@ from iopfl.evaluation.metrics import summarize_cases
 from iopfl.fl.aggregation import StateDict
 from iopfl.fl import STRATEGIES
 from iopfl.models.routing import load_expert
-from iopfl.report.tables import models_table
+from iopfl.report.tables import models_table, regions_table
 
 
 @dataclass
@@ -162,7 +162,8 @@ def run_adapt(run_dir: Path, target: str, method: str, out: Path, overrides: lis
                "target": Path(target).name, "experts": run.expert_names(), "models": models, "grid": "original"}
     RunDir(out).write_json("results.json", results)
     if models:
-        (out / "report.md").write_text(f"# Outside: {results['target']}\n\n" + models_table(models))
+        (out / "report.md").write_text(f"# Outside: {results['target']}\n\n" + models_table(models)
+                                       + regions_table(models))
     return results
 
 
