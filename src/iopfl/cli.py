@@ -133,11 +133,13 @@ def predict(run: Annotated[Path, typer.Argument(help="A finished training run di
             model: Annotated[str, typer.Option("--model", help="personalized | global.")] = "personalized",
             state_dir: Annotated[Optional[Path], typer.Option(
                 "--state-dir", help="On a Flower site's own machine: its node config state-dir, for a "
-                "personalised model it did not publish.")] = None):
+                "personalised model it did not publish.")] = None,
+            device: Annotated[Optional[str], typer.Option(
+                "--device", help="cpu | cuda | cuda:N (default: the run's runtime.device).")] = None):
     """Segment new images or volumes with a site's val-selected model."""
     from iopfl.engine.outside import run_predict
 
-    written = run_predict(run, site, inputs, out, model, state_dir)
+    written = run_predict(run, site, inputs, out, model, state_dir, device)
     console.print(f"wrote {len(written)} masks to {out}")
 
 

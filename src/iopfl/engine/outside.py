@@ -29,10 +29,11 @@ from iopfl.engine.site import network_builder
 from iopfl.errors import UserError
 from iopfl.evaluation.evaluate import labels_on_original_grid, predict_original, score_case
 from iopfl.evaluation.metrics import summarize_cases
-from iopfl.fl.aggregation import StateDict
 from iopfl.fl import STRATEGIES
+from iopfl.fl.aggregation import StateDict
 from iopfl.models.routing import load_expert
 from iopfl.report.tables import models_table, regions_table
+from iopfl.runtime import resolve_device
 
 
 @dataclass
@@ -168,15 +169,17 @@ def run_adapt(run_dir: Path, target: str, method: str, out: Path, overrides: lis
 
 
 def run_predict(run_dir: Path, site: str, inputs: list[Path], out: Path, model: str,
-                state_dir: Path | None = None) -> list[Path]:
-    """``iopfl predict``: segment files/folders with ``site``'s val-selected model (or the global one)."""
+                state_dir: Path | None = None, device: str | None = None) -> list[Path]:
+    """``iopfl predict``: segment files/folders with ``site``'s val-selected model (or the global one),
+    on ``device`` (default: the run's ``runtime.device``)."""
     run = open_run(run_dir)
+    where = resolve_device(device, "--device") if device else resolve_device(run.cfg.runtime.device)
     if model not in ("personalized", "global"):
         raise UserError(f"--model: expected personalized or global, got '{model}'")
     if site not in run.sites:
         raise UserError(f"--site: '{site}' is not an inside site of {run_dir} (sites: {', '.join(run.sites)})")
     weights = personal_weights(run, site, state_dir) if model == "personalized" else run.global_weights
-    net = load_expert(run.build(), weights, 0)
+    net = load_expert(run.build(), weights, 0).to(where)
     written = []
     for path in inputs:
         for case in _input_cases(Path(path), run.network["image_size"]):
