@@ -153,7 +153,7 @@ def disc_site(root: Path, name: str, n: int, seed: int) -> Path:
 @pytest.fixture(scope="module")
 def folder_run(tmp_path_factory):
     from iopfl.config import build_config
-    from iopfl.engine.runner import FederatedRun
+    from iopfl.engine.inprocess import in_process_run
 
     root = tmp_path_factory.mktemp("grid")
     for k, name in enumerate(("A", "B", "C")):
@@ -162,7 +162,7 @@ def folder_run(tmp_path_factory):
                                  "cache_dir": str(root / "cache"), "holdout": "C"},
                         "model": {"width": 8, "depth": 2}, "fl": {"method": "iopfl", "rounds": 3},
                         "train": {"batch_size": 4, "lr": 0.01}, "eval": {"overlays": 0}})
-    results = FederatedRun(cfg, root / "run").run()
+    results = in_process_run(cfg, root / "run").run()
     return cfg, root, results
 
 

@@ -75,6 +75,11 @@ def val_dice_by_site(scores: dict[str, Scores]) -> dict[str, float]:
     return out
 
 
+def distance_unit(source: str) -> str:
+    """HD95/ASSD are in mm for volumes (voxel spacing) and in original pixels for 2D images."""
+    return "mm" if source in ("prostate", "synthetic") else "pixels"
+
+
 def model_entry(sites: dict[str, dict]) -> dict[str, Any]:
     from iopfl.evaluation.metrics import summarize_sites
 
@@ -109,6 +114,6 @@ def results_json(run: Federation, published: list[str]) -> dict[str, Any]:
         "selection": selection,
         "published": published,
         "experts": {s: f"experts/{s}.safetensors" for s in published},
-        "units": {"dice": "fraction", "hd95": "mm", "assd": "mm"},
+        "units": {"dice": "fraction", **dict.fromkeys(("hd95", "assd"), distance_unit(cfg.data.source))},
         "grid": "original",  # scored at each input's own size and spacing (2D distances: pixels)
     }

@@ -64,7 +64,8 @@ def results_table(results: dict[str, Any], selection: str = "val-selected") -> T
     table = Table(title=f"{results['method']} on {results['dataset']} — test, {selection}")
     table.add_column("model")
     table.add_column("site")
-    for col in ("Dice %", "HD95 mm", "ASSD mm"):
+    unit = results.get("units", {}).get("hd95", "mm")
+    for col in ("Dice %", f"HD95 {unit}", f"ASSD {unit}"):
         table.add_column(col, justify="right")
     for name, entry in models.items():
         rows = list(entry["sites"].items()) + [("mean", entry["mean"])]

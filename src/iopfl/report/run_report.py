@@ -63,6 +63,8 @@ def write_run_report(run_dir: Path) -> Path:
     parts = [f"# {results['method']} on {results['dataset']} (seed {results['seed']})\n"]
     if not results.get("federated", True):
         parts.append("_Not federated learning: a reference point, not a competitor._\n")
+    unit = results.get("units", {}).get("hd95", "mm")
+    parts.append(f"Distances (HD95, ASSD) in {unit}, on each case's original grid.\n")
     parts.append("## Test, val-selected models\n")
     parts.append(models_table(results["models"]))
     if regions_table(results["models"]):

@@ -1,11 +1,12 @@
-"""Markdown tables of results.json entries: Dice in percent, distances in millimetres."""
+"""Markdown tables of results.json entries: Dice in percent, distances in the run's unit (mm for
+volumes, original pixels for 2D images: results.json `units`)."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
-COLUMNS = (("dice", "Dice %", 100.0), ("hd95", "HD95 mm", 1.0), ("assd", "ASSD mm", 1.0))
+COLUMNS = (("dice", "Dice %", 100.0), ("hd95", "HD95", 1.0), ("assd", "ASSD", 1.0))
 
 
 def fmt(value: float, scale: float = 1.0) -> str:
