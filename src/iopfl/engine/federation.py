@@ -13,6 +13,7 @@ selection reads val only. The checkpoint after every round makes resuming exact.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -117,11 +118,16 @@ class Federation:
             self.progress.start(total, self.round + 1, len(sample_clients(self.cfg, self.roster.trainers, 1)))
         while self.round < total:
             round_ = self.round + 1
+            started = time.perf_counter()
             self._train_round(round_)
             self.round = round_
+            trained = time.perf_counter()
             if is_eval_round(self.cfg, round_):
                 self._evaluate_round(round_)
             self._save()
+            # where the time goes, for choosing eval.eval_every, workers, devices
+            self.log.info(f"round {round_}: trained in {trained - started:.1f} s, evaluated and "
+                          f"checkpointed in {time.perf_counter() - trained:.1f} s")
             if self.on_checkpoint:
                 self.on_checkpoint(round_)
         return self._finish()
