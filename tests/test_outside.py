@@ -1,5 +1,6 @@
 """Outside personalization end to end: leave-one-site-out run → iopfl adapt / predict."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -138,3 +139,32 @@ def test_cli_adapt_prints_the_table(holdout_run, tmp_path):
     assert done.returncode == 0, done.stderr
     for method in ("global", "bn", "tent", "ensemble", "iopfl"):
         assert f"| {method} | Dice %" in done.stdout
+
+
+def _routed_conv_count(run):
+    from torch import nn
+    return sum(isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) for m in run.build()().modules())
+
+
+def test_cli_adapt_iopfl_writes_the_gates(holdout_run, tmp_path):
+    cfg, root = holdout_run
+    done = subprocess.run([sys.executable, "-m", "iopfl.cli", "adapt", str(root / "run"), "--target", "SiteC",
+                           "--method", "iopfl", "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "o" / "gates.json").read_text())
+    assert (tmp_path / "o" / "gates.png").stat().st_size > 0
+    run = open_run(root / "run")
+    assert summary["experts"] == ["global", "SiteA", "SiteB", "SiteD"]
+    gates = np.array(summary["mean_gates"])
+    assert gates.shape == (_routed_conv_count(run), 4) == (len(summary["layers"]), 4)
+    assert ((gates > 0) & (gates < 1)).all()
+
+
+def test_gates_sum_to_one_with_the_sum_norm(holdout_run, tmp_path):
+    cfg, root = holdout_run
+    results = run_adapt(root / "run", "SiteC", "iopfl", tmp_path / "o", ["adapt.gate_norm=sum"])
+    assert "iopfl" in results["models"]
+    gates = np.array(json.loads((tmp_path / "o" / "gates.json").read_text())["mean_gates"])
+    assert ((gates > 0) & (gates < 1)).all()
+    assert np.allclose(gates.sum(axis=1), 1.0, atol=1e-6)

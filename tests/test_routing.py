@@ -7,7 +7,8 @@ from torch import nn
 
 from iopfl.errors import UserError
 from iopfl.models import UNet
-from iopfl.models.routing import RoutedConv2d, RoutedConvTranspose2d, route_experts, routers
+from iopfl.models.routing import RoutedConv2d, RoutedConvTranspose2d, Router, route_experts, routers
+from iopfl.models.stream_norm import StreamBatchNorm2d
 
 @pytest.fixture(autouse=True)
 def _float64():
@@ -115,3 +116,81 @@ def test_mismatched_experts_are_a_clear_error():
     other = UNet(3, 2, width=8, depth=2).state_dict()
     with pytest.raises(UserError, match="expert 1"):
         route_experts([states[0], other], build)
+
+
+@pytest.mark.parametrize("gate_norm", ["sigmoid", "sum"])
+@pytest.mark.parametrize("experts", [2, 5])
+def test_fixed_gate_inits(gate_norm, experts):
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 5, 5)
+    start = Router(6, experts, gate_norm, "global")(x)
+    target = torch.zeros(4, experts)
+    target[:, 0] = 1
+    assert (start - target).abs().max() < 1e-5 * experts
+    assert torch.allclose(Router(6, experts, gate_norm, "uniform")(x), torch.full((4, experts), 1 / experts),
+                          atol=1e-12)
+    # the paper's start: every gate near ½ (sigmoid of small logits), not a mixture summing to 1
+    if gate_norm == "sigmoid":
+        paper = Router(6, experts, gate_norm, "paper")(x)
+        assert ((paper - 0.5).abs() < 0.3).all() and not torch.allclose(paper, paper[:1])
+
+
+def test_global_gate_init_trains():
+    torch.manual_seed(0)
+    router = Router(6, 3, "sigmoid", "global")
+    gates = router(torch.randn(4, 6, 5, 5))
+    gates[:, 1].sum().backward()  # a loss that wants expert 1
+    last, first = router.mlp[-1], router.mlp[0]
+    assert last.bias.grad[1] != 0 and last.weight.grad.abs().sum() > 0
+    assert first.weight.grad.abs().sum() == 0   # zero last-layer weights: nothing reaches it at step 0
+
+
+def _bn(channels=3, seed=0):
+    torch.manual_seed(seed)
+    bn = nn.BatchNorm2d(channels)
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.bias.data.normal_()
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2.0)
+    return bn
+
+
+def test_stream_norm_uses_batch_statistics_from_min_batch_on():
+    bn = _bn()
+    norm = StreamBatchNorm2d(bn, min_batch=4).eval()
+    x = torch.randn(4, 3, 6, 6) * 3 + 1
+    ref = (x - x.mean((0, 2, 3), keepdim=True)) / torch.sqrt(x.var((0, 2, 3), unbiased=False, keepdim=True) + bn.eps)
+    assert torch.allclose(norm(x), ref * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1), atol=1e-10)
+
+
+def test_stream_norm_below_min_batch_is_the_hand_mixture_and_moves_only_when_predicting():
+    bn = _bn()
+    m = 0.1
+    norm = StreamBatchNorm2d(bn, min_batch=4, momentum=m)
+    x = torch.randn(1, 3, 6, 6) * 2 + 3
+    mu_b, var_b = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+    mu = (1 - m) * bn.running_mean + m * mu_b
+    var = (1 - m) * bn.running_var + m * var_b + m * (1 - m) * (mu_b - bn.running_mean) ** 2
+    expected = (x - mu.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + bn.eps)
+    expected = expected * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)
+    norm.train()  # a loss forward: same normalisation, the stream stays
+    assert torch.allclose(norm(x), expected, atol=1e-10)
+    assert torch.equal(norm.stream_mean, bn.running_mean)
+    norm.eval()   # a prediction: the stream moves to the mixture
+    assert torch.allclose(norm(x), expected, atol=1e-10)
+    assert torch.allclose(norm.stream_mean, mu) and torch.allclose(norm.stream_var, var)
+    # a large predicted batch moves the stream by the same rule and is normalised with its own statistics
+    big = torch.randn(6, 3, 6, 6)
+    norm(big)
+    mu_big = big.mean((0, 2, 3))
+    assert torch.allclose(norm.stream_mean, (1 - m) * mu + m * mu_big)
+
+
+def test_stream_norm_with_min_batch_one_is_plain_batch_statistics():
+    bn = _bn()
+    norm = StreamBatchNorm2d(bn, min_batch=1).eval()
+    plain = nn.BatchNorm2d(3, track_running_stats=False)
+    plain.load_state_dict({"weight": bn.weight, "bias": bn.bias})
+    x = torch.randn(1, 3, 6, 6)
+    assert torch.allclose(norm(x), plain(x), atol=1e-10)
+    assert torch.equal(norm.stream_mean, bn.running_mean)

@@ -5,6 +5,12 @@ that batch with the updated model (dropout off). ``passes`` repeats this over al
 returned predictions are those of the last pass — never a pass chosen by labels, which no method
 ever sees. Augmentation randomness is fresh for every batch, drawn from a generator seeded by
 (seed, pass, batch index).
+
+``adapt.protocol=published`` follows the published test-time script instead (med-air/IOP-FL,
+federated/model_trainer_segmentation.py): 10 passes unless ``passes`` is given (line 88), dropout
+active when predicting (the model stays in train mode, line 65, and predicts at line 127), and the
+random state re-seeded before every batch (line 94), so every batch of every pass draws the same
+augmentations and dropout masks. The reported figure is still the last pass (line 145).
 """
 
 from __future__ import annotations
@@ -32,6 +38,10 @@ class TTAMethod:
     def __init__(self, experts: Sequence[StateDict], build: Callable[[], nn.Module], config: AdaptConfig):
         self.experts, self.build, self.config = list(experts), build, config
 
+    @property
+    def published(self) -> bool:
+        return self.config.protocol == "published"
+
     def make_model(self) -> nn.Module:
         """The network to adapt and predict with (fresh for every call of adapt_and_predict)."""
         return load_expert(self.build, self.experts[0], 0)
@@ -43,10 +53,16 @@ class TTAMethod:
     def loss(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
 
+    def start_pass(self, model: nn.Module) -> None:
+        """Called before each pass over the batches (a method may reset what it records)."""
+
     @torch.no_grad()
     def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Softmax ``[B, K, H, W]`` of a batch ``[B, C, H, W]`` with dropout off."""
+        """Softmax ``[B, K, H, W]`` of a batch ``[B, C, H, W]``: eval mode, dropout off (on under the
+        published protocol)."""
         model.eval()
+        if self.published:
+            keep_dropout(model)
         return model(x).softmax(dim=1)
 
     def adapt_and_predict(self, batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -65,10 +81,11 @@ class TTAMethod:
         steps = self.config.steps_per_batch if params else 0
         optimizer = torch.optim.Adam(params, lr=self.config.lr) if steps else None
         predictions: list[torch.Tensor] = []
-        for pass_ in range(self.config.passes if steps else 1):
+        for pass_ in range(self.config.pass_count if steps else 1):
+            self.start_pass(model)
             predictions = []
             for i, x in enumerate(batches):
-                gen = derive_generator(self.config.seed, "adapt", pass_, i)
+                gen = self._generator(pass_, i)
                 for _ in range(steps):
                     model.train()
                     loss = self.loss(model, x, gen)
@@ -77,3 +94,18 @@ class TTAMethod:
                     optimizer.step()
                 predictions.append(self.predict(model, x))
         return predictions
+
+    def _generator(self, pass_: int, batch: int) -> torch.Generator:
+        """Augmentation generator of one batch. Published: the same seed for every batch and pass, and
+        torch's global generator (dropout) re-seeded with it too."""
+        if self.published:
+            torch.manual_seed(derive_seed(self.config.seed, "adapt", "published"))
+            return derive_generator(self.config.seed, "adapt", "published")
+        return derive_generator(self.config.seed, "adapt", pass_, batch)
+
+
+def keep_dropout(model: nn.Module) -> None:
+    """Dropout layers back in train mode (active) while the rest of ``model`` stays as it is."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.train()

@@ -1,5 +1,6 @@
 """``bn``: BN-adapt (Schneider et al., NeurIPS 2020; Nado et al., 2020) — normalise with the test
-batch's statistics instead of the training running averages; no gradient steps."""
+batch's statistics instead of the training running averages; no gradient steps. Batches smaller
+than ``adapt.min_batch_stats`` normalise with the stream's statistics (``StreamBatchNorm2d``)."""
 
 from torch import nn
 
@@ -12,5 +13,5 @@ class BNAdapt(TTAMethod):
 
     def make_model(self) -> nn.Module:
         model = super().make_model()
-        use_batch_statistics(model)
+        use_batch_statistics(model, self.config.min_batch_stats)
         return model

@@ -6,11 +6,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# Passes of each protocol when ``passes`` is not given: the published script runs 10 epochs over the
+# site's images (med-air/IOP-FL, federated/model_trainer_segmentation.py line 88).
+PROTOCOL_PASSES = {"online": 1, "published": 10}
+
 
 class AdaptConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     steps_per_batch: int = Field(1, ge=0, description="optimizer steps on each incoming batch before predicting it")
-    passes: int = Field(1, ge=1, description="passes over the site's images; the last pass is reported")
+    passes: int | None = Field(None, ge=1, description="passes over the site's images; the last pass is reported "
+                                                      "(None: 1 under the online protocol, 10 under published)")
     lr: float = Field(1e-3, gt=0.0)
     batch_size: int = Field(8, gt=0, description="images (slices) per incoming test batch")
     seed: int = 0
@@ -20,3 +25,14 @@ class AdaptConfig(BaseModel):
     noise_std: float = Field(0.5, ge=0.0, description="consistency noise σ on z-scored intensities")
     shape_kernel: int | None = Field(None, ge=3, description="morphological-gradient window (None: 21 px at 384 px, scaled)")
     gate_norm: Literal["sigmoid", "sum"] = "sigmoid"
+    gate_init: Literal["paper", "global", "uniform"] = Field(
+        "paper", description="routers start at PyTorch's default init (paper), at the global expert, or at the experts' mean")
+    protocol: Literal["online", "published"] = Field(
+        "online", description="online: ours; published: the choices of the published test-time script")
+    min_batch_stats: int = Field(4, ge=1, description="batches smaller than this normalise with the stream's "
+                                                      "statistics instead of their own alone")
+
+    @property
+    def pass_count(self) -> int:
+        """Passes actually run: ``passes`` when given, else the protocol's default."""
+        return self.passes if self.passes is not None else PROTOCOL_PASSES[self.protocol]

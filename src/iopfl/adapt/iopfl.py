@@ -10,22 +10,40 @@ H the per-pixel entropy / log K, C the consistency of T⁻¹(softmax(f(T(x + ε)
 quarter turns per sample, Gaussian ε with σ = ``noise_std``), S the mean morphological gradient of the
 foreground probability (window 21 px at 384 px, scaled) which favours compact, smooth shapes.
 Published weights λ_H = 10, λ_C = 0.1; λ_S = 1 by default (see README, "Outside").
+
+``adapt.protocol=published`` computes the three terms as the published script does (med-air/IOP-FL,
+federated/model_trainer_segmentation.py lines 107-122): H summed over the batch axis
+(``published_entropy``), C against a second clean forward pass with gradients into both branches and
+averaged over classes too, S = 1e-6·‖morphological gradient‖₂ (``published_shape_term``).
+
+The mean gate of every expert in every routed layer over the last pass's predictions is kept
+(:meth:`IOPFLRouting.gate_summary`).
 """
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from iopfl.adapt.base import TTAMethod
-from iopfl.adapt.losses import consistency, entropy, shape_kernel, shape_term
-from iopfl.models.routing import norm_affine_parameters, route_experts, routing_parameters
+from iopfl.adapt.losses import consistency, entropy, published_entropy, published_shape_term, shape_kernel, \
+    shape_term
+from iopfl.models.routing import norm_affine_parameters, route_experts, routed_layers, routing_parameters
 
 
 class IOPFLRouting(TTAMethod):
     needs_personal = True
     name = "iopfl"
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._layers: list[str] = []
+        self._gate_sums: torch.Tensor | None = None   # [L, E] sums of gates over predicted samples
+        self._samples = 0
+
     def make_model(self) -> nn.Module:
-        return route_experts(self.experts, self.build, self.config.gate_norm)
+        c = self.config
+        return route_experts(self.experts, self.build, c.gate_norm, c.gate_init, c.min_batch_stats)
 
     def trainable(self, model: nn.Module) -> list[nn.Parameter]:
         return routing_parameters(model) + norm_affine_parameters(model)
@@ -33,9 +51,40 @@ class IOPFLRouting(TTAMethod):
     def loss(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         c = self.config
         probs = model(x).softmax(dim=1)
+        kernel = shape_kernel(x.shape[-1], c.shape_kernel)
+        if self.published:
+            total = c.lambda_entropy * published_entropy(probs)
+            if c.lambda_consistency:
+                # the published target is a separate clean forward pass (its own dropout mask), not
+                # detached, and the squared error is averaged over classes as well (torch.mean, line 122)
+                target = model(x).softmax(dim=1)
+                cons = consistency(model, x, target, c.noise_std, generator, detach_target=False)
+                total = total + c.lambda_consistency * cons / probs.shape[1]
+            if c.lambda_shape:
+                total = total + c.lambda_shape * published_shape_term(probs, kernel)
+            return total
         total = c.lambda_entropy * entropy(probs)
         if c.lambda_consistency:
             total = total + c.lambda_consistency * consistency(model, x, probs, c.noise_std, generator)
         if c.lambda_shape:
-            total = total + c.lambda_shape * shape_term(probs, shape_kernel(x.shape[-1], c.shape_kernel))
+            total = total + c.lambda_shape * shape_term(probs, kernel)
         return total
+
+    def start_pass(self, model: nn.Module) -> None:
+        self._layers = [name for name, _ in routed_layers(model)]
+        self._gate_sums, self._samples = None, 0
+
+    def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        probs = super().predict(model, x)
+        gates = torch.stack([r.last_gates.sum(dim=0) for _, r in routed_layers(model)])
+        self._gate_sums = gates if self._gate_sums is None else self._gate_sums + gates
+        self._samples += x.shape[0]
+        return probs
+
+    def gate_summary(self, experts: Sequence[str]) -> dict:
+        """Per routed layer, the mean gate of every expert over the samples predicted in the last pass:
+        ``{"layers": [L names], "experts": [E names], "mean_gates": [L][E]}``."""
+        if self._gate_sums is None:
+            raise RuntimeError("gate_summary() before adapt_and_predict()")
+        mean = (self._gate_sums / self._samples).tolist()
+        return {"layers": list(self._layers), "experts": list(experts), "mean_gates": mean}

@@ -17,6 +17,14 @@ def entropy(probs: torch.Tensor) -> torch.Tensor:
     return -(probs * torch.log(probs.clamp_min(1e-8))).sum(dim=1).mean() / math.log(k)
 
 
+def published_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """The published script's entropy of ``probs [B, K, H, W]`` (med-air/IOP-FL, utils/loss.py line 21):
+    −p·log(p + 1e-6) summed over the BATCH axis, / log K, averaged over classes and pixels — i.e.
+    B/K times the per-pixel entropy, so its weight grows with the batch size."""
+    k = probs.shape[1]
+    return (-(probs * torch.log(probs + 1e-6)).sum(dim=0) / math.log(k)).mean()
+
+
 def draw_transforms(batch: int, generator: torch.Generator) -> tuple[list[bool], list[int]]:
     """Per sample: horizontal flip or not, and a number of quarter turns."""
     flips = torch.randint(0, 2, (batch,), generator=generator).bool().tolist()
@@ -37,16 +45,20 @@ def invert_transforms(y: torch.Tensor, flips: list[bool], turns: list[int]) -> t
 
 
 def consistency(model: Model, x: torch.Tensor, probs: torch.Tensor, noise_std: float,
-                generator: torch.Generator) -> torch.Tensor:
-    """mean ‖T⁻¹(softmax(f(T(x + ε)))) − p‖² over pixels, ε ~ N(0, σ²) per pixel.
+                generator: torch.Generator, detach_target: bool = True) -> torch.Tensor:
+    """mean ‖T⁻¹(softmax(f(T(x + ε)))) − p‖² over pixels, ε ~ N(0, σ²) per pixel, for ``x [B, C, H, W]``
+    and the clean prediction ``probs [B, K, H, W]``.
 
-    The prediction on the clean input ``probs`` is the target (detached), so the objective pulls the
-    perturbed view towards it rather than both towards each other.
+    By default the clean prediction is the target (detached), so the objective pulls the perturbed view
+    towards it rather than both towards each other. ``detach_target=False`` lets gradients flow into
+    both branches, as the published script does (its clean branch is not detached).
     """
-    noise = noise_std * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    # drawn on the generator's device (CPU today), then moved to the data's
+    noise = noise_std * torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
     flips, turns = draw_transforms(x.shape[0], generator)
     view = invert_transforms(model(apply_transforms(x + noise, flips, turns)).softmax(dim=1), flips, turns)
-    return ((view - probs.detach()) ** 2).sum(dim=1).mean()
+    target = probs.detach() if detach_target else probs
+    return ((view - target) ** 2).sum(dim=1).mean()
 
 
 def shape_kernel(image_size: int, configured: int | None = None) -> int:
@@ -59,7 +71,19 @@ def shape_term(probs: torch.Tensor, kernel: int) -> torch.Tensor:
     """Mean morphological gradient maxpool_k(q) − minpool_k(q) of the foreground probability
     q = 1 − p_background: in [0, 1] per pixel, large on boundaries and fragments."""
     q = 1.0 - probs[:, :1]
+    return morphological_gradient(q, kernel).mean()
+
+
+def published_shape_term(probs: torch.Tensor, kernel: int) -> torch.Tensor:
+    """The published script's smoothness term (med-air/IOP-FL, federated/model_trainer_segmentation.py
+    lines 14-20 and 116): 1e-6 · ‖maxpool_k(q) − minpool_k(q)‖₂, the Euclidean norm over the whole
+    batch of the foreground channels q = ``probs[:, 1:]`` — tiny next to the other terms."""
+    return 1e-6 * torch.linalg.vector_norm(morphological_gradient(probs[:, 1:], kernel))
+
+
+def morphological_gradient(q: torch.Tensor, kernel: int) -> torch.Tensor:
+    """maxpool_k(q) − minpool_k(q) per channel of ``q [B, C, H, W]`` (same shape, stride 1)."""
     pad = kernel // 2
     dilated = F.max_pool2d(q, kernel, stride=1, padding=pad)
     eroded = -F.max_pool2d(-q, kernel, stride=1, padding=pad)
-    return (dilated - eroded).mean()
+    return dilated - eroded

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from iopfl.adapt import METHODS, build_method
+from iopfl.adapt.iopfl import IOPFLRouting
 from iopfl.config import Config, load_config
 from iopfl.data import Case, load_dataset, load_unlabelled
 from iopfl.data.writers import write_prediction
@@ -32,6 +33,7 @@ from iopfl.evaluation.metrics import summarize_cases
 from iopfl.fl import STRATEGIES
 from iopfl.fl.aggregation import StateDict
 from iopfl.models.routing import load_expert
+from iopfl.report.gates import write_gates
 from iopfl.report.tables import models_table, regions_table
 from iopfl.runtime import resolve_device
 
@@ -145,6 +147,8 @@ def adapt_cases(run: TrainedRun, cases: list[Case], methods: list[str], out: Pat
         if out is not None:
             for case, pred in zip(cases, preds):
                 write_prediction(case, pred, out / name, run.network["num_classes"])
+            if isinstance(method, IOPFLRouting):  # what the router did: out/gates.json + gates.png
+                write_gates(method.gate_summary(run.expert_names()), out)
         if labelled:
             summary = summarize_cases([score_case(p, c, regions) for p, c in zip(preds, cases)])
             models[name] = {"sites": {cases[0].site: summary}, "mean": summary}

@@ -2,13 +2,16 @@
 
 For a sample whose input to layer l is h, the gates are r = sigmoid(MLP(GAP(h))) ∈ (0, 1)^E with
 MLP = Linear(C_in, 2·C_in) → Dropout(0.2) → Linear(2·C_in, E), optionally divided by their sum; the
-layer applies W̃ = Σ_e r_e·W^e (bias likewise). All samples go through ONE grouped convolution: the
+layer applies W̃ = Σ_e r_e·W^e (bias likewise). The routers start from PyTorch's default
+initialisation (``paper``: every gate ≈ 0.5, so W̃ ≈ ½·Σ_e W^e), from the global expert (``global``) or
+from the experts' mean (``uniform``); see :func:`init_gates`. All samples go through ONE grouped convolution: the
 batch is folded into the channel axis and each sample's kernel becomes one group, so the cost is a
 single convolution call rather than a Python loop over samples.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -17,19 +20,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from iopfl.errors import UserError
+from iopfl.models.stream_norm import StreamBatchNorm2d
 
 GateNorm = Literal["sigmoid", "sum"]
+GateInit = Literal["paper", "global", "uniform"]
+# ``global`` start: gate_0 = 1 − ε and every other gate ε. Exact 0/1 would need an infinite logit;
+# ε = 1e-5 (logit ±11.5) keeps the routed network within ~1e-5 of the global expert while the router
+# stays trainable: sigmoid′ = ε·(1 − ε) ≈ 1e-5 still gives gradients far above Adam's ε (1e-8), and
+# Adam's steps do not scale with the gradient's size.
+GLOBAL_GATE_EPS = 1e-6
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 class Router(nn.Module):
     """Per-sample gates ``[B, E]`` from a layer input ``[B, C, H, W]``."""
 
-    def __init__(self, in_channels: int, experts: int, gate_norm: GateNorm = "sigmoid"):
+    def __init__(self, in_channels: int, experts: int, gate_norm: GateNorm = "sigmoid",
+                 gate_init: GateInit = "paper"):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(in_channels, 2 * in_channels), nn.Dropout(0.2),
                                  nn.Linear(2 * in_channels, experts))
         self.gate_norm = gate_norm
+        init_gates(self.mlp[-1], gate_init, gate_norm)
         self.last_gates: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -40,17 +52,40 @@ class Router(nn.Module):
         return gates
 
 
+def init_gates(last: nn.Linear, gate_init: GateInit, gate_norm: GateNorm) -> None:
+    """Start the router's last layer ``Linear(2C, E)`` so that every sample's gates are fixed.
+
+    ``paper`` keeps PyTorch's default initialisation (the published code). Otherwise the weights are
+    zero, so the gates do not depend on the input at step 0 (the first layer then gets no gradient
+    until the last one has moved, which happens at the first step), and the bias sets them:
+    ``global`` → (1 − ε, ε, …, ε) with ε = ``GLOBAL_GATE_EPS`` (the routed network is the global
+    expert); ``uniform`` → 1/E each (the experts' mean): logit log(1/(E − 1)) for raw sigmoid gates,
+    any equal logit (0) when the gates are divided by their sum.
+    """
+    if gate_init == "paper":
+        return
+    experts = last.out_features
+    with torch.no_grad():
+        last.weight.zero_()
+        if gate_init == "global":
+            logit = math.log((1 - GLOBAL_GATE_EPS) / GLOBAL_GATE_EPS)
+            last.bias.fill_(-logit)
+            last.bias[0] = logit
+        else:
+            last.bias.fill_(0.0 if gate_norm == "sum" else math.log(1 / (experts - 1)))
+
+
 class _RoutedBase(nn.Module):
     """Holds the stacked expert kernels ``[E, *kernel]`` and biases ``[E, C_out]`` (frozen buffers)."""
 
-    def __init__(self, convs: Sequence[nn.Module], gate_norm: GateNorm):
+    def __init__(self, convs: Sequence[nn.Module], gate_norm: GateNorm, gate_init: GateInit):
         super().__init__()
         first = convs[0]
         self.register_buffer("weight", torch.stack([c.weight.detach() for c in convs]))
         bias = None if first.bias is None else torch.stack([c.bias.detach() for c in convs])
         self.register_buffer("bias", bias)
         self.stride, self.padding, self.dilation, self.groups = first.stride, first.padding, first.dilation, first.groups
-        self.router = Router(first.in_channels, len(convs), gate_norm)
+        self.router = Router(first.in_channels, len(convs), gate_norm, gate_init)
         self.in_channels, self.out_channels = first.in_channels, first.out_channels
 
     @property
@@ -68,8 +103,8 @@ class _RoutedBase(nn.Module):
 class RoutedConv2d(_RoutedBase):
     """Routed ``nn.Conv2d``: input ``[B, C_in, H, W]`` → ``[B, C_out, H', W']``."""
 
-    def __init__(self, convs: Sequence[nn.Conv2d], gate_norm: GateNorm = "sigmoid"):
-        super().__init__(convs, gate_norm)
+    def __init__(self, convs: Sequence[nn.Conv2d], gate_norm: GateNorm = "sigmoid", gate_init: GateInit = "paper"):
+        super().__init__(convs, gate_norm, gate_init)
         if convs[0].padding_mode != "zeros":
             raise UserError("routing supports zero-padded convolutions only")
 
@@ -85,8 +120,9 @@ class RoutedConv2d(_RoutedBase):
 class RoutedConvTranspose2d(_RoutedBase):
     """Routed ``nn.ConvTranspose2d`` (kernel layout ``[C_in, C_out/groups, k, k]``)."""
 
-    def __init__(self, convs: Sequence[nn.ConvTranspose2d], gate_norm: GateNorm = "sigmoid"):
-        super().__init__(convs, gate_norm)
+    def __init__(self, convs: Sequence[nn.ConvTranspose2d], gate_norm: GateNorm = "sigmoid",
+                 gate_init: GateInit = "paper"):
+        super().__init__(convs, gate_norm, gate_init)
         self.output_padding = convs[0].output_padding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,22 +145,24 @@ def load_expert(build: Callable[[], nn.Module], state: dict[str, torch.Tensor], 
     return model
 
 
-def use_batch_statistics(model: nn.Module) -> None:
-    """BatchNorm layers normalise with the current batch's statistics, in train and eval mode."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.track_running_stats = False
-            m.running_mean = None
-            m.running_var = None
+def use_batch_statistics(model: nn.Module, min_batch: int = 1, **stream) -> None:
+    """BatchNorm2d layers normalise with the current batch's statistics, in train and eval mode;
+    batches smaller than ``min_batch`` with the stream's (:class:`StreamBatchNorm2d`)."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.BatchNorm2d):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, StreamBatchNorm2d(m, min_batch, **stream))
 
 
 def route_experts(states: Sequence[dict[str, torch.Tensor]], build: Callable[[], nn.Module],
-                  gate_norm: GateNorm = "sigmoid") -> nn.Module:
+                  gate_norm: GateNorm = "sigmoid", gate_init: GateInit = "paper", min_batch_stats: int = 1,
+                  **stream) -> nn.Module:
     """One routed network from E same-architecture state dicts; ``states[0]`` is the global expert.
 
     Every Conv2d / ConvTranspose2d becomes its routed version over the E experts; everything else
     (normalisation layers included) comes from the global expert. Normalisation uses batch statistics
-    and only its affine parameters and the routers are trainable.
+    (the stream's below ``min_batch_stats`` images) and only its affine parameters and the routers are
+    trainable.
     """
     if len(states) < 2:
         raise UserError("routing needs at least two experts (the global model and one personalised model)")
@@ -135,13 +173,18 @@ def route_experts(states: Sequence[dict[str, torch.Tensor]], build: Callable[[],
             layers = [e.get_submodule(name) for e in experts]
             cls = RoutedConvTranspose2d if isinstance(module, nn.ConvTranspose2d) else RoutedConv2d
             parent, _, child = name.rpartition(".")
-            setattr(routed.get_submodule(parent) if parent else routed, child, cls(layers, gate_norm))
-    use_batch_statistics(routed)
+            setattr(routed.get_submodule(parent) if parent else routed, child, cls(layers, gate_norm, gate_init))
+    use_batch_statistics(routed, min_batch_stats, **stream)
     for p in routed.parameters():
         p.requires_grad_(False)
     for p in [*routing_parameters(routed), *norm_affine_parameters(routed)]:
         p.requires_grad_(True)
     return routed
+
+
+def routed_layers(model: nn.Module) -> list[tuple[str, Router]]:
+    """(name of the routed convolution, its router) in module order."""
+    return [(name, m.router) for name, m in model.named_modules() if isinstance(m, _RoutedBase)]
 
 
 def routers(model: nn.Module) -> list[Router]:
