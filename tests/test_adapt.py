@@ -13,6 +13,7 @@ from iopfl.adapt.losses import apply_transforms, consistency, draw_transforms, e
 from iopfl.errors import UserError
 from iopfl.models import UNet
 from iopfl.models.routing import routers, use_batch_statistics
+from iopfl.models.stream_norm import STREAM_MOMENTUM
 from iopfl.seeding import derive_seed
 
 
@@ -252,3 +253,27 @@ def test_gate_summary_is_the_sample_mean_of_the_last_pass_gates():
     assert summary["experts"] == ["global", "A", "B"]
     assert len(summary["layers"]) == len(routers(model)) and len(summary["mean_gates"][0]) == 3
     assert torch.allclose(torch.tensor(summary["mean_gates"]), sums / 7, atol=1e-6)
+
+
+def test_bn_adapt_one_image_at_a_time_follows_the_stream_by_hand():
+    torch.manual_seed(0)
+    build = lambda: nn.Sequential(nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2))  # noqa: E731
+    net = build()
+    net[1].running_mean.normal_()
+    net[1].running_var.uniform_(0.5, 2.0)
+    net[1].weight.data.uniform_(0.5, 1.5)
+    batches = _batches((1, 1, 1, 1))
+    got = build_method("bn", [net.state_dict()], build, AdaptConfig(min_batch_stats=4)).adapt_and_predict(batches)
+    m, bn = STREAM_MOMENTUM, net[1]
+    mean, var = bn.running_mean.clone(), bn.running_var.clone()   # the stream starts at the source's statistics
+    with torch.no_grad():
+        for x, p in zip(batches, got):
+            h = net[0](x)
+            mb, vb = h.mean((0, 2, 3)), h.var((0, 2, 3), unbiased=False)
+            mean, var = (1 - m) * mean + m * mb, (1 - m) * var + m * vb + m * (1 - m) * (mb - mean) ** 2
+            out = (h - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + bn.eps)
+            expected = (out * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)).softmax(1)
+            assert torch.allclose(p, expected, atol=1e-6)
+    # with the fallback off, each image is normalised over itself alone
+    plain = build_method("bn", [net.state_dict()], build, AdaptConfig(min_batch_stats=1)).adapt_and_predict(batches)
+    assert not torch.allclose(plain[-1], got[-1], atol=1e-3)

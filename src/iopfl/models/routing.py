@@ -145,18 +145,18 @@ def load_expert(build: Callable[[], nn.Module], state: dict[str, torch.Tensor], 
     return model
 
 
-def use_batch_statistics(model: nn.Module, min_batch: int = 1, **stream) -> None:
+def use_batch_statistics(model: nn.Module, min_batch: int = 1) -> None:
     """BatchNorm2d layers normalise with the current batch's statistics, in train and eval mode;
     batches smaller than ``min_batch`` with the stream's (:class:`StreamBatchNorm2d`)."""
     for name, m in list(model.named_modules()):
         if isinstance(m, nn.BatchNorm2d):
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, StreamBatchNorm2d(m, min_batch, **stream))
+            setattr(model.get_submodule(parent) if parent else model, child, StreamBatchNorm2d(m, min_batch))
 
 
 def route_experts(states: Sequence[dict[str, torch.Tensor]], build: Callable[[], nn.Module],
-                  gate_norm: GateNorm = "sigmoid", gate_init: GateInit = "paper", min_batch_stats: int = 1,
-                  **stream) -> nn.Module:
+                  gate_norm: GateNorm = "sigmoid", gate_init: GateInit = "paper",
+                  min_batch_stats: int = 1) -> nn.Module:
     """One routed network from E same-architecture state dicts; ``states[0]`` is the global expert.
 
     Every Conv2d / ConvTranspose2d becomes its routed version over the E experts; everything else
@@ -174,7 +174,7 @@ def route_experts(states: Sequence[dict[str, torch.Tensor]], build: Callable[[],
             cls = RoutedConvTranspose2d if isinstance(module, nn.ConvTranspose2d) else RoutedConv2d
             parent, _, child = name.rpartition(".")
             setattr(routed.get_submodule(parent) if parent else routed, child, cls(layers, gate_norm, gate_init))
-    use_batch_statistics(routed, min_batch_stats, **stream)
+    use_batch_statistics(routed, min_batch_stats)
     for p in routed.parameters():
         p.requires_grad_(False)
     for p in [*routing_parameters(routed), *norm_affine_parameters(routed)]:
