@@ -36,7 +36,7 @@ def hold_out_run(out: Path, site: str, rounds: int) -> Path:
     run_dir = out / f"without-{site}"
     if not RunDir(run_dir).results.exists():
         cfg = load_config(DEMO, [f"data.holdout={site}", f"fl.rounds={rounds}", f"eval.eval_every={rounds // 2}",
-                                 "train.precision=fp32"])
+                                 "train.precision=fp32", "train.threads=1"])
         FederatedRun(cfg, run_dir).run()
     return run_dir
 

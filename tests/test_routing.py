@@ -163,27 +163,36 @@ def test_stream_norm_uses_batch_statistics_from_min_batch_on():
     assert torch.allclose(norm(x), ref * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1), atol=1e-10)
 
 
-def test_stream_norm_below_min_batch_is_the_hand_mixture_and_moves_only_when_predicting():
+def _pool(mean, var, n, x):
+    """Naive pooled statistics of (mean, var) over n images and the images of x."""
+    k = x.shape[0]
+    mb, vb = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+    new_mean = (n * mean + k * mb) / (n + k)
+    # E[h²] of the union minus its squared mean
+    second = (n * (var + mean ** 2) + k * (vb + mb ** 2)) / (n + k)
+    return new_mean, second - new_mean ** 2
+
+
+def test_stream_norm_below_min_batch_pools_the_stream_and_moves_only_when_predicting():
     bn = _bn()
-    m = 0.1
-    norm = StreamBatchNorm2d(bn, min_batch=4, momentum=m)
+    norm = StreamBatchNorm2d(bn, min_batch=4)
     x = torch.randn(1, 3, 6, 6) * 2 + 3
-    mu_b, var_b = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
-    mu = (1 - m) * bn.running_mean + m * mu_b
-    var = (1 - m) * bn.running_var + m * var_b + m * (1 - m) * (mu_b - bn.running_mean) ** 2
+    mu, var = _pool(bn.running_mean, bn.running_var, 4, x)  # the prior counts as 4 images
     expected = (x - mu.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + bn.eps)
     expected = expected * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)
     norm.train()  # a loss forward: same normalisation, the stream stays
     assert torch.allclose(norm(x), expected, atol=1e-10)
-    assert torch.equal(norm.stream_mean, bn.running_mean)
-    norm.eval()   # a prediction: the stream moves to the mixture
+    assert torch.equal(norm.stream_mean, bn.running_mean) and norm.seen == 0
+    norm.eval()   # a prediction: the stream moves to the pooled statistics
     assert torch.allclose(norm(x), expected, atol=1e-10)
-    assert torch.allclose(norm.stream_mean, mu) and torch.allclose(norm.stream_var, var)
-    # a large predicted batch moves the stream by the same rule and is normalised with its own statistics
+    assert torch.allclose(norm.stream_mean, mu) and torch.allclose(norm.stream_var, var) and norm.seen == 1
+    # a large predicted batch is normalised with its own statistics and pooled into the stream too
     big = torch.randn(6, 3, 6, 6)
-    norm(big)
-    mu_big = big.mean((0, 2, 3))
-    assert torch.allclose(norm.stream_mean, (1 - m) * mu + m * mu_big)
+    ref = nn.BatchNorm2d(3, track_running_stats=False)
+    ref.load_state_dict({"weight": bn.weight, "bias": bn.bias})
+    assert torch.allclose(norm(big), ref(big), atol=1e-10)
+    mu2, var2 = _pool(mu, var, 5, big)
+    assert torch.allclose(norm.stream_mean, mu2) and torch.allclose(norm.stream_var, var2) and norm.seen == 7
 
 
 def test_stream_norm_with_min_batch_one_is_plain_batch_statistics():
