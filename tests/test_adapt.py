@@ -10,6 +10,7 @@ from torch import nn
 from iopfl.adapt import METHODS, AdaptConfig, build_method
 from iopfl.adapt.losses import apply_transforms, consistency, draw_transforms, entropy, invert_transforms, \
     published_entropy, published_shape_term, shape_kernel, shape_term
+from iopfl.config import load_config
 from iopfl.errors import UserError
 from iopfl.models import UNet
 from iopfl.models.routing import routers, use_batch_statistics
@@ -283,3 +284,10 @@ def test_bn_adapt_one_image_at_a_time_follows_the_stream_by_hand():
     # with the fallback off, each image is normalised over itself alone
     plain = build_method("bn", [net.state_dict()], build, AdaptConfig(min_batch_stats=1)).adapt_and_predict(batches)
     assert not torch.allclose(plain[-1], got[-1], atol=1e-3)
+
+
+@pytest.mark.parametrize("key, value", [("adapt.gate_init", "magic"), ("adapt.protocol", "paper"),
+                                        ("adapt.min_batch_stats", "0"), ("adapt.passes", "0")])
+def test_bad_adapt_values_name_the_key(key, value):
+    with pytest.raises(UserError, match=key.replace(".", r"\.")):
+        load_config(None, [f"{key}={value}"])
