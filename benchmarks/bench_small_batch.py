@@ -17,7 +17,7 @@ from pathlib import Path
 from iopfl.config import load_config
 from iopfl.engine.outside import adapt_cases, open_run, target_cases
 from iopfl.engine.rundir import RunDir
-from iopfl.engine.runner import FederatedRun
+from iopfl.engine.inprocess import in_process_run
 from iopfl.report.tables import markdown_table
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -37,7 +37,7 @@ def hold_out_run(out: Path, site: str, rounds: int) -> Path:
     if not RunDir(run_dir).results.exists():
         cfg = load_config(DEMO, [f"data.holdout={site}", f"fl.rounds={rounds}", f"eval.eval_every={rounds // 2}",
                                  "train.precision=fp32", "train.threads=1"])
-        FederatedRun(cfg, run_dir).run()
+        in_process_run(cfg, run_dir).run()
     return run_dir
 
 
