@@ -78,3 +78,65 @@ def test_resume_is_exact_on_each_device(device, precision, tmp_path, monkeypatch
     resumed = in_process_run(cfg, tmp_path / "run").run(resume=True)
     for key in ("models", "last_round", "selection"):
         assert resumed[key] == expected[key]
+
+
+def _adapt_experts(n: int = 3):
+    from iopfl.models import UNet
+
+    torch.manual_seed(0)
+    build = lambda: UNet(3, 2, width=4, depth=2)  # noqa: E731
+    states = []
+    for _ in range(n):
+        m = build().train()
+        with torch.no_grad():  # running statistics like a trained model's
+            m(torch.randn(8, 3, 16, 16))
+        states.append(m.state_dict())
+    return build, states
+
+
+@pytest.mark.parametrize("name", ["global", "bn", "tent", "ensemble", "iopfl"])
+def test_each_test_time_method_on_each_device(device, name):
+    from iopfl.adapt import AdaptConfig, build_method
+
+    build, states = _adapt_experts()
+    batches = [torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    cfg = AdaptConfig(steps_per_batch=2, seed=3)
+    here = build_method(name, states, build, cfg, torch.device(device)).adapt_and_predict(batches)
+    again = build_method(name, states, build, cfg, torch.device(device)).adapt_and_predict(batches)
+    assert all(p.device.type == "cpu" and p.shape == (3, 2, 16, 16) for p in here)
+    assert all(torch.equal(a, b) for a, b in zip(here, again))  # deterministic on the device
+    if device != "cpu":  # the same method on the CPU: equal up to kernel rounding
+        cpu = build_method(name, states, build, cfg).adapt_and_predict(batches)
+        assert all(torch.allclose(a, b, atol=1e-3) for a, b in zip(here, cpu))
+
+
+def test_routed_convolution_equals_the_per_sample_loop_on_each_device(device):
+    import torch.nn.functional as F
+    from torch import nn
+
+    from iopfl.models.routing import RoutedConv2d
+
+    torch.manual_seed(0)
+    layer = RoutedConv2d([nn.Conv2d(4, 6, 3, padding=1) for _ in range(3)]).to(device)
+    x = torch.randn(5, 4, 11, 9, device=device)
+    out = layer(x)
+    gates = layer.router.last_gates
+    naive = torch.cat([F.conv2d(x[i:i + 1], sum(gates[i, e] * layer.weight[e] for e in range(3)),
+                                sum(gates[i, e] * layer.bias[e] for e in range(3)), padding=1) for i in range(5)])
+    assert torch.allclose(out, naive, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_evaluation_and_predict_on_each_device(device, tmp_path):
+    from iopfl.engine.outside import run_predict
+
+    cfg = tiny_config(tmp_path / "cache", ["fl.rounds=1", "runtime.device=cpu"])
+    cpu = in_process_run(cfg, tmp_path / "run").run()
+    here = in_process_run(tiny_config(tmp_path / "cache", ["fl.rounds=1", f"runtime.device={device}"]),
+                          tmp_path / "here").run()
+    for model in cpu["models"]:
+        assert here["models"][model]["mean"]["dice"] == pytest.approx(cpu["models"][model]["mean"]["dice"], abs=0.02)
+    scan = next((tmp_path / "cache").glob("synthetic-*/SiteA/Case00.nii.gz"))
+    a = run_predict(tmp_path / "run", "SiteA", [scan], tmp_path / "a", "personalized", device="cpu")
+    b = run_predict(tmp_path / "run", "SiteA", [scan], tmp_path / "b", "personalized", device=device)
+    assert a[0].name == b[0].name and a[0].exists() and b[0].exists()

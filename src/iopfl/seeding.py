@@ -21,3 +21,12 @@ def derive_seed(seed: int, *keys: object) -> int:
 def derive_generator(seed: int, *keys: object) -> torch.Generator:
     """A fresh CPU generator seeded with :func:`derive_seed`."""
     return torch.Generator().manual_seed(derive_seed(seed, *keys))
+
+
+def normal_on(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """N(0, 1) of ``shape`` drawn on ``device``. A CPU generator cannot fill a CUDA tensor, so there a
+    device generator is seeded from one draw of ``generator`` (still reproducible from it)."""
+    if device.type == generator.device.type:
+        return torch.randn(shape, generator=generator, device=device)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return torch.randn(shape, generator=torch.Generator(device).manual_seed(seed), device=device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import nn
 
 from iopfl.adapt.base import StateDict, TTAMethod
@@ -25,10 +26,10 @@ METHODS: dict[str, type[TTAMethod]] = {
 
 
 def build_method(name: str, experts: Sequence[StateDict], build: Callable[[], nn.Module],
-                 config: AdaptConfig) -> TTAMethod:
+                 config: AdaptConfig, device: torch.device = torch.device("cpu")) -> TTAMethod:
     if name not in METHODS:
         raise UserError(f"unknown adaptation method '{name}' (choose from {', '.join(METHODS)})")
-    return METHODS[name](experts, build, config)
+    return METHODS[name](experts, build, config, device)
 
 
 __all__ = ["METHODS", "AdaptConfig", "TTAMethod", "build_method"]

@@ -35,8 +35,9 @@ class TTAMethod:
     #: True when the method needs personalised experts besides the global model.
     needs_personal: ClassVar[bool] = False
 
-    def __init__(self, experts: Sequence[StateDict], build: Callable[[], nn.Module], config: AdaptConfig):
-        self.experts, self.build, self.config = list(experts), build, config
+    def __init__(self, experts: Sequence[StateDict], build: Callable[[], nn.Module], config: AdaptConfig,
+                 device: torch.device = torch.device("cpu")):
+        self.experts, self.build, self.config, self.device = list(experts), build, config, device
 
     @property
     def published(self) -> bool:
@@ -66,17 +67,18 @@ class TTAMethod:
         return model(x).softmax(dim=1)
 
     def adapt_and_predict(self, batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Online adaptation over ``batches`` (inputs only); predictions of the last pass.
+        """Online adaptation over ``batches`` (inputs only, on the CPU) on ``device``; predictions of the
+        last pass, on the CPU.
 
         Router initialisation and dropout draw from torch's global generator: it is seeded here, inside
         a forked RNG state so the caller's random stream is left untouched.
         """
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(derive_seed(self.config.seed, "adapt"))
             return self._run(batches)
 
     def _run(self, batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        model = self.make_model()
+        model = self.make_model().to(self.device)
         params = self.trainable(model)
         steps = self.config.steps_per_batch if params else 0
         optimizer = torch.optim.Adam(params, lr=self.config.lr) if steps else None
@@ -84,7 +86,8 @@ class TTAMethod:
         for pass_ in range(self.config.pass_count if steps else 1):
             self.start_pass(model)
             predictions = []
-            for i, x in enumerate(batches):
+            for i, batch in enumerate(batches):
+                x = batch.to(self.device)
                 gen = self._generator(pass_, i)
                 for _ in range(steps):
                     model.train()
@@ -92,7 +95,7 @@ class TTAMethod:
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
-                predictions.append(self.predict(model, x))
+                predictions.append(self.predict(model, x).cpu())
         return predictions
 
     def _generator(self, pass_: int, batch: int) -> torch.Generator:

@@ -8,6 +8,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from iopfl.seeding import normal_on
+
 Model = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -53,8 +55,7 @@ def consistency(model: Model, x: torch.Tensor, probs: torch.Tensor, noise_std: f
     towards it rather than both towards each other. ``detach_target=False`` lets gradients flow into
     both branches, as the published script does (its clean branch is not detached).
     """
-    # drawn on the generator's device (CPU today), then moved to the data's
-    noise = noise_std * torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    noise = noise_std * normal_on(tuple(x.shape), generator, x.device).to(x.dtype)
     flips, turns = draw_transforms(x.shape[0], generator)
     view = invert_transforms(model(apply_transforms(x + noise, flips, turns)).softmax(dim=1), flips, turns)
     target = probs.detach() if detach_target else probs

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from iopfl.seeding import normal_on
+
 #: largest shift, as a fraction of the image side (small: polyps and organs sit anywhere in the frame)
 TRANSLATE = 0.05
 #: the largest blur σ in pixels per unit of intensity strength (strength 0.2 → 1 px)
@@ -50,15 +52,6 @@ def _uniform(generator: torch.Generator, shape: tuple[int, ...], device: torch.d
 def _signed(generator: torch.Generator, n: int, device: torch.device) -> torch.Tensor:
     """U[-1, 1) ``[n]``."""
     return 2.0 * _uniform(generator, (n,), device) - 1.0
-
-
-def _normal_field(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """Per-pixel N(0, 1) drawn on ``device``. A CPU generator cannot fill a CUDA tensor, so a device
-    generator is seeded from one draw of ``generator`` (still reproducible from it)."""
-    if device.type == generator.device.type:
-        return torch.randn(shape, generator=generator, device=device)
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    return torch.randn(shape, generator=torch.Generator(device).manual_seed(seed), device=device)
 
 
 def affine_matrices(n: int, height: int, width: int, settings: AugmentSettings, generator: torch.Generator,
@@ -132,7 +125,7 @@ def noise_and_blur(images: torch.Tensor, strength: float, generator: torch.Gener
     u = _uniform(generator, (b, 4), dev)
     noise_sigma = torch.where(u[:, 0] < 0.5, strength / 2 * u[:, 1], 0.0)
     blur_sigma = torch.where(u[:, 2] < 0.5, BLUR_PER_STRENGTH * strength * u[:, 3], 0.0)
-    noisy = images + noise_sigma[:, None, None, None] * _normal_field(tuple(images.shape), generator, dev)
+    noisy = images + noise_sigma[:, None, None, None] * normal_on(tuple(images.shape), generator, dev)
     radius = math.ceil(3 * BLUR_PER_STRENGTH * strength)
     return gaussian_blur(noisy, blur_sigma, radius) if radius > 0 else noisy
 

@@ -142,7 +142,7 @@ def adapt_cases(run: TrainedRun, cases: list[Case], methods: list[str], out: Pat
     regions = run.network["regions"]
     models: dict[str, Any] = {}
     for name in methods:
-        method = build_method(name, run.experts(), run.build(), cfg.adapt)
+        method = build_method(name, run.experts(), run.build(), cfg.adapt, resolve_device(cfg.runtime.device))
         preds = assemble(method.adapt_and_predict(batches), owners, cases)
         if out is not None:
             for case, pred in zip(cases, preds):
