@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from iopfl.config import load_config
-from iopfl.engine.outside import adapt_cases, open_run, target_cases
+from iopfl.engine.outside import adapt_cases, open_run, target_cases, test_case_ids
 from iopfl.engine.rundir import RunDir
 from iopfl.report.compare import cell
 from iopfl.report.tables import markdown_table
@@ -56,10 +56,11 @@ def sweep(runs: list[tuple[str, int, Path]]) -> dict[str, dict]:
     for target, seed, run_dir in runs:
         run = open_run(run_dir)
         cases = target_cases(run, target)
+        scored = test_case_ids(run.cfg, target)  # the rows of bench_quality's outside table: the test split
         for name, (method, overrides) in SETTINGS.items():
             cfg = load_config(run_dir / "config.yaml", [f"adapt.seed={seed}", *overrides])
             t0 = time.perf_counter()
-            dice = adapt_cases(run, cases, [method], None, cfg)[method]["mean"]["dice"]
+            dice = adapt_cases(run, cases, [method], None, cfg, scored)[method]["mean"]["dice"]
             seconds[name] += time.perf_counter() - t0
             scores[name].setdefault(target, []).append(dice)
             print(f"{target} seed {seed} {name}: {100 * dice:.2f}", flush=True)

@@ -25,7 +25,7 @@ import torch
 
 from iopfl.config import Config, build_config, read_yaml
 from iopfl.data import load_dataset
-from iopfl.engine.outside import adapt_cases, method_names, open_run, target_cases
+from iopfl.engine.outside import adapt_cases, method_names, open_run, target_cases, test_case_ids
 from iopfl.engine.inprocess import in_process_run
 from iopfl.engine.rundir import RunDir
 from iopfl.engine.session import CONFIG_DIR
@@ -78,7 +78,8 @@ def outside_job(suite: str, target: str, seed: int, out: Path, extra: list[str])
         if not RunDir(run_dir).results.exists():
             finish_run(cfg, run_dir)
         run = open_run(run_dir)
-        models = adapt_cases(run, target_cases(run, target), method_names("all"), None, cfg)
+        models = adapt_cases(run, target_cases(run, target), method_names("all"), None, cfg,
+                             scored=test_case_ids(cfg, target))  # the oracle's cases too
         result_file.write_text(json.dumps(models, indent=1))
         print(f"outside {target} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
     return result_file
@@ -125,7 +126,8 @@ def oracle_scores(out: Path, sites: list[str], seeds: list[int]) -> dict[str, li
 
 ORACLE = "oracle (own labels)"
 ORACLE_NOTE = (f"\n`{ORACLE}`: the site's own model trained on its labelled train split (the inside `local` "
-               "run), scored on its test split only; every other row is scored on all of the site's cases.\n")
+               "run). Every row is scored on the held-out site's test split; the test-time methods adapt "
+               "online over all of its images, unlabelled.\n")
 
 
 def write_outside_table(scores: dict, sites: list[str], path: Path) -> None:

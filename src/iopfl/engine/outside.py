@@ -96,6 +96,13 @@ def target_cases(run: TrainedRun, target: str) -> list[Case]:
     return spec.sites[target].all_cases()
 
 
+def test_case_ids(cfg: Config, site: str) -> set[str]:
+    """The ids of ``site``'s test split: benchmarks score every outside method (and the site's own
+    oracle model, trained on its train split) on these cases, while adaptation sees all of them."""
+    spec = load_dataset(cfg.data.model_copy(update={"sites": [site], "holdout": None}))
+    return {c.case_id for c in spec.sites[site].test}
+
+
 def batches_of(cases: list[Case], context: int, batch_size: int) -> tuple[list[torch.Tensor], list[int]]:
     """Every case's inputs cut into batches, in case order, with the case index of each batch."""
     from iopfl.data import case_inputs
@@ -135,8 +142,9 @@ def check_experts(run: TrainedRun, methods: list[str]) -> None:
 
 
 def adapt_cases(run: TrainedRun, cases: list[Case], methods: list[str], out: Path | None,
-                cfg: Config) -> dict[str, Any]:
-    """Each method online over the same batches; masks under ``out/<method>``; metrics with labels."""
+                cfg: Config, scored: set[str] | None = None) -> dict[str, Any]:
+    """Each method online over the same batches; masks under ``out/<method>``; metrics with labels,
+    on the cases whose ids are in ``scored`` (default: every case; adaptation always sees them all)."""
     batches, owners = batches_of(cases, run.network["context"], cfg.adapt.batch_size)
     labelled = all(c.mask is not None for c in cases)
     regions = run.network["regions"]
@@ -150,7 +158,8 @@ def adapt_cases(run: TrainedRun, cases: list[Case], methods: list[str], out: Pat
             if isinstance(method, IOPFLRouting):  # what the router did: out/gates.json + gates.png
                 write_gates(method.gate_summary(run.expert_names()), out)
         if labelled:
-            summary = summarize_cases([score_case(p, c, regions) for p, c in zip(preds, cases)])
+            summary = summarize_cases([score_case(p, c, regions) for p, c in zip(preds, cases)
+                                       if scored is None or c.case_id in scored])
             models[name] = {"sites": {cases[0].site: summary}, "mean": summary}
     return models
 
