@@ -26,7 +26,8 @@ BUDGETS: dict[str, list[str]] = {  # name: overrides of configs/polyp.yaml (FedA
     "96px-w16-20r": ["data.image_size=96", "fl.rounds=20", "eval.eval_every=4"],
     "128px-w16-20r": ["data.image_size=128", "fl.rounds=20", "eval.eval_every=4"],
     "128px-w16-30r": ["data.image_size=128", "fl.rounds=30", "eval.eval_every=5"],
-    "160px-w16-24r": ["data.image_size=160", "fl.rounds=24", "eval.eval_every=4"],
+    "160px-w16-20r": ["data.image_size=160", "fl.rounds=20", "eval.eval_every=4"],
+    "128px-w24-20r": ["data.image_size=128", "model.width=24", "fl.rounds=20", "eval.eval_every=4"],
     "128px-w16-20r-noaug": ["data.image_size=128", "fl.rounds=20", "eval.eval_every=4", "train.augment=none",
                             "train.lr_schedule=constant", "train.ce_weight=0"],
 }

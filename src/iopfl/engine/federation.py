@@ -24,7 +24,7 @@ import torch
 
 from iopfl.config import Config
 from iopfl.engine.checkpoint import pack, read_run_checkpoint, save_checkpoint, save_run_checkpoint, unpack
-from iopfl.engine.rounds import check_reply, initial_weights, is_eval_round, metric_lines, results_json, \
+from iopfl.engine.rounds import check_reply, check_weights, initial_weights, is_eval_round, metric_lines, results_json, \
     sample_clients, val_dice_by_site
 from iopfl.engine.rundir import RunDir, RunLog, manifest
 from iopfl.engine.site import Scores, Selected, network_builder, val_dice
@@ -190,12 +190,19 @@ class Federation:
             raise UserError("no round was evaluated by every site: no results to report")
         overlay_sites = self.roster.sites[: self.cfg.eval.overlays]
         published = self.sites.publish(self.best_global.weights, overlay_sites)
+        stored = []
         for site in self.roster.sites:
-            if published.get(site):
-                save_checkpoint(self.dir.expert(site), published[site],
-                                {"site": site, "round": self.personal_best[site]["round"]})
-                self.log.info(f"site {site} published its personalised model: {self.dir.expert(site)}")
-        results = results_json(self, [s for s in self.roster.sites if published.get(s)])
+            if not published.get(site):
+                continue
+            reason = check_weights(published[site], self.global_weights, complete=True)
+            if reason:
+                self.log.note(f"site {site} published a model that is not this run's network ({reason}); not stored")
+                continue
+            save_checkpoint(self.dir.expert(site), published[site],
+                            {"site": site, "round": self.personal_best[site]["round"]})
+            stored.append(site)
+            self.log.info(f"site {site} published its personalised model: {self.dir.expert(site)}")
+        results = results_json(self, stored)
         self.dir.write_json("results.json", results)
         from iopfl.report.run_report import write_run_report  # matplotlib only when a run finishes
 

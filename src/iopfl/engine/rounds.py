@@ -44,8 +44,17 @@ def check_reply(reply: ClientReply, global_weights: StateDict) -> str | None:
     global weights with the same shape and dtype, every value finite, the sample count positive."""
     if reply.num_samples <= 0:
         return f"sample count {reply.num_samples} is not positive"
-    for key, value in reply.weights.items():
-        ref = global_weights.get(key)
+    return check_weights(reply.weights, global_weights)
+
+
+def check_weights(weights: StateDict, reference: StateDict, complete: bool = False) -> str | None:
+    """Why ``weights`` do not fit the model ``reference`` describes (None: they do); ``complete``:
+    every key of the model must be there too (a whole model, e.g. a published expert)."""
+    missing = [k for k in reference if k not in weights] if complete else []
+    if missing:
+        return f"'{missing[0]}' is missing ({len(missing)} keys of the model in all)"
+    for key, value in weights.items():
+        ref = reference.get(key)
         if ref is None:
             return f"it sent '{key}', which the model does not have"
         if value.shape != ref.shape or value.dtype != ref.dtype:
