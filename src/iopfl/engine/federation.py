@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -37,11 +37,13 @@ from iopfl.fl.aggregation import StateDict
 @dataclass
 class Roster:
     """Who takes part: the inside sites (evaluated, in order), the names that train (the sites, or one
-    pooled client for centralised training) and the network their data needs."""
+    pooled client for centralised training), the network their data needs, and where each site
+    computes (device, precision, versions: recorded in the manifest)."""
 
     sites: list[str]
     trainers: list[str]
     network: dict[str, Any]
+    devices: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -226,7 +228,8 @@ class Federation:
     def _start(self) -> None:
         atomic_write_text(self.dir.path / "config.yaml", self.cfg.to_yaml())
         self.dir.write_json("manifest.json", {**manifest(self.cfg.seed, self.cfg.digest()),
-                                              "engine": self.sites.engine, "run_key": self.run_key})
+                                              "engine": self.sites.engine, "run_key": self.run_key,
+                                              "devices": self.roster.devices})
 
     def _save(self) -> None:
         site_tensors, site_state = self.sites.state()

@@ -14,7 +14,8 @@ from iopfl.config import Config
 from iopfl.data import load_dataset
 from iopfl.engine.federation import EvalReply, Federation, Progress, Reply, Roster
 from iopfl.engine.rundir import RunDir
-from iopfl.engine.site import SiteClient, SiteFailure, make_client, network_description, training_sites
+from iopfl.engine.site import SiteClient, SiteFailure, compute_description, make_client, network_description, \
+    training_sites
 from iopfl.fl import STRATEGIES, build_strategy
 from iopfl.fl.aggregation import StateDict
 from iopfl.runtime import apply_runtime, resolve_device
@@ -48,7 +49,8 @@ class InProcessSites:
         else:
             self.clients = {s: make_client(cfg, spec, s, spec.sites[s], spec.sites[s].train) for s in sites}
             self.trainers = self.clients
-        return Roster(sites, list(self.trainers), network_description(cfg, spec))
+        return Roster(sites, list(self.trainers), network_description(cfg, spec),
+                      dict.fromkeys(sites, compute_description(cfg)))
 
     def fit(self, round_: int, names: list[str], weights: StateDict) -> Iterator[tuple[str, Reply]]:
         for name in names:

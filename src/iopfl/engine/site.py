@@ -23,7 +23,7 @@ from iopfl.fl import ClientReply, Strategy
 from iopfl.fl.aggregation import StateDict, clone_state
 from iopfl.fl.training import LocalTrainer
 from iopfl.models import build_model
-from iopfl.runtime import resolve_device
+from iopfl.runtime import describe, resolve_device, resolve_precision
 from iopfl.seeding import derive_generator
 
 SPLITS = ("val", "test")
@@ -164,6 +164,12 @@ def network_builder(network: dict[str, Any]) -> Callable[[], torch.nn.Module]:
     """A factory for the U-Net a :func:`network_description` describes."""
     n = network
     return lambda: build_model(n["in_channels"], n["num_classes"], n["width"], n["depth"])
+
+
+def compute_description(cfg: Config) -> dict[str, Any]:
+    """Where this process computes a site's models: device, resolved precision, versions."""
+    device = resolve_device(cfg.runtime.device)
+    return describe(device, resolve_precision(cfg.runtime.precision, device))
 
 
 def network_description(cfg: Config, spec: DatasetSpec) -> dict[str, Any]:

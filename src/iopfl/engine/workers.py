@@ -32,7 +32,7 @@ from iopfl.config import Config
 from iopfl.data import load_dataset
 from iopfl.engine.federation import EvalReply, Reply, Roster
 from iopfl.engine.inprocess import InProcessSites
-from iopfl.engine.site import network_description, training_sites
+from iopfl.engine.site import compute_description, network_description, training_sites
 from iopfl.errors import UserError
 from iopfl.fl.aggregation import StateDict
 from iopfl.runtime import resolve_device
@@ -121,7 +121,8 @@ class WorkerSites:
             child.close()
             self.conns.append(parent)
             self.procs.append(proc)
-        return Roster(sites, list(sites), network)
+        devices = {s: compute_description(self._worker_config(self.home[s])) for s in sites}
+        return Roster(sites, list(sites), network, devices)
 
     def _worker_config(self, worker: int) -> Config:
         """The run's config, on this worker's device when ``runtime.devices`` lists several."""

@@ -35,7 +35,7 @@ from iopfl.config import Config, build_config
 from iopfl.data import DatasetSpec, load_dataset
 from iopfl.engine.flower import wire
 from iopfl.engine.flower.state import EVALUATE, PUBLISH, TRAIN, SiteStateStore
-from iopfl.engine.site import make_client, network_description, training_sites
+from iopfl.engine.site import compute_description, make_client, network_description, training_sites
 from iopfl.errors import UserError
 from iopfl.fl import Strategy, build_strategy
 from iopfl.runtime import apply_runtime, resolve_device
@@ -121,7 +121,8 @@ def query(msg: Message, context: Context) -> Message:
     """Which site this node serves, its sample count, and the network the data needs."""
     node = SiteNode(msg, context)
     body = wire.info_reply(node.site, **{"num-examples": node.client.trainer.num_samples,
-                                         "network": network_description(node.cfg, node.spec)})
+                                         "network": network_description(node.cfg, node.spec),
+                                         "device": compute_description(node.cfg)})
     return Message(body, reply_to=msg)
 
 

@@ -65,6 +65,7 @@ class NodeDirectory:
         self.nodes: dict[str, int] = {}       # site -> node id of the SuperNode serving it
         self.ignored: set[int] = set()        # nodes that serve no training site of this run
         self.network: dict[str, Any] | None = None
+        self.devices: dict[str, dict[str, Any]] = {}  # site -> where it computes, as it said
 
     def online(self) -> set[int]:
         return set(self.grid.get_node_ids())
@@ -100,6 +101,7 @@ class NodeDirectory:
             if site in self.nodes and self.nodes[site] != node:
                 self.note(f"site {site} is now served by node {node} (was node {self.nodes[site]})")
             self.nodes[site] = node
+            self.devices[site] = info.get("device", {})
             self.network = self.network or info["network"]
             if info["network"] != self.network:
                 raise UserError(f"site {site}: its data needs network {info['network']}, "

@@ -89,7 +89,7 @@ class FlowerSites:
     def connect(self, run_key: str, known_sites: list[str] | None) -> Roster:
         self.messenger.run_key = run_key
         self.sites = self.directory.discover(known_sites, self.settings.nodes, self.settings.join_timeout)
-        return Roster(self.sites, self.sites, self.directory.network)
+        return Roster(self.sites, self.sites, self.directory.network, self.directory.devices)
 
     def _send(self, kind: str, sites: list[str], round_: int, weights: StateDict,
               **extra: Any) -> dict[str, Message | str]:

@@ -14,7 +14,8 @@ Site → server, ``evaluate``:
                             round, val Dice and test metrics of the site's val-selected personalised
                             model — its summary; the model itself stays at the site)
 Site → server, ``query``:
-  ``info``    ConfigRecord  ``site``, ``num-examples``, ``network`` (JSON: channels, classes, sizes)
+  ``info``    ConfigRecord  ``site``, ``num-examples``, ``network`` (JSON: channels, classes, sizes),
+                            ``device`` (JSON: where the site computes — device, precision, versions)
 Site → server, ``query.publish``:
   ``info``    ConfigRecord  ``site``, ``published`` (JSON bool)
   ``arrays``  ArrayRecord   the site's val-selected personalised model — only when its node config
