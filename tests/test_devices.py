@@ -5,8 +5,7 @@ suite run on a GPU machine verifies it."""
 import pytest
 import torch
 
-from _tiny import tiny_config
-from iopfl.engine.federation import Federation
+from _tiny import interrupt_then_resume, tiny_config
 from iopfl.engine.inprocess import in_process_run
 from iopfl.fl.training import LocalTrainer, TrainSettings
 from iopfl.models import build_model
@@ -64,18 +63,7 @@ def test_fp16_keeps_its_gradient_scale_in_the_site_state(device):
 def test_resume_is_exact_on_each_device(device, precision, tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path / "cache", [f"runtime.device={device}", f"runtime.precision={precision}"])
     expected = in_process_run(cfg, tmp_path / "whole").run()
-    original = Federation._train_round
-
-    def crash_in_round_3(self, round_):
-        if round_ == 3:
-            raise KeyboardInterrupt
-        original(self, round_)
-
-    monkeypatch.setattr(Federation, "_train_round", crash_in_round_3)
-    with pytest.raises(KeyboardInterrupt):
-        in_process_run(cfg, tmp_path / "run").run()
-    monkeypatch.setattr(Federation, "_train_round", original)
-    resumed = in_process_run(cfg, tmp_path / "run").run(resume=True)
+    resumed = interrupt_then_resume(cfg, tmp_path / "run", monkeypatch)
     for key in ("models", "last_round", "selection"):
         assert resumed[key] == expected[key]
 

@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -22,12 +23,16 @@ from iopfl.errors import UserError
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def holdout_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("outside")
-    cfg = tiny_config(root / "cache", ["data.holdout=SiteC", "fl.rounds=2"], sites=4)
+def train_without(site: str, rounds: int, root: Path):
+    """IOP-FL on four tiny sites with ``site`` held out: (config, root of ``run/`` and ``cache/``)."""
+    cfg = tiny_config(root / "cache", [f"data.holdout={site}", f"fl.rounds={rounds}"], sites=4)
     in_process_run(cfg, root / "run").run()
     return cfg, root
+
+
+@pytest.fixture(scope="module")
+def holdout_run(tmp_path_factory):
+    return train_without("SiteC", 2, tmp_path_factory.mktemp("outside"))
 
 
 def test_holdout_site_is_not_trained_on(holdout_run):
@@ -176,10 +181,7 @@ def test_gates_sum_to_one_with_the_sum_norm(holdout_run, tmp_path):
 @pytest.fixture(scope="module")
 def holdout_b(tmp_path_factory):
     """SiteB held out (SiteC's tiny masks are empty, so Dice there cannot tell settings apart)."""
-    root = tmp_path_factory.mktemp("outside-b")
-    cfg = tiny_config(root / "cache", ["data.holdout=SiteB", "fl.rounds=3"], sites=4)
-    in_process_run(cfg, root / "run").run()
-    return cfg, root
+    return train_without("SiteB", 3, tmp_path_factory.mktemp("outside-b"))
 
 
 def test_one_slice_at_a_time_stays_close_to_batches_of_four(holdout_b):

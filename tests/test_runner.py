@@ -10,8 +10,7 @@ import time
 import pytest
 import yaml
 
-from _tiny import tiny_config, tiny_tree
-from iopfl.engine.federation import Federation
+from _tiny import interrupt_then_resume, tiny_config, tiny_tree
 from iopfl.engine.inprocess import in_process_run
 from iopfl.errors import UserError
 
@@ -67,18 +66,7 @@ def test_same_seed_same_numbers(baseline, tmp_path):
 
 def test_resume_after_a_crash_equals_uninterrupted(baseline, tmp_path, monkeypatch):
     cfg, root, results = baseline
-    original = Federation._train_round
-
-    def crash_in_round_3(self, round_):
-        if round_ == 3:
-            raise KeyboardInterrupt
-        original(self, round_)
-
-    monkeypatch.setattr(Federation, "_train_round", crash_in_round_3)
-    with pytest.raises(KeyboardInterrupt):
-        in_process_run(cfg, tmp_path / "run").run()
-    monkeypatch.setattr(Federation, "_train_round", original)
-    resumed = in_process_run(cfg, tmp_path / "run").run(resume=True)
+    resumed = interrupt_then_resume(cfg, tmp_path / "run", monkeypatch)
     assert _numbers(resumed) == _numbers(results)
     rounds = [json.loads(x)["round"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rounds == sorted(rounds) and rounds.count(3) == len(rounds) // 3

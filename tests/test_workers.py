@@ -11,7 +11,7 @@ import psutil
 import pytest
 import yaml
 
-from _tiny import tiny_config, tiny_tree
+from _tiny import interrupt_then_resume, tiny_config, tiny_tree
 from iopfl.engine.inprocess import in_process_run
 from iopfl.engine.workers import WorkerSites
 from iopfl.errors import UserError
@@ -47,23 +47,11 @@ def test_two_workers_give_bit_identical_results(one_process):
 
 def test_a_worker_run_resumes_exactly(one_process, tmp_path, monkeypatch):
     """Interrupted in round 3 and resumed: the numbers of an uninterrupted one-process run."""
-    from iopfl.engine.federation import Federation
-
     root, expected = one_process
-    original = Federation._train_round
-
-    def crash_in_round_3(self, round_):
-        if round_ == 3:
-            raise KeyboardInterrupt
-        original(self, round_)
-
-    monkeypatch.setattr(Federation, "_train_round", crash_in_round_3)
     two = tiny_config(root / "cache", [*ONE_THREAD, "runtime.workers=2"])
-    with pytest.raises(KeyboardInterrupt):
-        in_process_run(two, tmp_path / "run").run()
-    monkeypatch.setattr(Federation, "_train_round", original)
+    resumed = interrupt_then_resume(two, tmp_path / "run", monkeypatch)
     # the sites' state was gathered from the workers into the checkpoint and is scattered back to them
-    assert _numbers(in_process_run(two, tmp_path / "run").run(resume=True)) == _numbers(expected)
+    assert _numbers(resumed) == _numbers(expected)
 
 
 def test_a_site_whose_loss_diverges_is_left_out_with_one_message(one_process, tmp_path):
