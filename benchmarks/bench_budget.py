@@ -23,11 +23,12 @@ from iopfl.report.tables import markdown_table
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 BUDGETS: dict[str, list[str]] = {  # name: overrides of configs/polyp.yaml (FedAvg)
-    "96px-w16-20r": ["data.image_size=96", "fl.rounds=20", "eval.eval_every=4"],
-    "128px-w16-20r": ["data.image_size=128", "fl.rounds=20", "eval.eval_every=4"],
-    "128px-w16-30r": ["data.image_size=128", "fl.rounds=30", "eval.eval_every=5"],
-    "160px-w16-20r": ["data.image_size=160", "fl.rounds=20", "eval.eval_every=4"],
-    "128px-w24-20r": ["data.image_size=128", "model.width=24", "fl.rounds=20", "eval.eval_every=4"],
+    "96px-w16-20r": ["train.augment=standard", "data.image_size=96", "fl.rounds=20", "eval.eval_every=4"],
+    "128px-w16-20r": ["train.augment=standard", "data.image_size=128", "fl.rounds=20", "eval.eval_every=4"],
+    "128px-w16-30r": ["train.augment=standard", "data.image_size=128", "fl.rounds=30", "eval.eval_every=5"],
+    "160px-w16-20r": ["train.augment=standard", "data.image_size=160", "fl.rounds=20", "eval.eval_every=4"],
+    "128px-w24-20r": ["train.augment=standard", "data.image_size=128", "model.width=24", "fl.rounds=20", "eval.eval_every=4"],
+    "128px-w16-30r-noaug": ["data.image_size=128", "fl.rounds=30", "eval.eval_every=10", "train.augment=none"],
     "128px-w16-20r-noaug": ["data.image_size=128", "fl.rounds=20", "eval.eval_every=4", "train.augment=none",
                             "train.lr_schedule=constant", "train.ce_weight=0"],
 }
