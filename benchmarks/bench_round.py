@@ -8,7 +8,7 @@ core; two workers one thread each.
 
 Writes ``benchmarks/results/bench_round.json`` and ``.md``.
 
-    python benchmarks/bench_round.py [--configs demo polyp] [--rounds 3]
+    python benchmarks/bench_round.py [--configs demo polyp] [--rounds 3] [--variants ...] [--out DIR]
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--out", type=Path, default=OUT, help="folder for bench_round.json and .md")
     args = parser.parse_args()
     rows = []
     for config in args.configs:
@@ -96,10 +97,10 @@ def main() -> None:
             print(f"{config} {variant}: {variants[variant]['round_s']:.1f} s / round", flush=True)
         rows.append({"config": config, "cores": os.cpu_count(), "torch": torch.__version__,
                      "cpu_capability": torch.backends.cpu.get_cpu_capability(), "variants": variants})
-    OUT.mkdir(exist_ok=True)
-    (OUT / "bench_round.json").write_text(json.dumps(rows, indent=2) + "\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_round.json").write_text(json.dumps(rows, indent=2) + "\n")
     table = to_markdown(rows)
-    (OUT / "bench_round.md").write_text(table)
+    (args.out / "bench_round.md").write_text(table)
     print(table)
 
 
