@@ -114,7 +114,7 @@ def test_a_worker_that_dies_ends_the_run_with_one_message(one_process, tmp_path)
         assert len(workers) == 2
         workers[0].kill()  # e.g. the kernel's out-of-memory killer
         _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 2 and "died" in err and "Traceback" not in err
+        assert proc.returncode == 2 and "died" in err and "Traceback" not in err, err
         _, alive = psutil.wait_procs(workers, timeout=30)
         assert not alive
     finally:

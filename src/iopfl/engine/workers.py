@@ -137,16 +137,18 @@ class WorkerSites:
     def _ask(self, calls: dict[int, tuple[str, tuple]]) -> Iterator[tuple[int, str, Any]]:
         """Send each worker its call; yield (worker, kind, value) as the answers arrive."""
         for i, call in calls.items():
-            self.conns[i].send(call)
+            try:
+                self.conns[i].send(call)
+            except OSError:  # a worker killed between two calls: its pipe is broken
+                raise self._died(i) from None
         pending = {self.conns[i]: i for i in calls}
         while pending:
             for conn in wait(list(pending)):
                 i = pending[conn]
                 try:
                     kind, value = conn.recv()
-                except EOFError:
-                    raise UserError(f"worker {i} (sites {', '.join(self._sites_of(i))}) died; "
-                                    "see the messages above") from None
+                except (EOFError, OSError):
+                    raise self._died(i) from None
                 if kind == "user-error":
                     raise UserError(value)
                 if kind == "error":
@@ -154,6 +156,9 @@ class WorkerSites:
                 if kind == "done":
                     del pending[conn]
                 yield i, kind, value
+
+    def _died(self, worker: int) -> UserError:
+        return UserError(f"worker {worker} (sites {', '.join(self._sites_of(worker))}) died; see the messages above")
 
     def _sites_of(self, worker: int) -> list[str]:
         return [s for s, i in self.home.items() if i == worker]
