@@ -29,6 +29,8 @@ BUDGETS: dict[str, list[str]] = {  # name: overrides of configs/polyp.yaml (FedA
     "160px-w16-20r": ["train.augment=standard", "data.image_size=160", "fl.rounds=20", "eval.eval_every=4"],
     "128px-w24-20r": ["train.augment=standard", "data.image_size=128", "model.width=24", "fl.rounds=20", "eval.eval_every=4"],
     "128px-w16-30r-noaug": ["data.image_size=128", "fl.rounds=30", "eval.eval_every=10", "train.augment=none"],
+    "128px-w16-50r-noaug-2w": ["data.image_size=128", "fl.rounds=50", "eval.eval_every=10", "train.augment=none",
+                               "runtime.workers=2"],
     "128px-w16-20r-noaug": ["data.image_size=128", "fl.rounds=20", "eval.eval_every=4", "train.augment=none",
                             "train.lr_schedule=constant", "train.ce_weight=0"],
 }
