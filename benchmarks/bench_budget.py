@@ -22,16 +22,26 @@ from iopfl.engine.session import CONFIG_DIR
 from iopfl.report.tables import markdown_table
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# the augmentation and runtime of each row spelled out, so a row reruns as it ran whatever polyp.yaml holds
+STANDARD = ["train.augment=standard", "train.aug_scale=0.15", "train.aug_rotate=15", "train.aug_intensity=0.2"]
+FLIPS = ["train.augment=standard", "train.aug_scale=0", "train.aug_rotate=0", "train.aug_intensity=0"]
+NO_AUG = ["train.augment=none"]
+ONE_PROCESS = ["runtime.workers=1", "runtime.channels_last=false"]
 BUDGETS: dict[str, list[str]] = {  # name: overrides of configs/polyp.yaml (FedAvg)
-    "96px-w16-20r": ["train.augment=standard", "data.image_size=96", "fl.rounds=20", "eval.eval_every=4"],
-    "128px-w16-20r": ["train.augment=standard", "data.image_size=128", "fl.rounds=20", "eval.eval_every=4"],
-    "128px-w16-30r": ["train.augment=standard", "data.image_size=128", "fl.rounds=30", "eval.eval_every=5"],
-    "160px-w16-20r": ["train.augment=standard", "data.image_size=160", "fl.rounds=20", "eval.eval_every=4"],
-    "128px-w24-20r": ["train.augment=standard", "data.image_size=128", "model.width=24", "fl.rounds=20", "eval.eval_every=4"],
-    "128px-w16-30r-noaug": ["data.image_size=128", "fl.rounds=30", "eval.eval_every=10", "train.augment=none"],
-    "128px-w16-50r-noaug-2w": ["data.image_size=128", "fl.rounds=50", "eval.eval_every=10", "train.augment=none",
-                               "runtime.workers=2"],
-    "128px-w16-20r-noaug": ["data.image_size=128", "fl.rounds=20", "eval.eval_every=4", "train.augment=none",
+    "96px-w16-20r": [*STANDARD, *ONE_PROCESS, "data.image_size=96", "fl.rounds=20", "eval.eval_every=4"],
+    "128px-w16-20r": [*STANDARD, *ONE_PROCESS, "data.image_size=128", "fl.rounds=20", "eval.eval_every=4"],
+    "128px-w16-30r": [*STANDARD, *ONE_PROCESS, "data.image_size=128", "fl.rounds=30", "eval.eval_every=5"],
+    "160px-w16-20r": [*STANDARD, *ONE_PROCESS, "data.image_size=160", "fl.rounds=20", "eval.eval_every=4"],
+    "128px-w24-20r": [*STANDARD, *ONE_PROCESS, "data.image_size=128", "model.width=24", "fl.rounds=20",
+                      "eval.eval_every=4"],
+    "128px-w16-30r-noaug": [*NO_AUG, *ONE_PROCESS, "data.image_size=128", "fl.rounds=30", "eval.eval_every=10"],
+    "128px-w16-50r-noaug-2w": [*NO_AUG, "runtime.workers=2", "runtime.channels_last=false", "data.image_size=128",
+                               "fl.rounds=50", "eval.eval_every=10"],
+    "128px-w16-50r-flips-2w-cl": [*FLIPS, "runtime.workers=2", "runtime.channels_last=true", "data.image_size=128",
+                                  "fl.rounds=50", "eval.eval_every=10"],
+    "160px-w16-40r-flips-2w-cl": [*FLIPS, "runtime.workers=2", "runtime.channels_last=true", "data.image_size=160",
+                                  "fl.rounds=40", "eval.eval_every=10"],
+    "128px-w16-20r-noaug": [*NO_AUG, *ONE_PROCESS, "data.image_size=128", "fl.rounds=20", "eval.eval_every=4",
                             "train.lr_schedule=constant", "train.ce_weight=0"],
 }
 

@@ -39,8 +39,9 @@ SUITES: dict[str, tuple[str, list[str], bool]] = {
     # AVX2 CPU): all 48 runs of --seeds 3 fit in an hour on 2 cores
     "synthetic": ("demo.yaml", ["data.synthetic.cases=10", "fl.rounds=16", "eval.eval_every=4",
                                 "runtime.channels_last=true"], True),
-    # configs/polyp.yaml as it is: every method gets the budget chosen for FedAvg by bench_budget.py
-    "polyp": ("polyp.yaml", [], True),
+    # configs/polyp.yaml's budget, chosen for FedAvg by bench_budget.py, for every method; one process
+    # per run, as --jobs runs them side by side (one thread each: the numbers of the yaml's 2 workers)
+    "polyp": ("polyp.yaml", ["runtime.workers=1"], True),
     "prostate": ("prostate.yaml", [], True),
     "fundus": ("fundus.yaml", [], True),
 }

@@ -30,9 +30,9 @@ OUT = Path(__file__).resolve().parent / "results"
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CONFIGS = {"demo": ("demo.yaml", []), "polyp": ("polyp.yaml", [f"data.root={SHARED}"])}
 VARIANTS = {  # name: overrides
-    "1 process": [],
+    "1 process": ["runtime.workers=1"],
     "2 workers": ["runtime.workers=2"],
-    "1 process, compile": ["runtime.compile=true"],
+    "1 process, compile": ["runtime.workers=1", "runtime.compile=true"],
     "2 workers, compile": ["runtime.workers=2", "runtime.compile=true"],
 }
 

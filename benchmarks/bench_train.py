@@ -14,7 +14,7 @@ published size runs ``--cpu-published-rounds`` rounds (default 2) so the whole b
 
 Writes ``benchmarks/results/bench_train[-<device>].json`` and ``.md``.
 
-    python benchmarks/bench_train.py [--device cpu|cuda] [--rounds 4] [--sizes demo published]
+    python benchmarks/bench_train.py [--device cpu|cuda] [--rounds 4] [--sizes demo polyp published]
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from iopfl.seeding import derive_generator
 OUT = Path(__file__).resolve().parent / "results"
 SIZES = {  # name: (width, depth, image size, batch, samples per round)
     "demo": (8, 3, 64, 8, 96),
+    "polyp": (16, 4, 128, 8, 64),
     "published": (32, 4, 384, 5, 20),
 }
 
