@@ -39,8 +39,8 @@ BUDGETS: dict[str, list[str]] = {  # name: overrides of configs/polyp.yaml (FedA
                                "fl.rounds=50", "eval.eval_every=10"],
     "128px-w16-50r-flips-2w-cl": [*FLIPS, "runtime.workers=2", "runtime.channels_last=true", "data.image_size=128",
                                   "fl.rounds=50", "eval.eval_every=10"],
-    "160px-w16-40r-flips-2w-cl": [*FLIPS, "runtime.workers=2", "runtime.channels_last=true", "data.image_size=160",
-                                  "fl.rounds=40", "eval.eval_every=10"],
+    "160px-w16-36r-flips-2w-cl": [*FLIPS, "runtime.workers=2", "runtime.channels_last=true", "data.image_size=160",
+                                  "fl.rounds=36", "eval.eval_every=12"],
     "128px-w16-20r-noaug": [*NO_AUG, *ONE_PROCESS, "data.image_size=128", "fl.rounds=20", "eval.eval_every=4",
                             "train.lr_schedule=constant", "train.ce_weight=0"],
 }
