@@ -27,6 +27,7 @@ STANDARD = ["train.augment=standard", "train.aug_scale=0.15", "train.aug_rotate=
 FLIPS = ["train.augment=standard", "train.aug_scale=0", "train.aug_rotate=0", "train.aug_intensity=0"]
 NO_AUG = ["train.augment=none"]
 ONE_PROCESS = ["runtime.workers=1", "runtime.channels_last=false"]
+TWO_WORKERS_CL = ["runtime.workers=2", "runtime.channels_last=true"]
 BUDGETS: dict[str, list[str]] = {  # name: overrides of configs/polyp.yaml (FedAvg)
     "96px-w16-20r": [*STANDARD, *ONE_PROCESS, "data.image_size=96", "fl.rounds=20", "eval.eval_every=4"],
     "128px-w16-20r": [*STANDARD, *ONE_PROCESS, "data.image_size=128", "fl.rounds=20", "eval.eval_every=4"],
@@ -37,10 +38,10 @@ BUDGETS: dict[str, list[str]] = {  # name: overrides of configs/polyp.yaml (FedA
     "128px-w16-30r-noaug": [*NO_AUG, *ONE_PROCESS, "data.image_size=128", "fl.rounds=30", "eval.eval_every=10"],
     "128px-w16-50r-noaug-2w": [*NO_AUG, "runtime.workers=2", "runtime.channels_last=false", "data.image_size=128",
                                "fl.rounds=50", "eval.eval_every=10"],
-    "128px-w16-50r-flips-2w-cl": [*FLIPS, "runtime.workers=2", "runtime.channels_last=true", "data.image_size=128",
-                                  "fl.rounds=50", "eval.eval_every=10"],
-    "160px-w16-36r-flips-2w-cl": [*FLIPS, "runtime.workers=2", "runtime.channels_last=true", "data.image_size=160",
-                                  "fl.rounds=36", "eval.eval_every=12"],
+    "128px-w16-50r-flips-2w-cl": [*FLIPS, *TWO_WORKERS_CL, "data.image_size=128", "fl.rounds=50",
+                                  "eval.eval_every=10"],
+    "160px-w16-36r-flips-2w-cl": [*FLIPS, *TWO_WORKERS_CL, "data.image_size=160", "fl.rounds=36",
+                                  "eval.eval_every=12"],
     "128px-w16-20r-noaug": [*NO_AUG, *ONE_PROCESS, "data.image_size=128", "fl.rounds=20", "eval.eval_every=4",
                             "train.lr_schedule=constant", "train.ce_weight=0"],
 }
