@@ -32,6 +32,7 @@ from iopfl.engine.session import CONFIG_DIR
 from iopfl.fl import STRATEGIES
 from iopfl.report.compare import cell, compare_runs
 from iopfl.report.tables import markdown_table
+from records import default_work, ensure_record
 
 SUITES: dict[str, tuple[str, list[str], bool]] = {
     # name: (config file, overrides, has outside hold-outs)
@@ -68,21 +69,29 @@ def inside_job(suite: str, method: str, seed: int, out: Path, extra: list[str]) 
     return run_dir
 
 
-def outside_job(suite: str, target: str, seed: int, out: Path, extra: list[str]) -> Path:
-    """IOP-FL trained without ``target``, then every adaptation method on it → ``outside.json``."""
-    run_dir = out / "outside" / f"without-{target}-s{seed}"
-    result_file = run_dir / "outside.json"
-    if not result_file.exists():
-        cfg = suite_config(suite, ["fl.method=iopfl", f"seed={seed}", f"data.holdout={target}",
-                                   f"adapt.seed={seed}", *extra])
-        t0 = time.perf_counter()
-        if not RunDir(run_dir).results.exists():
-            finish_run(cfg, run_dir)
+def outside_config(suite: str, target: str, seed: int, extra: list[str]) -> Config:
+    return suite_config(suite, ["fl.method=iopfl", f"seed={seed}", f"data.holdout={target}",
+                                f"adapt.seed={seed}", *extra])
+
+
+def outside_job(suite: str, target: str, seed: int, out: Path, work: Path, extra: list[str],
+                train_only: bool = False) -> Path:
+    """IOP-FL trained without ``target`` (record under ``out``, weights under ``work``), then every
+    adaptation method on it → the record's ``outside.json``."""
+    name = f"without-{target}-s{seed}"
+    record, run_dir = out / "outside" / name, work / "outside" / name
+    result_file = record / "outside.json"
+    cfg = outside_config(suite, target, seed, extra)
+    t0 = time.perf_counter()
+    done = ensure_record(cfg, run_dir, record, need_weights=not train_only and not result_file.exists())
+    if done != "recorded":
+        print(f"outside {name}: {done} in {time.perf_counter() - t0:.0f} s", flush=True)
+    if not train_only and not result_file.exists():
         run = open_run(run_dir)
         models = adapt_cases(run, target_cases(run, target), method_names("all"), None, cfg,
                              scored=test_case_ids(cfg, target))  # the oracle's cases too
         result_file.write_text(json.dumps(models, indent=1))
-        print(f"outside {target} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"outside {name}: adapted in {time.perf_counter() - t0:.0f} s", flush=True)
     return result_file
 
 
@@ -105,10 +114,13 @@ def run_inside(suite: str, seeds: list[int], out: Path, extra: list[str], jobs: 
     return runs
 
 
-def run_outside(suite: str, seeds: list[int], out: Path, extra: list[str], jobs: int = 1) -> dict:
+def run_outside(suite: str, seeds: list[int], out: Path, work: Path, extra: list[str], jobs: int = 1,
+                train_only: bool = False) -> dict:
     sites = list(load_dataset(suite_config(suite, extra).data).sites)
-    pairs = [(t, s) for t in sites for s in seeds]
-    files = run_all(outside_job, [(suite, t, s, out, extra) for t, s in pairs], jobs)
+    pairs = [(t, s) for s in seeds for t in sites]  # seed-major: every hold-out of seed 0 finishes first
+    files = run_all(outside_job, [(suite, t, s, out, work, extra, train_only) for t, s in pairs], jobs)
+    if train_only:
+        return {}
     scores: dict[str, dict[str, list[float]]] = {}
     for (target, _), result_file in zip(pairs, files):
         for method, entry in json.loads(result_file.read_text()).items():
@@ -156,8 +168,13 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", choices=["inside", "outside"], default=["inside", "outside"])
     parser.add_argument("--methods", nargs="+", choices=list(STRATEGIES),
                         help="inside methods to run (default: all, and the inside table is written)")
+    parser.add_argument("--work", type=Path, help="run folders with their weights, outside the repository "
+                        "(default: $IOPFL_BENCH_WORK/<out's name> or ~/.cache/iopfl/bench/<out's name>)")
+    parser.add_argument("--train-only", action="store_true",
+                        help="outside part: train and record the hold-out runs, adapt nothing")
     args = parser.parse_args()
     out = args.out or Path(__file__).resolve().parent / "results" / f"quality-{args.suite}"
+    work = args.work or default_work(out)
     seeds = list(range(args.seeds))
     t0 = time.perf_counter()
     if "inside" in args.parts:
@@ -165,8 +182,10 @@ def main() -> None:
         if args.methods is None:
             print((out / "inside.md").read_text())
     if "outside" in args.parts and SUITES[args.suite][2]:
-        run_outside(args.suite, list(range(args.outside_seeds or args.seeds)), out, args.override, args.jobs)
-        print((out / "outside.md").read_text())
+        run_outside(args.suite, list(range(args.outside_seeds or args.seeds)), out, work, args.override,
+                    args.jobs, args.train_only)
+        if not args.train_only:
+            print((out / "outside.md").read_text())
     print(f"total {time.perf_counter() - t0:.0f} s")
 
 

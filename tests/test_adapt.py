@@ -104,7 +104,7 @@ def _batches(sizes=(5, 4), seed=0):
     return [torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed + i)) for i, n in enumerate(sizes)]
 
 
-@pytest.mark.parametrize("gate_norm", ["sigmoid", "sum"])
+@pytest.mark.parametrize("gate_norm", ["softmax", "sigmoid", "sum"])
 def test_global_gate_init_is_bn_adapt_before_any_step(gate_norm):
     build, states = _experts()
     batches = _batches()
@@ -132,7 +132,7 @@ def _averaged_network(build, states):
     return net.eval()
 
 
-@pytest.mark.parametrize("gate_norm", ["sigmoid", "sum"])
+@pytest.mark.parametrize("gate_norm", ["softmax", "sigmoid", "sum"])
 def test_uniform_gate_init_is_the_mean_of_the_experts(gate_norm):
     build, states = _experts(4)
     batches = _batches()
@@ -205,8 +205,8 @@ def test_passes_of_each_protocol(protocol, passes, expected, monkeypatch):
     build, states = _experts(2)
     calls = []
     method = build_method("iopfl", states, build, AdaptConfig(protocol=protocol, passes=passes, lambda_consistency=0))
-    original = type(method).loss
-    monkeypatch.setattr(type(method), "loss", lambda self, *a: calls.append(1) or original(self, *a))
+    original = type(method).loss_terms
+    monkeypatch.setattr(type(method), "loss_terms", lambda self, *a: calls.append(1) or original(self, *a))
     method.adapt_and_predict(_batches((4, 4, 4)))
     assert len(calls) == 3 * expected
 
@@ -231,7 +231,7 @@ def test_published_loss_is_its_three_terms(monkeypatch):
     seen = []
     monkeypatch.setattr("iopfl.adapt.iopfl.consistency",
                         lambda *a, **kw: seen.append((a[2].requires_grad, kw)) or consistency(*a, **kw))
-    total = method.loss(model, x, torch.Generator().manual_seed(0))
+    total = sum(method.loss_terms(model, x, torch.Generator().manual_seed(0), None).values())
     assert seen == [(True, {"detach_target": False})]   # the target keeps its graph
     probs = model(x).softmax(1)
     view = consistency(model, x, probs, 0.0, torch.Generator().manual_seed(0))

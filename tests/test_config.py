@@ -71,6 +71,12 @@ def test_digest_changes_with_config():
     assert a.digest() == load_config(CONFIG_DIR / "demo.yaml").digest() != b.digest()
 
 
+def test_digest_ignores_the_adapt_section():
+    """Test-time settings do not change training: a finished run is re-adapted, an interrupted one resumed."""
+    a = load_config(CONFIG_DIR / "demo.yaml")
+    assert a.digest() == load_config(CONFIG_DIR / "demo.yaml", ["adapt.lr=0.5", "adapt.seed=3"]).digest()
+
+
 @pytest.mark.parametrize("capability, expected", [("AVX512", "bf16"), ("AVX2", "fp32"), ("DEFAULT", "fp32")])
 def test_auto_precision_uses_bf16_only_where_the_cpu_has_bf16_kernels(monkeypatch, capability, expected):
     import torch

@@ -121,6 +121,11 @@ def adapt(run: Annotated[Path, typer.Argument(help="A finished training run dire
         from iopfl.report.tables import models_table
 
         print(models_table(results["models"]))
+    from iopfl.engine.outside import fallback_warning
+
+    warning = fallback_warning(results["safeguard"])
+    if warning:
+        console.print(f"[yellow]{warning}[/yellow]", highlight=False)
     console.print(f"predictions written to {out_dir}")
 
 

@@ -144,8 +144,10 @@ class Config(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     def digest(self) -> str:
-        """Short hash of the resolved config (recorded in the manifest, checked on resume)."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        """Short hash of what determines training (recorded in the manifest, checked on resume): the
+        resolved config without its ``adapt`` section, which only test-time adaptation reads — so a
+        finished run can be re-adapted, and an interrupted one resumed, under other adapt settings."""
+        blob = json.dumps(self.model_dump(mode="json", exclude={"adapt"}), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -16,13 +16,14 @@ augmentations and dropout masks. The reported figure is still the last pass (lin
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from iopfl.adapt.config import AdaptConfig
-from iopfl.models.routing import load_expert
+from iopfl.adapt.safeguard import BatchSignals, FallbackLog, SafeState, batch_signals, collapse_reason
+from iopfl.models.routing import load_expert, use_batch_statistics
 from iopfl.seeding import derive_generator, derive_seed
 
 StateDict = dict[str, torch.Tensor]
@@ -38,6 +39,8 @@ class TTAMethod:
     def __init__(self, experts: Sequence[StateDict], build: Callable[[], nn.Module], config: AdaptConfig,
                  device: torch.device = torch.device("cpu")):
         self.experts, self.build, self.config, self.device = list(experts), build, config, device
+        self.trace: list[dict[str, Any]] = []   # adaptive methods, per batch of the last pass: losses, signals
+        self.fallbacks = FallbackLog()          # the safeguard's fallbacks in the last pass
 
     @property
     def published(self) -> bool:
@@ -51,11 +54,23 @@ class TTAMethod:
         """Parameters the method updates; none → predict only."""
         return []
 
-    def loss(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def uses_reference(self) -> bool:
+        """True when the loss reads BN-adapt's prediction of the batch (the ``reference`` argument)."""
+        return False
+
+    def loss_terms(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator,
+                   reference: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The weighted terms of the loss on batch ``x [B, C, H, W]`` (summed for the step);
+        ``reference [B, K, H, W]``: BN-adapt's prediction of ``x`` when the safeguard or the loss needs it."""
         raise NotImplementedError
 
     def start_pass(self, model: nn.Module) -> None:
         """Called before each pass over the batches (a method may reset what it records)."""
+
+    def gate_state(self, model: nn.Module) -> tuple[torch.Tensor | None, float | None]:
+        """Routing methods: each routed layer's mean gate sum over the last predicted batch ``[L]`` and
+        the gates' mean spread; others (None, None)."""
+        return None, None
 
     @torch.no_grad()
     def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -82,21 +97,63 @@ class TTAMethod:
         params = self.trainable(model)
         steps = self.config.steps_per_batch if params else 0
         optimizer = torch.optim.Adam(params, lr=self.config.lr) if steps else None
+        guarded = bool(steps) and self.config.safeguard
         predictions: list[torch.Tensor] = []
         for pass_ in range(self.config.pass_count if steps else 1):
+            # BN-adapt, the reference of the safeguard and of the trust region: fresh every pass, as
+            # BN-adapt itself would run over the stream
+            reference = BNReference(self) if guarded or (steps and self.uses_reference()) else None
             self.start_pass(model)
+            self.trace, self.fallbacks = [], FallbackLog()
+            safe = SafeState(model, optimizer) if guarded else None
+            start_sums = None
             predictions = []
             for i, batch in enumerate(batches):
                 x = batch.to(self.device)
                 gen = self._generator(pass_, i)
+                ref = reference(x) if reference is not None else None
+                terms: dict[str, torch.Tensor] = {}
                 for _ in range(steps):
                     model.train()
-                    loss = self.loss(model, x, gen)
+                    terms = self.loss_terms(model, x, gen, ref)
+                    loss = sum(terms.values())
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
-                predictions.append(self.predict(model, x).cpu())
+                probs = self.predict(model, x)
+                record: dict[str, Any] = {"pass": pass_, "batch": i, **{k: float(v.detach()) for k, v in terms.items()}}
+                if ref is not None:
+                    sums, spread = self.gate_state(model)
+                    if start_sums is None and sums is not None:
+                        start_sums = sums  # the first batch's: one step from the start
+                    signals = batch_signals(probs, ref, sums, start_sums, spread)
+                    record.update(signals.as_dict())
+                    if safe is not None:
+                        probs = self._guard(model, x, probs, ref, signals, safe, start_sums, record)
+                if steps:
+                    self.trace.append(record)
+                predictions.append(probs.cpu())
         return predictions
+
+    def _guard(self, model: nn.Module, x: torch.Tensor, probs: torch.Tensor, ref: torch.Tensor,
+               signals: BatchSignals, safe: SafeState, start_sums: torch.Tensor | None,
+               record: dict[str, Any]) -> torch.Tensor:
+        """The safeguard on one predicted batch: keep it (and remember the state as safe), or roll back
+        to the last safe state and predict again — BN-adapt's prediction if that fails too."""
+        reason = collapse_reason(signals, self.config)
+        if reason is None:
+            safe.save()
+            self.fallbacks.add(None)
+            return probs
+        safe.restore()
+        probs = self.predict(model, x)
+        sums, spread = self.gate_state(model)
+        again = collapse_reason(batch_signals(probs, ref, sums, start_sums, spread), self.config)
+        if again is not None:
+            probs = ref
+        self.fallbacks.add(reason, to_reference=again is not None)
+        record["fallback"] = reason if again is None else f"{reason}, to bn"
+        return probs
 
     def _generator(self, pass_: int, batch: int) -> torch.Generator:
         """Augmentation generator of one batch. Published: the same seed for every batch and pass, and
@@ -105,6 +162,20 @@ class TTAMethod:
             torch.manual_seed(derive_seed(self.config.seed, "adapt", "published"))
             return derive_generator(self.config.seed, "adapt", "published")
         return derive_generator(self.config.seed, "adapt", pass_, batch)
+
+
+class BNReference:
+    """BN-adapt's prediction of every incoming batch (the global expert normalised with the stream's
+    statistics, no steps): what the safeguard and the trust region compare with."""
+
+    def __init__(self, method: TTAMethod):
+        self.model = load_expert(method.build, method.experts[0], 0).to(method.device)
+        use_batch_statistics(self.model, method.config.min_batch_stats)
+        self.model.eval()
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).softmax(dim=1)
 
 
 def keep_dropout(model: nn.Module) -> None:

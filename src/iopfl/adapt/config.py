@@ -24,11 +24,21 @@ class AdaptConfig(BaseModel):
     lambda_shape: float = Field(1.0, ge=0.0)
     noise_std: float = Field(0.5, ge=0.0, description="consistency noise σ on z-scored intensities")
     shape_kernel: int | None = Field(None, ge=3, description="morphological-gradient window (None: 21 px at 384 px, scaled)")
-    gate_norm: Literal["sigmoid", "sum"] = "sigmoid"
+    gate_norm: Literal["softmax", "sigmoid", "sum"] = Field(
+        "softmax", description="gates from the router's logits: softmax (on the simplex: the routed kernel is a "
+                               "mixture of the experts'), sigmoid (the paper: free scale), sum (sigmoid / its sum)")
     gate_init: Literal["paper", "global", "uniform"] = Field(
         "paper", description="routers start at PyTorch's default init (paper), at the global expert, or at the experts' mean")
     protocol: Literal["online", "published"] = Field(
         "online", description="online: ours; published: the choices of the published test-time script")
+    lambda_anchor: float = Field(1.0, ge=0.0, description="weight of the trust region: KL(BN-adapt's prediction ‖ "
+                                                          "the routed one) per pixel (iopfl, online protocol)")
+    safeguard: bool = Field(True, description="label-free collapse check after every batch of an adaptive method "
+                                              "(tent, iopfl): roll back to the last safe state when it fails")
+    safeguard_agreement: float = Field(0.5, ge=0.0, le=1.0, description="safeguard: least Dice between the adapted "
+                                       "and the BN-adapt foreground of a batch")
+    safeguard_foreground: float = Field(4.0, gt=1.0, description="safeguard: most factor between the adapted and the "
+                                        "BN-adapt predicted foreground fraction of a batch, either way")
     min_batch_stats: int = Field(4, ge=1, description="batches smaller than this normalise with the stream's "
                                                       "statistics instead of their own alone")
 

@@ -4,12 +4,19 @@ The unseen site's model routes among the experts — the val-selected global mod
 client's val-selected φ_k* — layer by layer and sample by sample (``iopfl.models.routing``). The
 routers and the normalisation affine parameters are trained online on each unlabelled batch x with
 
-    L = λ_H·H(p) + λ_C·C + λ_S·S,    p = softmax(f(x)),
+    L = λ_H·H(p) + λ_C·C + λ_S·S + λ_A·A,    p = softmax(f(x)),
 
 H the per-pixel entropy / log K, C the consistency of T⁻¹(softmax(f(T(x + ε)))) with p (random flip and
 quarter turns per sample, Gaussian ε with σ = ``noise_std``), S the mean morphological gradient of the
 foreground probability (window 21 px at 384 px, scaled) which favours compact, smooth shapes.
 Published weights λ_H = 10, λ_C = 0.1; λ_S = 1 by default (see README, "Outside").
+
+H, C and S are all minimised by an empty prediction (docs/METHOD.md, "Outside safety"). Two things
+hold routing near a safe solution: gates on the simplex (``gate_norm=softmax``, the default: the
+routed kernel is a mixture of the experts', never a rescaling), and the trust region A, the mean
+per-pixel KL(p_bn ‖ p) from BN-adapt's prediction p_bn of the same batch (the global expert with the
+batch's statistics, which takes no step) — the routed model may sharpen and move away from it only
+as far as the other terms' evidence outweighs λ_A.
 
 ``adapt.protocol=published`` computes the three terms as the published script does (med-air/IOP-FL,
 federated/model_trainer_segmentation.py lines 107-122): H summed over the batch axis
@@ -26,8 +33,8 @@ import torch
 from torch import nn
 
 from iopfl.adapt.base import TTAMethod
-from iopfl.adapt.losses import consistency, entropy, published_entropy, published_shape_term, shape_kernel, \
-    shape_term
+from iopfl.adapt.losses import anchor, consistency, entropy, published_entropy, published_shape_term, \
+    shape_kernel, shape_term
 from iopfl.models.routing import norm_affine_parameters, route_experts, routed_layers, routing_parameters
 
 
@@ -48,27 +55,40 @@ class IOPFLRouting(TTAMethod):
     def trainable(self, model: nn.Module) -> list[nn.Parameter]:
         return routing_parameters(model) + norm_affine_parameters(model)
 
-    def loss(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def uses_reference(self) -> bool:
+        return not self.published and self.config.lambda_anchor > 0
+
+    def loss_terms(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator,
+                   reference: torch.Tensor | None) -> dict[str, torch.Tensor]:
         c = self.config
         probs = model(x).softmax(dim=1)
         kernel = shape_kernel(x.shape[-1], c.shape_kernel)
+        terms = {}
         if self.published:
-            total = c.lambda_entropy * published_entropy(probs)
+            terms["entropy"] = c.lambda_entropy * published_entropy(probs)
             if c.lambda_consistency:
                 # the published target is a separate clean forward pass (its own dropout mask), not
                 # detached, and the squared error is averaged over classes as well (torch.mean, line 122)
                 target = model(x).softmax(dim=1)
                 cons = consistency(model, x, target, c.noise_std, generator, detach_target=False)
-                total = total + c.lambda_consistency * cons / probs.shape[1]
+                terms["consistency"] = c.lambda_consistency * cons / probs.shape[1]
             if c.lambda_shape:
-                total = total + c.lambda_shape * published_shape_term(probs, kernel)
-            return total
-        total = c.lambda_entropy * entropy(probs)
+                terms["shape"] = c.lambda_shape * published_shape_term(probs, kernel)
+            return terms
+        terms["entropy"] = c.lambda_entropy * entropy(probs)
         if c.lambda_consistency:
-            total = total + c.lambda_consistency * consistency(model, x, probs, c.noise_std, generator)
+            terms["consistency"] = c.lambda_consistency * consistency(model, x, probs, c.noise_std, generator)
         if c.lambda_shape:
-            total = total + c.lambda_shape * shape_term(probs, kernel)
-        return total
+            terms["shape"] = c.lambda_shape * shape_term(probs, kernel)
+        if c.lambda_anchor and reference is not None:
+            terms["anchor"] = c.lambda_anchor * anchor(probs, reference)
+        return terms
+
+    def gate_state(self, model: nn.Module) -> tuple[torch.Tensor | None, float | None]:
+        gates = [r.last_gates for _, r in routed_layers(model)]   # each [B, E], of the last forward
+        sums = torch.stack([g.sum(dim=1).mean() for g in gates])
+        spread = torch.stack([(g.max(dim=1).values - g.min(dim=1).values).mean() for g in gates]).mean()
+        return sums, float(spread)
 
     def start_pass(self, model: nn.Module) -> None:
         self._layers = [name for name, _ in routed_layers(model)]

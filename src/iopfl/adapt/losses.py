@@ -27,6 +27,14 @@ def published_entropy(probs: torch.Tensor) -> torch.Tensor:
     return (-(probs * torch.log(probs + 1e-6)).sum(dim=0) / math.log(k)).mean()
 
 
+def anchor(probs: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Trust region: mean per-pixel KL(reference ‖ probs) in nats, both ``[B, K, H, W]``; the reference
+    (BN-adapt's prediction) is a fixed target. 0 when the two agree; empty-prediction collapse pays
+    −log p(foreground) on every pixel the reference calls foreground."""
+    ref = reference.detach()
+    return (ref * (ref.clamp_min(1e-8).log() - probs.clamp_min(1e-8).log())).sum(dim=1).mean()
+
+
 def draw_transforms(batch: int, generator: torch.Generator) -> tuple[list[bool], list[int]]:
     """Per sample: horizontal flip or not, and a number of quarter turns."""
     flips = torch.randint(0, 2, (batch,), generator=generator).bool().tolist()

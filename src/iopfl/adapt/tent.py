@@ -23,5 +23,6 @@ class Tent(BNAdapt):
             p.requires_grad_(True)
         return params
 
-    def loss(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return entropy(model(x).softmax(dim=1))
+    def loss_terms(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator,
+                   reference: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        return {"entropy": entropy(model(x).softmax(dim=1))}

@@ -11,6 +11,7 @@ NIfTI volumes. Predicted masks are written in the input's format; metrics are co
 from __future__ import annotations
 
 from collections.abc import Callable
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,13 +29,14 @@ from iopfl.engine.flower.state import SiteStateStore
 from iopfl.engine.rundir import RunDir
 from iopfl.engine.site import network_builder
 from iopfl.errors import UserError
+from iopfl.fileio import atomic_write_text
 from iopfl.evaluation.evaluate import labels_on_original_grid, predict_original, score_case
 from iopfl.evaluation.metrics import summarize_cases
 from iopfl.fl import STRATEGIES
 from iopfl.fl.aggregation import StateDict
 from iopfl.models.routing import load_expert
 from iopfl.report.gates import write_gates
-from iopfl.report.tables import models_table, regions_table
+from iopfl.report.tables import models_table, regions_table, safeguard_table
 from iopfl.runtime import resolve_device
 
 
@@ -142,9 +144,11 @@ def check_experts(run: TrainedRun, methods: list[str]) -> None:
 
 
 def adapt_cases(run: TrainedRun, cases: list[Case], methods: list[str], out: Path | None,
-                cfg: Config, scored: set[str] | None = None) -> dict[str, Any]:
-    """Each method online over the same batches; masks under ``out/<method>``; metrics with labels,
-    on the cases whose ids are in ``scored`` (default: every case; adaptation always sees them all)."""
+                cfg: Config, scored: set[str] | None = None,
+                safeguard: dict[str, dict] | None = None) -> dict[str, Any]:
+    """Each method online over the same batches; masks and the per-batch trace under ``out/<method>``;
+    metrics with labels, on the cases whose ids are in ``scored`` (default: every case; adaptation
+    always sees them all). ``safeguard`` receives each adaptive method's fallback summary."""
     batches, owners = batches_of(cases, run.network["context"], cfg.adapt.batch_size)
     labelled = all(c.mask is not None for c in cases)
     regions = run.network["regions"]
@@ -152,16 +156,38 @@ def adapt_cases(run: TrainedRun, cases: list[Case], methods: list[str], out: Pat
     for name in methods:
         method = build_method(name, run.experts(), run.build(), cfg.adapt, resolve_device(cfg.runtime.device))
         preds = assemble(method.adapt_and_predict(batches), owners, cases)
+        guarded = bool(method.trace) and cfg.adapt.safeguard and method.fallbacks.batches > 0
+        if safeguard is not None and guarded:
+            safeguard[name] = method.fallbacks.summary()
         if out is not None:
             for case, pred in zip(cases, preds):
                 write_prediction(case, pred, out / name, run.network["num_classes"])
+            if method.trace:
+                write_trace(method.trace, out / name / "trace.jsonl")
             if isinstance(method, IOPFLRouting):  # what the router did: out/gates.json + gates.png
-                write_gates(method.gate_summary(run.expert_names()), out)
+                summary = method.gate_summary(run.expert_names())
+                write_gates({**summary, "safeguard": method.fallbacks.summary()} if guarded else summary, out)
         if labelled:
             summary = summarize_cases([score_case(p, c, regions) for p, c in zip(preds, cases)
                                        if scored is None or c.case_id in scored])
             models[name] = {"sites": {cases[0].site: summary}, "mean": summary}
     return models
+
+
+def write_trace(trace: list[dict[str, Any]], path: Path) -> None:
+    """One JSON line per batch of the last pass: loss terms and the safeguard's signals."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "".join(json.dumps(line) + "\n" for line in trace))
+
+
+def fallback_warning(safeguard: dict[str, dict]) -> str | None:
+    """One line when the safeguard fell back on any batch of any method, else None."""
+    parts = [f"{m}: {s['fallbacks']} of {s['batches']} batches ({', '.join(f'{k} {v}' for k, v in s['reasons'].items())})"
+             for m, s in safeguard.items() if s["fallbacks"]]
+    if not parts:
+        return None
+    return ("warning: the safeguard saw signs of collapse and rolled back — " + "; ".join(parts)
+            + ". Those batches were predicted from the last safe state or by BN-adapt; consider --method bn.")
 
 
 def run_adapt(run_dir: Path, target: str, method: str, out: Path, overrides: list[str]) -> dict[str, Any]:
@@ -171,13 +197,18 @@ def run_adapt(run_dir: Path, target: str, method: str, out: Path, overrides: lis
     methods = method_names(method)
     check_experts(run, methods)
     cases = target_cases(run, target)
-    models = adapt_cases(run, cases, methods, out, cfg)
+    safeguard: dict[str, dict] = {}
+    models = adapt_cases(run, cases, methods, out, cfg, safeguard=safeguard)
     results = {"method": "outside", "dataset": run.cfg.data.source, "seed": cfg.adapt.seed,
-               "target": Path(target).name, "experts": run.expert_names(), "models": models, "grid": "original"}
+               "target": Path(target).name, "experts": run.expert_names(), "models": models, "grid": "original",
+               "safeguard": safeguard}
     RunDir(out).write_json("results.json", results)
+    report = f"# Outside: {results['target']}\n\n"
     if models:
-        (out / "report.md").write_text(f"# Outside: {results['target']}\n\n" + models_table(models)
-                                       + regions_table(models))
+        report += models_table(models) + regions_table(models)
+    if safeguard:
+        report += "\n" + safeguard_table(safeguard)
+    atomic_write_text(out / "report.md", report)
     return results
 
 

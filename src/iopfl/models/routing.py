@@ -1,8 +1,14 @@
 """Routed convolutions: mix E frozen expert kernels per sample (IOP-FL outside personalization).
 
-For a sample whose input to layer l is h, the gates are r = sigmoid(MLP(GAP(h))) ∈ (0, 1)^E with
-MLP = Linear(C_in, 2·C_in) → Dropout(0.2) → Linear(2·C_in, E), optionally divided by their sum; the
-layer applies W̃ = Σ_e r_e·W^e (bias likewise). The routers start from PyTorch's default
+For a sample whose input to layer l is h, the router's logits are z = MLP(GAP(h)) with
+MLP = Linear(C_in, 2·C_in) → Dropout(0.2) → Linear(2·C_in, E), and the layer applies W̃ = Σ_e r_e·W^e
+(bias likewise) with gates r from z by ``gate_norm``:
+
+- ``softmax``: r = softmax(z), on the simplex — W̃ always lies in the convex hull of the experts'
+  kernels, a mixture of them, never a rescaling (docs/METHOD.md, "Outside safety");
+- ``sigmoid`` (the paper): r = sigmoid(z) ∈ (0, 1)^E — Σ_e r_e is free, so the kernel's scale is too;
+- ``sum``: sigmoid(z) divided by its sum — on the simplex as well.
+ The routers start from PyTorch's default
 initialisation (``paper``: every gate ≈ 0.5, so W̃ ≈ ½·Σ_e W^e), from the global expert (``global``)
 or from the experts' mean (``uniform``); see :func:`init_gates`. All samples go through ONE grouped
 convolution: the batch is folded into the channel axis and each sample's kernel becomes one group, so
@@ -22,7 +28,7 @@ from torch import nn
 from iopfl.errors import UserError
 from iopfl.models.stream_norm import StreamBatchNorm2d
 
-GateNorm = Literal["sigmoid", "sum"]
+GateNorm = Literal["softmax", "sigmoid", "sum"]
 GateInit = Literal["paper", "global", "uniform"]
 # ``global`` start: gate_0 = 1 − ε and every other gate ε. Exact 0/1 would need an infinite logit.
 # ε = 1e-6 (logit ±13.8) keeps the routed network's softmax within 1e-5 of the global expert's
@@ -45,9 +51,13 @@ class Router(nn.Module):
         self.last_gates: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gates = torch.sigmoid(self.mlp(x.mean(dim=(2, 3))))
-        if self.gate_norm == "sum":
-            gates = gates / gates.sum(dim=1, keepdim=True)
+        logits = self.mlp(x.mean(dim=(2, 3)))
+        if self.gate_norm == "softmax":
+            gates = logits.softmax(dim=1)
+        else:
+            gates = torch.sigmoid(logits)
+            if self.gate_norm == "sum":
+                gates = gates / gates.sum(dim=1, keepdim=True)
         self.last_gates = gates.detach()
         return gates
 
@@ -58,21 +68,26 @@ def init_gates(last: nn.Linear, gate_init: GateInit, gate_norm: GateNorm) -> Non
     ``paper`` keeps PyTorch's default initialisation (the published code). Otherwise the weights are
     zero, so the gates do not depend on the input at step 0 (the first layer then gets no gradient
     until the last one has moved, which happens at the first step), and the bias sets them:
-    ``global`` → (1 − ε, ε, …, ε) with ε = ``GLOBAL_GATE_EPS`` (the routed network is the global
-    expert); ``uniform`` → 1/E each (the experts' mean): logit log(1/(E − 1)) for raw sigmoid gates,
-    any equal logit (0) when the gates are divided by their sum.
+    ``global`` → the global expert's gate 1 − ε and every other ε·(something ≤ 1), ε =
+    ``GLOBAL_GATE_EPS`` (the routed network is the global expert); ``uniform`` → 1/E each (the
+    experts' mean): logit log(1/(E − 1)) for raw sigmoid gates, any equal logit (0) when the gates are
+    normalised (softmax, or divided by their sum).
     """
     if gate_init == "paper":
         return
     experts = last.out_features
     with torch.no_grad():
         last.weight.zero_()
-        if gate_init == "global":
+        if gate_init == "global" and gate_norm == "softmax":
+            # softmax gate of expert 0 = e^z / (e^z + E − 1) = 1 − ε, the others' logits 0
+            last.bias.zero_()
+            last.bias[0] = math.log((1 - GLOBAL_GATE_EPS) * (experts - 1) / GLOBAL_GATE_EPS)
+        elif gate_init == "global":
             logit = math.log((1 - GLOBAL_GATE_EPS) / GLOBAL_GATE_EPS)
             last.bias.fill_(-logit)
             last.bias[0] = logit
         else:
-            last.bias.fill_(0.0 if gate_norm == "sum" else math.log(1 / (experts - 1)))
+            last.bias.fill_(0.0 if gate_norm != "sigmoid" else math.log(1 / (experts - 1)))
 
 
 class _RoutedBase(nn.Module):

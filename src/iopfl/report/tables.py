@@ -45,3 +45,12 @@ def regions_table(models: dict[str, Any]) -> str:
              fmt(entry["mean"]["regions"][region]["dice"], 100.0)]
             for name, entry in models.items() for region in regions]
     return markdown_table(["model", "region (Dice %)", *sites, "mean"], rows)
+
+
+def safeguard_table(safeguard: dict[str, dict]) -> str:
+    """Per adaptive method: batches, how many fell back (by reason) and how many got BN-adapt's prediction."""
+    rows = [[name, str(s["batches"]), str(s["fallbacks"]),
+             ", ".join(f"{k} {v}" for k, v in s["reasons"].items()) or "—", str(s["to_bn"])]
+            for name, s in safeguard.items()]
+    return ("Safeguard (label-free collapse check after every batch):\n\n"
+            + markdown_table(["method", "batches", "fell back", "why", "given BN-adapt's prediction"], rows))
