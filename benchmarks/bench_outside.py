@@ -1,143 +1,191 @@
-"""Outside personalization settings, chosen where no reported result is: a study of the ``adapt.``
-settings on one suite's held-out sites (``--part study``, run on the synthetic suite), and the chosen
-defaults reported once, unchanged, on another suite (``--part defaults``, the polyp leave-one-site-out)
-— against BN-adapt and TENT, on the same experts, batches and cases.
+"""Outside personalization settings study, with the choice rule fixed before any result was seen.
 
-Reuses the hold-out runs of ``bench_quality.py`` (``OUT/outside/without-<site>-s<seed>``: IOP-FL trained
-without that site), so run that first. Every row is scored on the held-out site's test split (as
-``bench_quality``'s outside table), adaptation runs online over all of the site's images.
-Writes ``OUT/outside-<part>.json`` and ``.md``; the study also names the setting with the best mean.
+Every setting below re-adapts the hold-out runs of ``bench_quality.py`` (``without-<site>-s<seed>``: IOP-FL
+trained without that site, its record under ``OUT/outside/``, its weights under the work folder; a run
+whose weights are missing is retrained first). Adaptation runs online over all of the held-out site's
+images, unlabelled. Each setting is scored twice: on the held-out site's **development cases** (its
+train and val splits), where the setting is chosen, and on its **test split**, where it is reported —
+so no reported figure chose anything.
 
-    python benchmarks/bench_outside.py --out benchmarks/results/quality-synthetic --part study [--jobs 2]
-    python benchmarks/bench_outside.py --out benchmarks/results/quality-polyp --part defaults [--jobs 2]
+The rule (written in this docstring before the first result, docs/METHOD.md "Outside safety"):
+  among the IOP-FL settings that run with the safeguard, the default is the one with the best mean
+  development Dice over every hold-out and seed of the suites studied, subject to never more than
+  1 Dice point below BN-adapt on the development cases of any hold-out and seed. If none qualifies,
+  ``iopfl adapt``'s default method becomes ``bn`` and routing keeps the setting with the smallest
+  worst-case shortfall.
+
+Results are kept per hold-out run in its record (``OUT/outside/without-…/study.json``, one entry per
+setting with its overrides): a rerun adapts only the settings not recorded (or recorded with other
+overrides), and the tables are built from the records alone. The trace of every adaptive setting of
+seed 0 (loss terms, gates per layer, foreground fraction and the safeguard's signals per batch) is
+kept beside it as ``trace-<setting>.jsonl``.
+
+    python benchmarks/bench_outside.py --suite polyp [--seeds 3] [--jobs 2]
+    python benchmarks/bench_outside.py --suite synthetic --seeds 3 --jobs 2
+    python benchmarks/bench_outside.py --suite polyp --suite synthetic --tables-only   # the choice across both
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
-import os
 import re
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from iopfl.config import load_config
+from bench_quality import SUITES, outside_config, run_all, suite_config
+from iopfl.data import load_dataset
 from iopfl.engine.outside import adapt_cases, open_run, target_cases, test_case_ids
-from iopfl.engine.rundir import RunDir
 from iopfl.report.compare import cell
 from iopfl.report.tables import markdown_table
+from records import default_work, ensure_record
 
-REFERENCES: dict[str, tuple[str, list[str]]] = {"bn": ("bn", []), "tent": ("tent", [])}
-DEFAULTS: dict[str, tuple[str, list[str]]] = {**REFERENCES, "iopfl (defaults)": ("iopfl", [])}
-# name: (method, adapt overrides). The first block spans gate initialisation x normalisation and the
-# protocol; the second varies the objective and the optimiser around the global start.
-STUDY: dict[str, tuple[str, list[str]]] = {
-    **REFERENCES,
-    "iopfl paper init, sigmoid": ("iopfl", ["adapt.gate_init=paper", "adapt.gate_norm=sigmoid"]),
-    "iopfl paper init, sum": ("iopfl", ["adapt.gate_init=paper", "adapt.gate_norm=sum"]),
-    "iopfl global init, sigmoid": ("iopfl", ["adapt.gate_init=global", "adapt.gate_norm=sigmoid"]),
-    "iopfl global init, sum": ("iopfl", ["adapt.gate_init=global", "adapt.gate_norm=sum"]),
-    "iopfl uniform init, sigmoid": ("iopfl", ["adapt.gate_init=uniform", "adapt.gate_norm=sigmoid"]),
-    "iopfl uniform init, sum": ("iopfl", ["adapt.gate_init=uniform", "adapt.gate_norm=sum"]),
-    "iopfl published protocol (10 passes)": ("iopfl", ["adapt.gate_init=paper", "adapt.protocol=published"]),
-    "iopfl global, lr 1e-4": ("iopfl", ["adapt.gate_init=global", "adapt.lr=1e-4"]),
-    "iopfl global, lr 3e-3": ("iopfl", ["adapt.gate_init=global", "adapt.lr=3e-3"]),
-    "iopfl global, 3 steps per batch": ("iopfl", ["adapt.gate_init=global", "adapt.steps_per_batch=3"]),
-    "iopfl global, 3 passes": ("iopfl", ["adapt.gate_init=global", "adapt.passes=3"]),
-    "iopfl global, λ_S=0": ("iopfl", ["adapt.gate_init=global", "adapt.lambda_shape=0"]),
-    "iopfl global, λ_C=1": ("iopfl", ["adapt.gate_init=global", "adapt.lambda_consistency=1"]),
-    "iopfl global, λ_H=1": ("iopfl", ["adapt.gate_init=global", "adapt.lambda_entropy=1"]),
+RESULTS = Path(__file__).resolve().parent / "results"
+BEFORE = ["adapt.gate_norm=sigmoid", "adapt.gate_init=paper", "adapt.lambda_anchor=0", "adapt.safeguard=false"]
+# name: (method, adapt overrides on top of the current defaults). Fixed before the first result.
+SETTINGS: dict[str, tuple[str, list[str]]] = {
+    "global (no adaptation)": ("global", []),
+    "bn": ("bn", []),
+    "tent": ("tent", []),
+    "tent, no safeguard": ("tent", ["adapt.safeguard=false"]),
+    "iopfl before: sigmoid gates, no trust region, no safeguard": ("iopfl", BEFORE),
+    "iopfl sigmoid gates, no trust region + safeguard": ("iopfl", BEFORE[:-1]),
+    "iopfl simplex gates, no trust region, no safeguard": ("iopfl", ["adapt.lambda_anchor=0", "adapt.safeguard=false"]),
+    "iopfl simplex gates, no trust region + safeguard": ("iopfl", ["adapt.lambda_anchor=0"]),
+    "iopfl simplex gates, λ_A=1 + safeguard": ("iopfl", ["adapt.lambda_anchor=1"]),
+    "iopfl simplex gates, λ_A=10 + safeguard": ("iopfl", ["adapt.lambda_anchor=10"]),
+    "iopfl simplex gates, uniform init, λ_A=1 + safeguard": ("iopfl", ["adapt.gate_init=uniform", "adapt.lambda_anchor=1"]),
 }
-PARTS = {"study": STUDY, "defaults": DEFAULTS}
+REFERENCE = "bn"
 RUN_NAME = re.compile(r"^without-(.+)-s(\d+)$")
 
 
-def hold_out_runs(out: Path, seeds: int) -> list[tuple[str, int, Path]]:
-    """(target, seed, run dir) of every finished hold-out run with seed < ``seeds``, in name order."""
-    found = []
-    for run_dir in sorted((out / "outside").iterdir()) if (out / "outside").is_dir() else []:
-        m = RUN_NAME.match(run_dir.name)
-        if m and int(m[2]) < seeds and RunDir(run_dir).results.exists():
-            found.append((m[1], int(m[2]), run_dir))
-    if not found:
-        raise SystemExit(f"no finished hold-out runs under {out / 'outside'}: run bench_quality.py first")
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def study_one(suite: str, target: str, seed: int, out: Path, work: Path) -> Path:
+    """Every setting not yet recorded, on one hold-out run → its record's ``study.json``."""
+    name = f"without-{target}-s{seed}"
+    record, run_dir = out / "outside" / name, work / "outside" / name
+    study_file = record / "study.json"
+    done = json.loads(study_file.read_text()) if study_file.exists() else {}
+    todo = {k: v for k, v in SETTINGS.items() if done.get(k, {}).get("overrides") != v[1]}
+    if not todo:
+        return study_file
+    ensure_record(outside_config(suite, target, seed, []), run_dir, record, need_weights=True)
+    run = open_run(run_dir)
+    cases = target_cases(run, target)
+    test = test_case_ids(run.cfg, target)
+    dev = {c.case_id for c in cases} - test
+    for setting, (method, overrides) in todo.items():
+        cfg = outside_config(suite, target, seed, overrides)
+        t0 = time.perf_counter()
+        safeguard: dict[str, dict] = {}
+        traces: dict[str, list[dict]] = {}
+        entry = adapt_cases(run, cases, [method], None, cfg, scored=test, safeguard=safeguard,
+                            subsets={"dev": dev}, traces=traces)[method]
+        done[setting] = {"method": method, "overrides": overrides, "test": entry["mean"]["dice"],
+                         "dev": entry["subsets"]["dev"]["dice"], "seconds": round(time.perf_counter() - t0, 1),
+                         "safeguard": safeguard.get(method)}
+        if seed == 0 and method in traces:
+            (record / f"trace-{slug(setting)}.jsonl").write_text(
+                "".join(json.dumps(line) + "\n" for line in traces[method]))
+        study_file.write_text(json.dumps(done, indent=1) + "\n")   # after every setting: resumable
+        print(f"{name} {setting}: test {100 * done[setting]['test']:.2f}, dev {100 * done[setting]['dev']:.2f} "
+              f"({done[setting]['seconds']:.0f} s)", flush=True)
+    return study_file
+
+
+def collect(out: Path, seeds: int) -> dict[str, dict]:
+    """``{run name: study.json}`` of every recorded hold-out run with seed < ``seeds``."""
+    found = {}
+    for folder in sorted((out / "outside").glob("without-*")):
+        m = RUN_NAME.match(folder.name)
+        if m and int(m[2]) < seeds and (folder / "study.json").exists():
+            found[folder.name] = json.loads((folder / "study.json").read_text())
     return found
 
 
-def adapt_one(target: str, seed: int, run_dir: Path, settings: dict[str, tuple[str, list[str]]]) -> dict:
-    """Every setting on one hold-out run: ``{setting: (Dice, seconds)}``."""
-    run = open_run(run_dir)
-    cases = target_cases(run, target)
-    scored = test_case_ids(run.cfg, target)
-    out = {}
-    for name, (method, overrides) in settings.items():
-        cfg = load_config(run_dir / "config.yaml", [f"adapt.seed={seed}", *overrides])
-        t0 = time.perf_counter()
-        dice = adapt_cases(run, cases, [method], None, cfg, scored)[method]["mean"]["dice"]
-        out[name] = (dice, time.perf_counter() - t0)
-        print(f"{target} seed {seed} {name}: {100 * dice:.2f}", flush=True)
+def by_target(runs: dict[str, dict], setting: str, split: str) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for name, study in runs.items():
+        if setting in study:
+            out.setdefault(RUN_NAME.match(name)[1], []).append(study[setting][split])
     return out
 
 
-def sweep(runs: list[tuple[str, int, Path]], settings: dict, jobs: int) -> dict[str, dict]:
-    """``{"scores": {setting: {target: [Dice per seed]}}, "seconds": {setting: total seconds}}``."""
-    args = [(t, s, d, settings) for t, s, d in runs]
-    if jobs == 1:
-        results = [adapt_one(*a) for a in args]
-    else:
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-            results = list(pool.map(adapt_one, *zip(*args)))
-    scores: dict[str, dict[str, list[float]]] = {name: {} for name in settings}
-    seconds = dict.fromkeys(settings, 0.0)
-    for (target, _, _), by_setting in zip(runs, results):
-        for name, (dice, secs) in by_setting.items():
-            scores[name].setdefault(target, []).append(dice)
-            seconds[name] += secs
-    return {"scores": scores, "seconds": seconds}
+def shortfalls(runs: dict[str, dict], setting: str, split: str = "dev") -> list[float]:
+    """Per hold-out run, BN-adapt's Dice minus the setting's (positive: the setting is worse)."""
+    return [s[REFERENCE][split] - s[setting][split] for s in runs.values() if setting in s and REFERENCE in s]
 
 
-def best_iopfl(scores: dict[str, dict[str, list[float]]]) -> str:
-    """The IOP-FL setting with the best mean over targets of the mean over seeds."""
-    means = {n: np.mean([np.mean(v) for v in by_target.values()]) for n, by_target in scores.items()
-             if n.startswith("iopfl")}
-    return max(means, key=means.get)
+def choose(runs: dict[str, dict]) -> tuple[str | None, str]:
+    """The rule of the module docstring on the development cases: (chosen setting or None, why)."""
+    candidates = [n for n, (m, o) in SETTINGS.items() if m == "iopfl" and "adapt.safeguard=false" not in o]
+    mean = {n: float(np.mean([s[n]["dev"] for s in runs.values()])) for n in candidates}
+    worst = {n: max(shortfalls(runs, n)) for n in candidates}
+    safe = [n for n in candidates if worst[n] <= 0.01]
+    if safe:
+        best = max(safe, key=mean.get)
+        return best, (f"best mean development Dice ({100 * mean[best]:.2f}) among the settings never more than "
+                      f"1 point below BN-adapt (worst: {100 * worst[best]:+.2f} below)")
+    least = min(candidates, key=worst.get)
+    return None, (f"no setting stays within 1 point of BN-adapt on every hold-out and seed; the smallest "
+                  f"worst-case shortfall is {100 * worst[least]:.2f} points ({least}): the default method "
+                  f"becomes bn")
 
 
-def write_tables(result: dict, out: Path, part: str) -> None:
-    scores, seconds = result["scores"], result["seconds"]
-    targets = list(next(iter(scores.values())))
+def table(runs: dict[str, dict], split: str) -> str:
+    targets = sorted({RUN_NAME.match(n)[1] for n in runs})
     rows = []
-    for name, by_target in scores.items():
-        means = [100 * np.mean(by_target[t]) for t in targets]
-        cells = [cell(by_target[t], 100) for t in targets]
-        rows.append([name, *cells, f"{np.mean(means):.2f}", f"{seconds[name]:.0f}"])
-    result["best"] = best_iopfl(scores)
-    (out / f"outside-{part}.json").write_text(json.dumps(result, indent=1))
-    title = ("settings study (choose here)" if part == "study"
-             else "the chosen defaults, reported without re-tuning")
-    (out / f"outside-{part}.md").write_text(
-        f"# Outside personalization, {title}: test-split Dice % of each held-out site (mean ± std over seeds)\n\n"
-        + markdown_table(["setting", *targets, "mean", "seconds"], rows)
-        + f"\nBest IOP-FL setting by mean: **{result['best']}**.\n")
+    for setting in SETTINGS:
+        scores = by_target(runs, setting, split)
+        if not scores:
+            continue
+        falls = shortfalls(runs, setting, split)
+        fb = [s[setting]["safeguard"]["fallbacks"] / s[setting]["safeguard"]["batches"]
+              for s in runs.values() if setting in s and s[setting].get("safeguard")]
+        means = [np.mean(scores[t]) for t in targets if t in scores]
+        rows.append([setting, *[cell(scores.get(t, []), 100) for t in targets], f"{100 * np.mean(means):.2f}",
+                     f"{100 * max(falls):+.2f}" if falls else "—", f"{100 * np.mean(fb):.1f}" if fb else "—"])
+    return markdown_table(["setting", *targets, "mean", "worst vs bn (points below)", "fell back % of batches"],
+                          rows)
+
+
+def write_tables(out: Path, runs: dict[str, dict], suites: list[str]) -> str:
+    chosen, why = choose(runs)
+    seeds = sorted({int(RUN_NAME.match(n)[2]) for n in runs})
+    text = (f"# Outside settings study: {', '.join(suites)}, {len(runs)} hold-out runs (seeds {seeds})\n\n"
+            "Dice % of each held-out site (mean ± std over seeds). Chosen on the development cases (train + "
+            "val splits of the held-out site), reported on its test split; adaptation sees all images.\n\n"
+            "## Development cases (the choice)\n\n" + table(runs, "dev")
+            + f"\nChosen by the rule fixed in advance (benchmarks/bench_outside.py): **{chosen or 'bn'}** — {why}.\n\n"
+            "## Test split (reported)\n\n" + table(runs, "test"))
+    (out / "outside-study.md").write_text(text)
+    (out / "outside-study.json").write_text(json.dumps({"chosen": chosen, "why": why, "runs": runs}, indent=1) + "\n")
+    return text
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="a bench_quality.py output folder")
-    parser.add_argument("--part", choices=list(PARTS), required=True)
-    parser.add_argument("--seeds", type=int, default=3, help="use the hold-out runs of the first N seeds")
+    parser.add_argument("--suite", action="append", choices=[s for s, v in SUITES.items() if v[2]], required=True)
+    parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=1, help="hold-out runs adapted at a time")
+    parser.add_argument("--out", type=Path, help="where the combined table goes (default: the first suite's folder)")
+    parser.add_argument("--tables-only", action="store_true", help="build the tables from the records only")
     args = parser.parse_args()
-    result = sweep(hold_out_runs(args.out, args.seeds), PARTS[args.part], args.jobs)
-    write_tables(result, args.out, args.part)
-    print((args.out / f"outside-{args.part}.md").read_text())
+    runs: dict[str, dict] = {}
+    for suite in args.suite:
+        out = RESULTS / f"quality-{suite}"
+        if not args.tables_only:
+            sites = list(load_dataset(suite_config(suite, []).data).sites)
+            jobs = [(suite, t, s, out, default_work(out)) for s in range(args.seeds) for t in sites]
+            run_all(study_one, jobs, args.jobs)
+        runs.update(collect(out, args.seeds))   # run names carry their site, which no two suites share
+    print(write_tables(args.out or RESULTS / f"quality-{args.suite[0]}", runs, args.suite))
 
 
 if __name__ == "__main__":

@@ -72,6 +72,10 @@ class TTAMethod:
         the gates' mean spread; others (None, None)."""
         return None, None
 
+    def gate_record(self, model: nn.Module) -> dict[str, list[float]]:
+        """Routing methods: per-layer gate statistics of the last predicted batch for the trace."""
+        return {}
+
     @torch.no_grad()
     def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Softmax ``[B, K, H, W]`` of a batch ``[B, C, H, W]``: eval mode, dropout off (on under the
@@ -121,7 +125,8 @@ class TTAMethod:
                     loss.backward()
                     optimizer.step()
                 probs = self.predict(model, x)
-                record: dict[str, Any] = {"pass": pass_, "batch": i, **{k: float(v.detach()) for k, v in terms.items()}}
+                record: dict[str, Any] = {"pass": pass_, "batch": i, **{k: float(v.detach()) for k, v in terms.items()},
+                                          **self.gate_record(model)}
                 if ref is not None:
                     sums, spread = self.gate_state(model)
                     if start_sums is None and sums is not None:

@@ -84,6 +84,14 @@ class IOPFLRouting(TTAMethod):
             terms["anchor"] = c.lambda_anchor * anchor(probs, reference)
         return terms
 
+    def gate_record(self, model: nn.Module) -> dict[str, list[float]]:
+        """Per routed layer, over the last predicted batch: the mean gate sum and the smallest and
+        largest gate (the trace's view of whether gates mix or rescale)."""
+        gates = [r.last_gates for _, r in routed_layers(model)]
+        return {"gate_sum": [round(float(g.sum(dim=1).mean()), 4) for g in gates],
+                "gate_min": [round(float(g.min()), 4) for g in gates],
+                "gate_max": [round(float(g.max()), 4) for g in gates]}
+
     def gate_state(self, model: nn.Module) -> tuple[torch.Tensor | None, float | None]:
         gates = [r.last_gates for _, r in routed_layers(model)]   # each [B, E], of the last forward
         sums = torch.stack([g.sum(dim=1).mean() for g in gates])

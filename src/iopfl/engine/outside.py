@@ -145,10 +145,14 @@ def check_experts(run: TrainedRun, methods: list[str]) -> None:
 
 def adapt_cases(run: TrainedRun, cases: list[Case], methods: list[str], out: Path | None,
                 cfg: Config, scored: set[str] | None = None,
-                safeguard: dict[str, dict] | None = None) -> dict[str, Any]:
+                safeguard: dict[str, dict] | None = None,
+                subsets: dict[str, set[str]] | None = None,
+                traces: dict[str, list[dict]] | None = None) -> dict[str, Any]:
     """Each method online over the same batches; masks and the per-batch trace under ``out/<method>``;
     metrics with labels, on the cases whose ids are in ``scored`` (default: every case; adaptation
-    always sees them all). ``safeguard`` receives each adaptive method's fallback summary."""
+    always sees them all), and under ``"subsets"`` on each of ``subsets``' case sets (benchmarks: the
+    cases a setting is chosen on, apart from those it is reported on). ``safeguard`` receives each
+    adaptive method's fallback summary, ``traces`` its per-batch trace."""
     batches, owners = batches_of(cases, run.network["context"], cfg.adapt.batch_size)
     labelled = all(c.mask is not None for c in cases)
     regions = run.network["regions"]
@@ -168,9 +172,14 @@ def adapt_cases(run: TrainedRun, cases: list[Case], methods: list[str], out: Pat
                 summary = method.gate_summary(run.expert_names())
                 write_gates({**summary, "safeguard": method.fallbacks.summary()} if guarded else summary, out)
         if labelled:
-            summary = summarize_cases([score_case(p, c, regions) for p, c in zip(preds, cases)
-                                       if scored is None or c.case_id in scored])
+            per_case = [score_case(p, c, regions) for p, c in zip(preds, cases)]
+            summary = summarize_cases([s for s in per_case if scored is None or s["case"] in scored])
             models[name] = {"sites": {cases[0].site: summary}, "mean": summary}
+            if subsets:
+                models[name]["subsets"] = {label: summarize_cases([s for s in per_case if s["case"] in ids])
+                                           for label, ids in subsets.items()}
+        if traces is not None and method.trace:
+            traces[name] = method.trace
     return models
 
 
