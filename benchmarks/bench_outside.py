@@ -40,7 +40,7 @@ from iopfl.data import load_dataset
 from iopfl.engine.outside import adapt_cases, open_run, target_cases, test_case_ids
 from iopfl.report.compare import cell
 from iopfl.report.tables import markdown_table
-from records import default_work, ensure_record
+from records import default_work, ensure_record, has_weights
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BEFORE = ["adapt.gate_norm=sigmoid", "adapt.gate_init=paper", "adapt.lambda_anchor=0", "adapt.safeguard=false"]
@@ -66,14 +66,15 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def study_one(suite: str, target: str, seed: int, out: Path, work: Path) -> Path:
-    """Every setting not yet recorded, on one hold-out run → its record's ``study.json``."""
+def study_one(suite: str, target: str, seed: int, out: Path, work: Path, available: bool = False) -> Path:
+    """Every setting not yet recorded, on one hold-out run → its record's ``study.json``
+    (``available``: only when the run's weights exist, never training it)."""
     name = f"without-{target}-s{seed}"
     record, run_dir = out / "outside" / name, work / "outside" / name
     study_file = record / "study.json"
     done = json.loads(study_file.read_text()) if study_file.exists() else {}
     todo = {k: v for k, v in SETTINGS.items() if done.get(k, {}).get("overrides") != v[1]}
-    if not todo:
+    if not todo or (available and not has_weights(run_dir)):
         return study_file
     ensure_record(outside_config(suite, target, seed, []), run_dir, record, need_weights=True)
     run = open_run(run_dir)
@@ -169,12 +170,57 @@ def write_tables(out: Path, runs: dict[str, dict], suites: list[str]) -> str:
     return text
 
 
+DEFAULT_SETTING = "iopfl simplex gates, λ_A=1 + safeguard"
+BEFORE_SETTING = "iopfl before: sigmoid gates, no trust region, no safeguard"
+
+
+def read_trace(record: Path, setting: str) -> list[dict]:
+    path = record / f"trace-{slug(setting)}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def plot_traces(out: Path) -> Path | None:
+    """``out/outside-trace.png``: per seed-0 hold-out, the predicted foreground fraction per batch of the
+    old default, the new default and BN-adapt (top), and the old default's gate sum per routed layer
+    (bottom) — how the collapse happens."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in sorted((out / "outside").glob("without-*-s0")) if read_trace(r, BEFORE_SETTING)]
+    if not records:
+        return None
+    fig, axes = plt.subplots(2, len(records), figsize=(4.2 * len(records), 6), squeeze=False)
+    for col, record in enumerate(records):
+        before, default = read_trace(record, BEFORE_SETTING), read_trace(record, DEFAULT_SETTING)
+        top, bottom = axes[0][col], axes[1][col]
+        top.plot([t["reference_foreground"] for t in before], color="grey", label="BN-adapt")
+        top.plot([t["foreground"] for t in before], color="tab:red", label="before (sigmoid, no safeguard)")
+        if default:
+            top.plot([t["foreground"] for t in default], color="tab:blue", label="default (simplex, λ_A=1, safeguard)")
+        top.set_title(RUN_NAME.match(record.name)[1], fontsize=9)
+        top.set_ylabel("predicted foreground fraction")
+        sums = np.array([t["gate_sum"] for t in before])
+        bottom.plot(sums, linewidth=0.8)
+        bottom.set_ylabel("gate sum per routed layer (before)")
+        bottom.set_xlabel("batch")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "outside-trace.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", action="append", choices=[s for s, v in SUITES.items() if v[2]], required=True)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=1, help="hold-out runs adapted at a time")
     parser.add_argument("--out", type=Path, help="where the combined table goes (default: the first suite's folder)")
+    parser.add_argument("--available", action="store_true",
+                        help="study only hold-out runs whose weights exist (while bench_quality.py trains the rest)")
     parser.add_argument("--tables-only", action="store_true", help="build the tables from the records only")
     args = parser.parse_args()
     runs: dict[str, dict] = {}
@@ -182,9 +228,10 @@ def main() -> None:
         out = RESULTS / f"quality-{suite}"
         if not args.tables_only:
             sites = list(load_dataset(suite_config(suite, []).data).sites)
-            jobs = [(suite, t, s, out, default_work(out)) for s in range(args.seeds) for t in sites]
+            jobs = [(suite, t, s, out, default_work(out), args.available) for s in range(args.seeds) for t in sites]
             run_all(study_one, jobs, args.jobs)
         runs.update(collect(out, args.seeds))   # run names carry their site, which no two suites share
+        plot_traces(out)
     print(write_tables(args.out or RESULTS / f"quality-{args.suite[0]}", runs, args.suite))
 
 

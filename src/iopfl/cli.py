@@ -112,7 +112,10 @@ def adapt(run: Annotated[Path, typer.Argument(help="A finished training run dire
           method: Annotated[str, typer.Option("--method", help="iopfl | tent | bn | ensemble | global | all.")] = "iopfl",
           out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default RUN/outside/<target>).")] = None,
           override: Overrides = None):
-    """Outside personalization: adapt to an unseen site at test time; write masks (+ metrics with labels)."""
+    """Outside personalization: adapt to an unseen site at test time; write masks (+ metrics with labels).
+
+    Test-time settings are today's defaults plus -o adapt.KEY=VALUE, not the run's own adapt section.
+    Adaptive methods (tent, iopfl) run under a label-free safeguard; a warning says when it fell back."""
     from iopfl.engine.outside import run_adapt
 
     out_dir = out or run / "outside" / Path(target).name

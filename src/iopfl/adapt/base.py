@@ -54,14 +54,10 @@ class TTAMethod:
         """Parameters the method updates; none → predict only."""
         return []
 
-    def uses_reference(self) -> bool:
-        """True when the loss reads BN-adapt's prediction of the batch (the ``reference`` argument)."""
-        return False
-
     def loss_terms(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator,
                    reference: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """The weighted terms of the loss on batch ``x [B, C, H, W]`` (summed for the step);
-        ``reference [B, K, H, W]``: BN-adapt's prediction of ``x`` when the safeguard or the loss needs it."""
+        ``reference [B, K, H, W]``: BN-adapt's prediction of ``x`` (the trust region's target)."""
         raise NotImplementedError
 
     def start_pass(self, model: nn.Module) -> None:
@@ -104,9 +100,9 @@ class TTAMethod:
         guarded = bool(steps) and self.config.safeguard
         predictions: list[torch.Tensor] = []
         for pass_ in range(self.config.pass_count if steps else 1):
-            # BN-adapt, the reference of the safeguard and of the trust region: fresh every pass, as
-            # BN-adapt itself would run over the stream
-            reference = BNReference(self) if guarded or (steps and self.uses_reference()) else None
+            # BN-adapt, the reference of the safeguard, the trust region and the trace's signals: fresh
+            # every pass, as BN-adapt itself would run over the stream
+            reference = BNReference(self) if steps else None
             self.start_pass(model)
             self.trace, self.fallbacks = [], FallbackLog()
             safe = SafeState(model, optimizer) if guarded else None
@@ -174,7 +170,8 @@ class BNReference:
     statistics, no steps): what the safeguard and the trust region compare with."""
 
     def __init__(self, method: TTAMethod):
-        self.model = load_expert(method.build, method.experts[0], 0).to(method.device)
+        with torch.random.fork_rng(devices=[]):  # building it draws nothing from the method's random stream
+            self.model = load_expert(method.build, method.experts[0], 0).to(method.device)
         use_batch_statistics(self.model, method.config.min_batch_stats)
         self.model.eval()
 

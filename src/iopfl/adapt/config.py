@@ -24,9 +24,10 @@ class AdaptConfig(BaseModel):
     lambda_shape: float = Field(1.0, ge=0.0)
     noise_std: float = Field(0.5, ge=0.0, description="consistency noise σ on z-scored intensities")
     shape_kernel: int | None = Field(None, ge=3, description="morphological-gradient window (None: 21 px at 384 px, scaled)")
-    gate_norm: Literal["softmax", "sigmoid", "sum"] = Field(
-        "softmax", description="gates from the router's logits: softmax (on the simplex: the routed kernel is a "
-                               "mixture of the experts'), sigmoid (the paper: free scale), sum (sigmoid / its sum)")
+    gate_norm: Literal["softmax", "sigmoid", "sum"] | None = Field(
+        None, description="gates from the router's logits: softmax (on the simplex: the routed kernel is a mixture "
+                          "of the experts'), sigmoid (the paper: free scale), sum (sigmoid / its sum); None: softmax "
+                          "under the online protocol, sigmoid under the published one")
     gate_init: Literal["paper", "global", "uniform"] = Field(
         "paper", description="routers start at PyTorch's default init (paper), at the global expert, or at the experts' mean")
     protocol: Literal["online", "published"] = Field(
@@ -41,6 +42,11 @@ class AdaptConfig(BaseModel):
                                         "BN-adapt predicted foreground fraction of a batch, either way")
     min_batch_stats: int = Field(4, ge=1, description="batches smaller than this normalise with the stream's "
                                                       "statistics instead of their own alone")
+
+    @property
+    def gates(self) -> Literal["softmax", "sigmoid", "sum"]:
+        """``gate_norm`` when given, else the protocol's: the published script's raw sigmoid gates, our simplex."""
+        return self.gate_norm or ("sigmoid" if self.protocol == "published" else "softmax")
 
     @property
     def pass_count(self) -> int:

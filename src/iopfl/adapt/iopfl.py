@@ -50,13 +50,10 @@ class IOPFLRouting(TTAMethod):
 
     def make_model(self) -> nn.Module:
         c = self.config
-        return route_experts(self.experts, self.build, c.gate_norm, c.gate_init, c.min_batch_stats)
+        return route_experts(self.experts, self.build, c.gates, c.gate_init, c.min_batch_stats)
 
     def trainable(self, model: nn.Module) -> list[nn.Parameter]:
         return routing_parameters(model) + norm_affine_parameters(model)
-
-    def uses_reference(self) -> bool:
-        return not self.published and self.config.lambda_anchor > 0
 
     def loss_terms(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator,
                    reference: torch.Tensor | None) -> dict[str, torch.Tensor]:

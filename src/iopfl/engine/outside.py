@@ -21,7 +21,7 @@ import torch
 
 from iopfl.adapt import METHODS, build_method
 from iopfl.adapt.iopfl import IOPFLRouting
-from iopfl.config import Config, load_config
+from iopfl.config import Config, build_config, load_config, read_yaml
 from iopfl.data import Case, load_dataset, load_unlabelled
 from iopfl.data.writers import write_prediction
 from iopfl.engine.checkpoint import load_checkpoint, read_run_checkpoint, unpack
@@ -199,10 +199,20 @@ def fallback_warning(safeguard: dict[str, dict]) -> str | None:
             + ". Those batches were predicted from the last safe state or by BN-adapt; consider --method bn.")
 
 
+def adapt_config(run: TrainedRun, overrides: list[str]) -> Config:
+    """The run's config with today's test-time defaults and ``overrides``: a run's own ``adapt`` section
+    records the defaults of the version that trained it (before outside safety: unguarded sigmoid
+    gates), which is not what a user adapting today should silently get."""
+    path = run.path / "config.yaml"
+    tree = read_yaml(path)
+    tree.pop("adapt", None)
+    return build_config(tree, overrides, origin=str(path))
+
+
 def run_adapt(run_dir: Path, target: str, method: str, out: Path, overrides: list[str]) -> dict[str, Any]:
     """``iopfl adapt``: adapt, write masks, and write results.json + report.md when labels exist."""
     run = open_run(run_dir)
-    cfg = load_config(run.path / "config.yaml", overrides)
+    cfg = adapt_config(run, overrides)
     methods = method_names(method)
     check_experts(run, methods)
     cases = target_cases(run, target)
