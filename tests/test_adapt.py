@@ -113,7 +113,7 @@ def test_global_gate_init_is_bn_adapt_before_any_step(gate_norm):
     routed = build_method("iopfl", states, build, cfg).adapt_and_predict(batches)
     for a, b in zip(routed, bn):
         assert (a - b).abs().max().item() < 1e-5
-    # the default start is not the global expert: it mixes ½ × the sum of the experts
+    # the default start is not the global expert: the default routers mix all experts
     paper = build_method("iopfl", states, build, AdaptConfig(steps_per_batch=0)).adapt_and_predict(batches)
     assert (paper[0] - bn[0]).abs().max().item() > 1e-3
 

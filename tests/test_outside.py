@@ -9,6 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import yaml
 
 from _tiny import tiny_config
 from iopfl.adapt import METHODS, build_method
@@ -242,3 +243,20 @@ def test_cli_adapt_warns_when_the_safeguard_fell_back(holdout_b, tmp_path):
                             "--method", "bn", "--out", str(tmp_path / "q")], capture_output=True, text=True,
                            timeout=300)
     assert quiet.returncode == 0 and "safeguard" not in quiet.stderr
+
+
+def test_adapt_uses_todays_test_time_defaults_not_the_runs_recorded_ones(holdout_run, tmp_path):
+    """A run trained before outside safety recorded unguarded sigmoid gates in its adapt section."""
+    from types import SimpleNamespace
+
+    from iopfl.engine.outside import adapt_config
+
+    cfg, root = holdout_run
+    old = tmp_path / "run"
+    old.mkdir()
+    tree = yaml.safe_load((root / "run" / "config.yaml").read_text())
+    tree["adapt"] = {"gate_norm": "sigmoid", "safeguard": False, "lr": 0.5}
+    (old / "config.yaml").write_text(yaml.safe_dump(tree))
+    resolved = adapt_config(SimpleNamespace(path=old), ["adapt.batch_size=2"])
+    assert resolved.adapt.safeguard is True and resolved.adapt.gates == "softmax" and resolved.adapt.lr == 1e-3
+    assert resolved.adapt.batch_size == 2 and resolved.data == cfg.data
