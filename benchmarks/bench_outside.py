@@ -57,6 +57,7 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
     "iopfl simplex gates, λ_A=1 + safeguard": ("iopfl", ["adapt.lambda_anchor=1"]),
     "iopfl simplex gates, λ_A=10 + safeguard": ("iopfl", ["adapt.lambda_anchor=10"]),
     "iopfl simplex gates, uniform init, λ_A=1 + safeguard": ("iopfl", ["adapt.gate_init=uniform", "adapt.lambda_anchor=1"]),
+    "iopfl simplex gates, global init, λ_A=1 + safeguard": ("iopfl", ["adapt.gate_init=global", "adapt.lambda_anchor=1"]),
 }
 REFERENCE = "bn"
 RUN_NAME = re.compile(r"^without-(.+)-s(\d+)$")
