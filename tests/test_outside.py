@@ -260,3 +260,17 @@ def test_adapt_uses_todays_test_time_defaults_not_the_runs_recorded_ones(holdout
     resolved = adapt_config(SimpleNamespace(path=old), ["adapt.batch_size=2"])
     assert resolved.adapt.safeguard is True and resolved.adapt.gates == "softmax" and resolved.adapt.lr == 1e-3
     assert resolved.adapt.batch_size == 2 and resolved.data == cfg.data
+
+
+def test_2d_images_are_packed_into_batches_volumes_are_not():
+    from iopfl.data import Case
+
+    def case(i, slices):
+        return Case(site="S", case_id=f"c{i}", image=np.full((slices, 1, 4, 4), i, np.float32), mask=None,
+                    spacing=(1.0, 1.0, 1.0), source="folder")
+
+    cases = [case(0, 1), case(1, 1), case(2, 1), case(3, 3), case(4, 1)]
+    batches, owners = batches_of(cases, 0, 2)
+    assert owners == [[0, 1], [2], [3, 3], [3], [4]]   # a volume flushes the images before it
+    assert [b.shape[0] for b in batches] == [2, 1, 2, 1, 1]
+    assert batches[0][:, 0, 0, 0].tolist() == [0.0, 1.0] and batches[2][:, 0, 0, 0].tolist() == [3.0, 3.0]

@@ -105,25 +105,45 @@ def test_case_ids(cfg: Config, site: str) -> set[str]:
     return {c.case_id for c in spec.sites[site].test}
 
 
-def batches_of(cases: list[Case], context: int, batch_size: int) -> tuple[list[torch.Tensor], list[int]]:
-    """Every case's inputs cut into batches, in case order, with the case index of each batch."""
+def batches_of(cases: list[Case], context: int, batch_size: int) -> tuple[list[torch.Tensor], list[list[int]]]:
+    """The cases' inputs cut into batches of at most ``batch_size`` in case order, with the case index
+    of every row. A volume's slices are batched within the volume (its statistics are its own); 2D
+    images (one slice per case) are packed together, so a stream of frames adapts on batches of
+    ``batch_size`` images rather than one image at a time."""
     from iopfl.data import case_inputs
 
-    batches, owners = [], []
+    batches: list[torch.Tensor] = []
+    owners: list[list[int]] = []
+    pending: list[tuple[int, torch.Tensor]] = []
+
+    def flush() -> None:
+        if pending:
+            batches.append(torch.cat([x for _, x in pending]))
+            owners.append([i for i, _ in pending])
+            pending.clear()
+
     for i, case in enumerate(cases):
         inputs = case_inputs(case, context)
+        if len(inputs) == 1:
+            pending.append((i, inputs))
+            if len(pending) == batch_size:
+                flush()
+            continue
+        flush()
         for start in range(0, len(inputs), batch_size):
             batches.append(inputs[start : start + batch_size])
-            owners.append(i)
+            owners.append([i] * len(batches[-1]))
+    flush()
     return batches, owners
 
 
-def assemble(probs: list[torch.Tensor], owners: list[int], cases: list[Case]) -> list[np.ndarray]:
+def assemble(probs: list[torch.Tensor], owners: list[list[int]], cases: list[Case]) -> list[np.ndarray]:
     """Per-case class maps ``[S, H0, W0]`` on each case's original grid from per-batch probabilities
-    ``[B, K, H, W]``."""
+    ``[B, K, H, W]`` whose rows belong to the cases ``owners`` names."""
     parts: list[list[torch.Tensor]] = [[] for _ in cases]
-    for p, i in zip(probs, owners):
-        parts[i].append(p)
+    for p, rows in zip(probs, owners):
+        for row, i in enumerate(rows):
+            parts[i].append(p[row : row + 1])
     return [labels_on_original_grid(torch.cat(chunks), case) for chunks, case in zip(parts, cases)]
 
 
