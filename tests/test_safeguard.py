@@ -103,7 +103,15 @@ def _signals(fg, ref, agreement=1.0, gate_scale=None):
     (_signals(0.2, 0.2, 0.9, gate_scale=1.5), None),
 ])
 def test_collapse_reasons(signals, reason):
-    assert collapse_reason(signals, AdaptConfig()) == reason
+    assert collapse_reason(signals, AdaptConfig(safeguard_agreement=0.5, safeguard_foreground=4)) == reason
+
+
+def test_default_thresholds_catch_a_slow_drift():
+    """TENT on Kvasir-SEG (seed 0) drifted to ~55 % of BN-adapt's foreground at an agreement of ~0.7
+    within 60 batches, below the old thresholds (0.5, factor 4): the defaults catch that."""
+    assert collapse_reason(_signals(0.05, 0.09, 0.72), AdaptConfig()) == "empty"
+    assert collapse_reason(_signals(0.08, 0.09, 0.75), AdaptConfig()) == "disagree"
+    assert collapse_reason(_signals(0.08, 0.09, 0.9), AdaptConfig()) is None
 
 
 def test_safe_state_restores_parameters_streams_and_optimizer():

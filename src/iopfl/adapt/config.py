@@ -36,9 +36,9 @@ class AdaptConfig(BaseModel):
                                                           "the routed one) per pixel (iopfl, online protocol)")
     safeguard: bool = Field(True, description="label-free collapse check after every batch of an adaptive method "
                                               "(tent, iopfl): roll back to the last safe state when it fails")
-    safeguard_agreement: float = Field(0.5, ge=0.0, le=1.0, description="safeguard: least Dice between the adapted "
+    safeguard_agreement: float = Field(0.8, ge=0.0, le=1.0, description="safeguard: least Dice between the adapted "
                                        "and the BN-adapt foreground of a batch")
-    safeguard_foreground: float = Field(4.0, gt=1.0, description="safeguard: most factor between the adapted and the "
+    safeguard_foreground: float = Field(1.5, gt=1.0, description="safeguard: most factor between the adapted and the "
                                         "BN-adapt predicted foreground fraction of a batch, either way")
     min_batch_stats: int = Field(4, ge=1, description="batches smaller than this normalise with the stream's "
                                                       "statistics instead of their own alone")
