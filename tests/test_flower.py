@@ -325,7 +325,7 @@ def task_identity(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_task_id", 0)
 
 
-@pytest.mark.parametrize("method", ["iopfl", "fedbn"])
+@pytest.mark.parametrize("method", ["iopfl", "fedbn", "silobn", "fedper"])
 def test_a_site_sends_only_shared_weights_count_and_metrics(reference, tmp_path, task_identity, method):
     root = reference[0]
     cfg = tiny_config(root / "cache", [*OVERRIDES, f"fl.method={method}"], sites=4)

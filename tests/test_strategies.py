@@ -132,6 +132,34 @@ def test_fedbn_keeps_every_norm_tensor_local():
     assert s.models == ("personalized",)
 
 
+# --- SiloBN -------------------------------------------------------------------------------------
+
+ODD_STATS = {"x.running_mean", "x.running_var", "x.num_batches_tracked"}
+
+
+def test_silobn_keeps_statistics_local_and_shares_the_affine_parameters():
+    s = build_strategy("silobn")
+    trainer = trainer_for(Odd)
+    g0 = init(Odd)
+    reply = s.client_round(trainer, g0, {}, derive_generator(0, 1))
+    assert set(reply.personal) == ODD_STATS                       # the statistics stay
+    assert {"x.weight", "x.bias"} <= set(reply.weights)           # γ, β travel
+    assert set(reply.weights) == set(g0) - ODD_STATS
+    # hand computation of the server half: two sites' γ averaged by sample count, statistics untouched
+    other = {k: v + 1.0 if v.is_floating_point() else v for k, v in reply.weights.items()}
+    new = s.aggregate(g0, [(reply.weights, 6), (other, 2)])
+    assert torch.allclose(new["x.weight"], reply.weights["x.weight"] + 0.25)
+    assert same(new, g0, ODD_STATS)
+    # round 2 starts from the new global weights with the site's own statistics substituted
+    spy = Spy(trainer)
+    s.client_round(trainer, new, reply.personal, derive_generator(0, 2))
+    start = spy.calls[0][0]
+    assert same(start, reply.personal, ODD_STATS) and same(start, new, set(new) - ODD_STATS)
+    personalised = s.personalized_weights(trainer, new, reply.personal, derive_generator(0, 2))
+    assert same(personalised, reply.personal, ODD_STATS) and same(personalised, new, set(new) - ODD_STATS)
+    assert s.models == ("personalized",)
+
+
 # --- Ditto --------------------------------------------------------------------------------------
 
 def test_ditto_personal_update():
@@ -300,6 +328,36 @@ def test_fedavgft_does_not_touch_the_global_weights():
     assert all(tuned[k].data_ptr() != g0[k].data_ptr() for k in g0)
     assert build_strategy("fedavgft", {"finetune_epochs": 0}).personalized_weights(
         trainer, g0, {}, None) is None
+
+
+# --- FedPer -------------------------------------------------------------------------------------
+
+def test_fedper_trains_body_and_head_jointly_and_keeps_the_head():
+    build = lambda: UNet(3, 2, 4, 2)  # noqa: E731
+    head = lambda k: k.startswith(("decoders.1.", "head."))  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 2, (4, 8, 8), generator=g)
+    trainer = LocalTrainer(build, x, y, TrainSettings(batch_size=2))
+    g0 = init(build)
+    spy = Spy(trainer)
+    s = build_strategy("fedper")
+    reply = s.client_round(trainer, g0, {}, derive_generator(0, 1))
+    (_, kw), = spy.calls                                   # one phase, every parameter trainable
+    assert "trainable" not in kw
+    # hand computation: exactly plain local training from θ, split into sent body and kept head
+    plain = LocalTrainer(build, x, y, TrainSettings(batch_size=2)).train(g0, derive_generator(0, 1)).weights
+    assert same(reply.weights, plain) and same(reply.personal, plain)
+    assert reply.personal and all(head(k) for k in reply.personal)
+    assert reply.weights and not any(head(k) for k in reply.weights)
+    assert set(reply.weights) | set(reply.personal) == set(g0)
+    # next round: the new global body with the site's own head substituted; personalised likewise
+    new = s.aggregate(g0, [(reply.weights, 4)])
+    spy2 = Spy(trainer)
+    s.client_round(trainer, new, reply.personal, derive_generator(0, 2))
+    start = spy2.calls[0][0]
+    assert same(start, reply.personal, reply.personal) and same(start, new, reply.weights)
+    p = s.personalized_weights(trainer, new, reply.personal, derive_generator(0, 2))
+    assert same(p, reply.personal, reply.personal) and same(p, new, reply.weights)
 
 
 # --- every registered strategy through the in-process runner ------------------------------------

@@ -13,10 +13,12 @@ from iopfl.fl.ditto import Ditto
 from iopfl.fl.fedavg import FedAvg
 from iopfl.fl.fedavgft import FedAvgFT
 from iopfl.fl.fedbn import FedBN
+from iopfl.fl.fedper import FedPer
 from iopfl.fl.fedprox import FedProx
 from iopfl.fl.fedrep import FedRep
 from iopfl.fl.iopfl import IOPFLInside
 from iopfl.fl.local import Local
+from iopfl.fl.silobn import SiloBN
 
 STRATEGIES: dict[str, type[Strategy]] = {
     Local.name: Local,
@@ -25,8 +27,10 @@ STRATEGIES: dict[str, type[Strategy]] = {
     FedAvgFT.name: FedAvgFT,
     FedProx.name: FedProx,
     FedBN.name: FedBN,
+    SiloBN.name: SiloBN,
     Ditto.name: Ditto,
     FedRep.name: FedRep,
+    FedPer.name: FedPer,
     APFL.name: APFL,
     IOPFLInside.name: IOPFLInside,
 }

@@ -9,7 +9,7 @@ two halves and store the personal state on the client side, so personal weights 
 from __future__ import annotations
 
 from abc import ABC
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -39,6 +39,14 @@ class ClientReply:
     num_samples: int
     metrics: dict[str, float] = field(default_factory=dict)
     personal: StateDict = field(default_factory=dict)
+
+
+def split_reply(weights: StateDict, num_samples: int, loss: float, keep: Callable[[str], bool]) -> ClientReply:
+    """A reply that sends every key of ``weights`` except those ``keep`` names, which stay as personal
+    state (the split of FedBN, SiloBN, FedRep and FedPer)."""
+    sent = {k: v for k, v in weights.items() if not keep(k)}
+    kept = {k: v for k, v in weights.items() if keep(k)}
+    return ClientReply(sent, num_samples, {"loss": loss}, kept)
 
 
 class Strategy(ABC):

@@ -15,11 +15,10 @@ import torch
 from torch import nn
 
 from iopfl.fl.aggregation import StateDict, merge_states
-from iopfl.fl.base import ClientReply, Strategy
+from iopfl.fl.base import ClientReply, Strategy, split_reply
 from iopfl.fl.training import LocalTrainer
+from iopfl.models.routing import NORM_TYPES
 
-#: BatchNorm*, SyncBatchNorm and InstanceNorm* all derive from ``_NormBase``.
-NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 def norm_state_keys(model: nn.Module) -> set[str]:
@@ -39,9 +38,7 @@ class FedBN(Strategy):
                      generator: torch.Generator) -> ClientReply:
         result = trainer.train(merge_states(global_weights, personal), generator)
         local = norm_state_keys(trainer.model)
-        sent = {k: v for k, v in result.weights.items() if k not in local}
-        kept = {k: v for k, v in result.weights.items() if k in local}
-        return ClientReply(sent, trainer.num_samples, {"loss": result.loss}, kept)
+        return split_reply(result.weights, trainer.num_samples, result.loss, local.__contains__)
 
     def personalized_weights(self, trainer: LocalTrainer, global_weights: StateDict,
                              personal: StateDict, generator: torch.Generator) -> StateDict | None:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from iopfl.fl.aggregation import StateDict, merge_states
-from iopfl.fl.base import ClientReply, Strategy
+from iopfl.fl.base import ClientReply, Strategy, split_reply
 from iopfl.fl.training import LocalTrainer
 
 
@@ -42,9 +42,7 @@ class FedRep(Strategy):
         in_head = lambda key: key.startswith(prefixes)  # noqa: E731
         head_phase = trainer.train(merge_states(global_weights, personal), generator, trainable=in_head)
         body_phase = trainer.train(head_phase.weights, generator, trainable=lambda k: not in_head(k))
-        sent = {k: v for k, v in body_phase.weights.items() if not in_head(k)}
-        kept = {k: v for k, v in body_phase.weights.items() if in_head(k)}
-        return ClientReply(sent, trainer.num_samples, {"loss": body_phase.loss}, kept)
+        return split_reply(body_phase.weights, trainer.num_samples, body_phase.loss, in_head)
 
     def personalized_weights(self, trainer: LocalTrainer, global_weights: StateDict,
                              personal: StateDict, generator: torch.Generator) -> StateDict | None:
