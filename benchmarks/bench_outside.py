@@ -50,6 +50,7 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
     "bn": ("bn", []),
     "tent": ("tent", []),
     "tent, no safeguard": ("tent", ["adapt.safeguard=false"]),
+    "ensemble": ("ensemble", []),
     "iopfl before: sigmoid gates, no trust region, no safeguard": ("iopfl", BEFORE),
     "iopfl sigmoid gates, no trust region + safeguard": ("iopfl", BEFORE[:-1]),
     "iopfl simplex gates, no trust region, no safeguard": ("iopfl", ["adapt.lambda_anchor=0", "adapt.safeguard=false"]),
