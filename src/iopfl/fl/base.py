@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from iopfl.fl.aggregation import StateDict, clone_state, weighted_average
+from iopfl.fl.aggregation import StateDict, clone_state, merge_states, weighted_average
 from iopfl.fl.training import LocalTrainer
 
 
@@ -87,3 +87,28 @@ class Strategy(ABC):
                              personal: StateDict, generator: torch.Generator) -> StateDict | None:
         """The client's personalised model, or None when the strategy has none."""
         return None
+
+
+class PartlyLocal(Strategy):
+    """Base of the strategies that keep part of the network at the site (FedBN, SiloBN, FedRep, FedPer).
+
+    Client: train from θ^{t-1} with the site's kept part substituted (the global model's on its first
+    round), send every other key, keep the keys :meth:`kept` names. Personalised model = the global
+    weights + the site's kept part; the server's copy of the kept part stays θ^0's, so only
+    ``"personalized"`` is reported.
+    """
+
+    models = ("personalized",)
+
+    def kept(self, model: torch.nn.Module) -> Callable[[str], bool]:
+        """Which state-dict keys of ``model`` stay at the site."""
+        raise NotImplementedError
+
+    def client_round(self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict,
+                     generator: torch.Generator) -> ClientReply:
+        result = trainer.train(merge_states(global_weights, personal), generator)
+        return split_reply(result.weights, trainer.num_samples, result.loss, self.kept(trainer.model))
+
+    def personalized_weights(self, trainer: LocalTrainer, global_weights: StateDict,
+                             personal: StateDict, generator: torch.Generator) -> StateDict | None:
+        return merge_states(global_weights, personal) if personal else None

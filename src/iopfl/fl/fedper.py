@@ -10,24 +10,11 @@ Personalised model = global body + the site's head (only ``models = ("personaliz
 
 from __future__ import annotations
 
-import torch
-
-from iopfl.fl.aggregation import StateDict, merge_states
-from iopfl.fl.base import ClientReply, Strategy, split_reply
-from iopfl.fl.fedrep import head_prefixes
-from iopfl.fl.training import LocalTrainer
+from iopfl.fl.base import PartlyLocal
+from iopfl.fl.fedrep import FedRep
 
 
-class FedPer(Strategy):
+class FedPer(PartlyLocal):
     name = "fedper"
-    models = ("personalized",)
 
-    def client_round(self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict,
-                     generator: torch.Generator) -> ClientReply:
-        prefixes = head_prefixes(trainer.model)
-        result = trainer.train(merge_states(global_weights, personal), generator)
-        return split_reply(result.weights, trainer.num_samples, result.loss, lambda k: k.startswith(prefixes))
-
-    def personalized_weights(self, trainer: LocalTrainer, global_weights: StateDict,
-                             personal: StateDict, generator: torch.Generator) -> StateDict | None:
-        return merge_states(global_weights, personal) if personal else None
+    kept = FedRep.kept   # the same head; trained with the body in one phase (PartlyLocal.client_round)

@@ -15,11 +15,13 @@ the authors' code).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from iopfl.fl.aggregation import StateDict, merge_states
-from iopfl.fl.base import ClientReply, Strategy, split_reply
+from iopfl.fl.base import ClientReply, PartlyLocal, split_reply
 from iopfl.fl.training import LocalTrainer
 
 
@@ -32,18 +34,16 @@ def head_prefixes(model: nn.Module) -> tuple[str, ...]:
     return (f"{last}.",)
 
 
-class FedRep(Strategy):
+class FedRep(PartlyLocal):
     name = "fedrep"
-    models = ("personalized",)
+
+    def kept(self, model: nn.Module) -> Callable[[str], bool]:
+        prefixes = head_prefixes(model)
+        return lambda key: key.startswith(prefixes)
 
     def client_round(self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict,
                      generator: torch.Generator) -> ClientReply:
-        prefixes = head_prefixes(trainer.model)
-        in_head = lambda key: key.startswith(prefixes)  # noqa: E731
+        in_head = self.kept(trainer.model)
         head_phase = trainer.train(merge_states(global_weights, personal), generator, trainable=in_head)
         body_phase = trainer.train(head_phase.weights, generator, trainable=lambda k: not in_head(k))
         return split_reply(body_phase.weights, trainer.num_samples, body_phase.loss, in_head)
-
-    def personalized_weights(self, trainer: LocalTrainer, global_weights: StateDict,
-                             personal: StateDict, generator: torch.Generator) -> StateDict | None:
-        return merge_states(global_weights, personal) if personal else None

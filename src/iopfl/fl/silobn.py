@@ -11,12 +11,11 @@ weights + the site's statistics (the server's statistics stay θ^0's, so only
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable
+
 from torch import nn
 
-from iopfl.fl.aggregation import StateDict, merge_states
-from iopfl.fl.base import ClientReply, Strategy, split_reply
-from iopfl.fl.training import LocalTrainer
+from iopfl.fl.base import PartlyLocal
 from iopfl.models.routing import NORM_TYPES
 
 
@@ -30,16 +29,8 @@ def norm_statistic_keys(model: nn.Module) -> set[str]:
     return keys
 
 
-class SiloBN(Strategy):
+class SiloBN(PartlyLocal):
     name = "silobn"
-    models = ("personalized",)
 
-    def client_round(self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict,
-                     generator: torch.Generator) -> ClientReply:
-        result = trainer.train(merge_states(global_weights, personal), generator)
-        local = norm_statistic_keys(trainer.model)
-        return split_reply(result.weights, trainer.num_samples, result.loss, local.__contains__)
-
-    def personalized_weights(self, trainer: LocalTrainer, global_weights: StateDict,
-                             personal: StateDict, generator: torch.Generator) -> StateDict | None:
-        return merge_states(global_weights, personal) if personal else None
+    def kept(self, model: nn.Module) -> Callable[[str], bool]:
+        return norm_statistic_keys(model).__contains__
