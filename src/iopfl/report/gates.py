@@ -18,7 +18,7 @@ def write_gates(summary: dict, out_dir: Path) -> tuple[Path, Path]:
     """``out_dir/gates.json`` (the summary as is) and ``out_dir/gates.png`` (layers × experts).
 
     ``summary``: ``{"layers": [L names], "experts": [E names], "mean_gates": [L][E]}``
-    (``IOPFLRouting.gate_summary``).
+    (``IOPFLRouting.gate_summary``), with ``"safeguard"`` (the fallback summary) when it watched.
     """
     out_dir = Path(out_dir)
     json_path, png_path = out_dir / "gates.json", out_dir / "gates.png"
@@ -34,7 +34,11 @@ def write_gates(summary: dict, out_dir: Path) -> tuple[Path, Path]:
         ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
                 color="black" if value > 0.6 else "white")
     ax.set_xlabel("expert")
-    ax.set_title("mean gate per routed layer", fontsize=9)
+    title = "mean gate per routed layer"
+    guard = summary.get("safeguard")
+    if guard:  # the safeguard's fallbacks belong next to what the router did
+        title += f"\nsafeguard: {guard['fallbacks']} of {guard['batches']} batches fell back"
+    ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02)
     fig.tight_layout()
     atomic_write(png_path, lambda tmp: fig.savefig(tmp, format="png"))
