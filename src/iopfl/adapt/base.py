@@ -105,7 +105,7 @@ class TTAMethod:
             reference = BNReference(self) if steps else None
             self.start_pass(model)
             self.trace, self.fallbacks = [], FallbackLog()
-            safe = SafeState(model, optimizer) if guarded else None
+            start = SafeState(model, optimizer) if guarded else None
             start_sums = None
             predictions = []
             for i, batch in enumerate(batches):
@@ -129,24 +129,25 @@ class TTAMethod:
                         start_sums = sums  # the first batch's: one step from the start
                     signals = batch_signals(probs, ref, sums, start_sums, spread)
                     record.update(signals.as_dict())
-                    if safe is not None:
-                        probs = self._guard(model, x, probs, ref, signals, safe, start_sums, record)
+                    if start is not None:
+                        probs = self._guard(model, x, probs, ref, signals, start, start_sums, record)
                 if steps:
                     self.trace.append(record)
                 predictions.append(probs.cpu())
         return predictions
 
     def _guard(self, model: nn.Module, x: torch.Tensor, probs: torch.Tensor, ref: torch.Tensor,
-               signals: BatchSignals, safe: SafeState, start_sums: torch.Tensor | None,
+               signals: BatchSignals, start: SafeState, start_sums: torch.Tensor | None,
                record: dict[str, Any]) -> torch.Tensor:
-        """The safeguard on one predicted batch: keep it (and remember the state as safe), or roll back
-        to the last safe state and predict again — BN-adapt's prediction if that fails too."""
+        """The safeguard on one predicted batch: keep it, or roll the method back to its start and
+        predict again — BN-adapt's prediction if that fails too. Back to the start, not to the last
+        batch that passed: a slow drift (TENT on a real polyp site) passes batch after batch while it
+        pulls the model towards the threshold, so the last passing state is already half-way gone."""
         reason = collapse_reason(signals, self.config)
         if reason is None:
-            safe.save()
             self.fallbacks.add(None)
             return probs
-        safe.restore()
+        start.restore()
         probs = self.predict(model, x)
         sums, spread = self.gate_state(model)
         again = collapse_reason(batch_signals(probs, ref, sums, start_sums, spread), self.config)
