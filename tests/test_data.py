@@ -203,6 +203,54 @@ def test_bad_volumes_name_the_file(tmp_path, problem):
         load_dataset(cfg(tmp_path, "prostate", root))
 
 
+def _misplaced_mask(root: Path, problem: str) -> Path:
+    """Case02's mask with the right shape on another voxel grid."""
+    affine = np.diag([0.5, 0.5, 3.0, 1.0])
+    if problem == "spacing":
+        affine[0, 0] = 0.6
+    elif problem == "origin":
+        affine[:3, 3] = [2.0, 0.0, 0.0]
+    else:  # direction: the first axis flipped (same spacing: the norm of the column is unchanged)
+        affine[0, 0] = -0.5
+    label = np.asarray(nib.load(str(root / "S1" / "Case02_segmentation.nii.gz")).dataobj)
+    path = root / "S1" / "Case02_segmentation.nii.gz"
+    nib.save(nib.Nifti1Image(label, affine), str(path))
+    return path
+
+
+@pytest.mark.parametrize("problem, says", [("spacing", "spacing"), ("origin", "origin"), ("direction", "direction")])
+def test_a_mask_off_its_images_grid_is_refused(tmp_path, problem, says):
+    root = prostate_tree(tmp_path / "saml", sites=("S1",))
+    _misplaced_mask(root, problem)
+    with pytest.raises(UserError, match=rf"Case02_segmentation\.nii\.gz: does not lie on the voxel grid of its image "
+                                        rf".*Case02\.nii\.gz: {says}"):
+        load_dataset(cfg(tmp_path, "prostate", root))
+
+
+def test_a_mask_within_the_grid_tolerance_is_accepted(tmp_path):
+    root = prostate_tree(tmp_path / "saml", sites=("S1",))
+    path = root / "S1" / "Case02_segmentation.nii.gz"
+    affine = np.diag([0.5 * (1 + 1e-5), 0.5, 3.0, 1.0])
+    affine[:3, 3] = [1e-4, 0.0, 0.0]   # rounding of another tool's header writer
+    nib.save(nib.Nifti1Image(np.asarray(nib.load(str(path)).dataobj), affine), str(path))
+    assert load_dataset(cfg(tmp_path, "prostate", root)).sites["S1"]
+
+
+def test_cli_train_refuses_a_misplaced_mask_and_writes_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    root = prostate_tree(tmp_path / "saml", sites=("S1", "S2"))
+    _misplaced_mask(root, "origin")
+    run, config = tmp_path / "run", tmp_path / "c.yaml"
+    config.write_text(f"data: {{source: prostate, root: {root}, cache_dir: {tmp_path / 'cache'}, image_size: 16}}\n")
+    done = subprocess.run([sys.executable, "-m", "iopfl.cli", "train", str(config), "--out", str(run)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "does not lie on the voxel grid" in done.stderr and "Traceback" not in done.stderr
+    assert not run.exists()
+
+
 @pytest.mark.parametrize("problem", ["image-without-mask", "mask-without-image", "size-mismatch", "not-an-image",
                                      "truncated"])
 def test_bad_images_name_the_file(tmp_path, problem):

@@ -83,6 +83,32 @@ def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
     return data, affine, zooms
 
 
+# Tolerances of the image/mask grid check: headers written by different tools round differently.
+SPACING_TOL = 1e-3    # relative, per axis
+ORIGIN_TOL = 1e-2     # of the smallest voxel size
+DIRECTION_TOL = 1e-3  # per element of the unit direction cosines
+
+
+def check_same_grid(image: Path, image_affine: np.ndarray, label: Path, label_affine: np.ndarray) -> None:
+    """A mask must lie on its image's voxel grid: the same spacing, origin and direction (within
+    small tolerances), not only the same shape — else it labels the wrong voxels."""
+    def split(affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        linear = affine[:3, :3]
+        spacing = np.linalg.norm(linear, axis=0)
+        return spacing, affine[:3, 3], linear / np.where(spacing > 0, spacing, 1.0)
+
+    (s1, o1, d1), (s2, o2, d2) = split(image_affine), split(label_affine)
+    problems = []
+    if not np.allclose(s1, s2, rtol=SPACING_TOL, atol=0):
+        problems.append(f"spacing {np.round(s2, 4).tolist()} vs {np.round(s1, 4).tolist()} mm")
+    if not np.allclose(o1, o2, rtol=0, atol=ORIGIN_TOL * float(s1.min())):
+        problems.append(f"origin {np.round(o2, 3).tolist()} vs {np.round(o1, 3).tolist()} mm")
+    if not np.allclose(d1, d2, rtol=0, atol=DIRECTION_TOL):
+        problems.append("direction (orientation) differs")
+    if problems:
+        raise UserError(f"{label}: does not lie on the voxel grid of its image {image}: " + "; ".join(problems))
+
+
 def check_finite(array: np.ndarray, path: Path) -> None:
     if not np.isfinite(array).all():
         raise UserError(f"{path}: contains non-finite intensities (NaN or inf)")

@@ -15,7 +15,7 @@ import numpy as np
 
 from iopfl.data.base import Case, SiteData, Source, original_labels
 from iopfl.data.config import DataConfig
-from iopfl.data.io import check_finite, is_nifti, nifti_stem, read_nifti, resize_images, resize_masks, \
+from iopfl.data.io import check_finite, check_same_grid, is_nifti, nifti_stem, read_nifti, resize_images, resize_masks, \
     storage_round, zscore
 from iopfl.data.splits import Split, check_split, packaged_splits, random_split, read_split_file
 from iopfl.errors import UserError
@@ -53,9 +53,10 @@ def volume_to_case(site: str, case_id: str, image_path: Path, label_path: Path |
     check_finite(data, image_path)
     mask = original = None
     if label_path is not None:
-        labels, _, _ = read_nifti(label_path)
+        labels, label_affine, _ = read_nifti(label_path)
         if labels.shape != data.shape:
             raise UserError(f"{label_path}: shape {labels.shape} differs from its image {data.shape}")
+        check_same_grid(image_path, affine, label_path, label_affine)
         full = np.moveaxis(labels > 0, 2, 0).astype(np.uint8)  # [Z, X, Y]
         mask = resize_masks(full, size)
         original = original_labels(full, mask)
