@@ -274,3 +274,12 @@ def test_2d_images_are_packed_into_batches_volumes_are_not():
     assert owners == [[0, 1], [2], [3, 3], [3], [4]]   # a volume flushes the images before it
     assert [b.shape[0] for b in batches] == [2, 1, 2, 1, 1]
     assert batches[0][:, 0, 0, 0].tolist() == [0.0, 1.0] and batches[2][:, 0, 0, 0].tolist() == [3.0, 3.0]
+
+
+def test_adapt_applies_the_runtime_section(holdout_run, tmp_path):
+    cfg, root = holdout_run
+    done = subprocess.run([sys.executable, "-m", "iopfl.cli", "adapt", str(root / "run"), "--target", "SiteC",
+                           "--method", "bn", "--out", str(tmp_path / "o"), "-o", "runtime.threads=1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["compute"]["threads"] == 1

@@ -37,7 +37,7 @@ from iopfl.fl.aggregation import StateDict
 from iopfl.models.routing import load_expert
 from iopfl.report.gates import write_gates
 from iopfl.report.tables import models_table, regions_table, safeguard_table
-from iopfl.runtime import resolve_device
+from iopfl.runtime import apply_runtime, describe, resolve_device
 
 
 @dataclass
@@ -233,6 +233,8 @@ def run_adapt(run_dir: Path, target: str, method: str, out: Path, overrides: lis
     """``iopfl adapt``: adapt, write masks, and write results.json + report.md when labels exist."""
     run = open_run(run_dir)
     cfg = adapt_config(run, overrides)
+    device = resolve_device(cfg.runtime.device)
+    apply_runtime(cfg.runtime, device)   # runtime.threads and .deterministic hold here as in training
     methods = method_names(method)
     check_experts(run, methods)
     cases = target_cases(run, target)
@@ -240,7 +242,7 @@ def run_adapt(run_dir: Path, target: str, method: str, out: Path, overrides: lis
     models = adapt_cases(run, cases, methods, out, cfg, safeguard=safeguard)
     results = {"method": "outside", "dataset": run.cfg.data.source, "seed": cfg.adapt.seed,
                "target": Path(target).name, "experts": run.expert_names(), "models": models, "grid": "original",
-               "safeguard": safeguard}
+               "safeguard": safeguard, "compute": describe(device, "fp32")}
     RunDir(out).write_json("results.json", results)
     report = f"# Outside: {results['target']}\n\n"
     if models:
@@ -257,6 +259,7 @@ def run_predict(run_dir: Path, site: str, inputs: list[Path], out: Path, model: 
     on ``device`` (default: the run's ``runtime.device``)."""
     run = open_run(run_dir)
     where = resolve_device(device, "--device") if device else resolve_device(run.cfg.runtime.device)
+    apply_runtime(run.cfg.runtime, where)
     if model not in ("personalized", "global"):
         raise UserError(f"--model: expected personalized or global, got '{model}'")
     if site not in run.sites:
