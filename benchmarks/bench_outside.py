@@ -57,6 +57,9 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
     "iopfl simplex gates, no trust region + safeguard": ("iopfl", ["adapt.lambda_anchor=0"]),
     "iopfl simplex gates, λ_A=1 + safeguard": ("iopfl", ["adapt.lambda_anchor=1"]),
     "iopfl simplex gates, λ_A=10 + safeguard": ("iopfl", ["adapt.lambda_anchor=10"]),
+    # added after the synthetic seed-0 development rows (no candidate within 1 point of BN-adapt
+    # everywhere): a trust region ten times stronger again
+    "iopfl simplex gates, λ_A=100 + safeguard": ("iopfl", ["adapt.lambda_anchor=100"]),
 }
 # Cut before any IOP-FL candidate's result was seen, when one adaptation of the 1000 Kvasir-SEG frames
 # took 6-8 min on a shared core: the uniform and global starts (on the synthetic sites the global start
