@@ -121,7 +121,7 @@ class TTAMethod:
                     loss.backward()
                     optimizer.step()
                 probs = self.predict(model, x)
-                record: dict[str, Any] = {"pass": pass_, "batch": i, **{k: float(v.detach()) for k, v in terms.items()},
+                record: dict[str, Any] = {"pass": pass_, "batch": i, **{f"loss_{k}": float(v.detach()) for k, v in terms.items()},
                                           **self.gate_record(model)}
                 if ref is not None:
                     sums, spread = self.gate_state(model)
