@@ -178,7 +178,7 @@ def write_tables(out: Path, runs: dict[str, dict], suites: list[str]) -> str:
     return text
 
 
-DEFAULT_SETTING = "iopfl simplex gates, λ_A=1 + safeguard"
+DEFAULT_SETTING = "iopfl simplex gates, λ_A=100 + safeguard"
 BEFORE_SETTING = "iopfl before: sigmoid gates, no trust region, no safeguard"
 
 

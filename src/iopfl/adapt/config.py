@@ -32,7 +32,7 @@ class AdaptConfig(BaseModel):
         "paper", description="routers start at PyTorch's default init (paper), at the global expert, or at the experts' mean")
     protocol: Literal["online", "published"] = Field(
         "online", description="online: ours; published: the choices of the published test-time script")
-    lambda_anchor: float = Field(1.0, ge=0.0, description="weight of the trust region: KL(BN-adapt's prediction ‖ "
+    lambda_anchor: float = Field(100.0, ge=0.0, description="weight of the trust region: KL(BN-adapt's prediction ‖ "
                                                           "the routed one) per pixel (iopfl, online protocol)")
     safeguard: bool = Field(True, description="label-free collapse check after every batch of an adaptive method "
                                               "(tent, iopfl): roll back to the last safe state when it fails")
