@@ -121,8 +121,8 @@ class TTAMethod:
                     loss.backward()
                     optimizer.step()
                 probs = self.predict(model, x)
-                record: dict[str, Any] = {"pass": pass_, "batch": i, **{f"loss_{k}": float(v.detach()) for k, v in terms.items()},
-                                          **self.gate_record(model)}
+                record: dict[str, Any] = {"pass": pass_, "batch": i, **self.gate_record(model),
+                                          **{f"loss_{k}": float(v.detach()) for k, v in terms.items()}}
                 if ref is not None:
                     sums, spread = self.gate_state(model)
                     if start_sums is None and sums is not None:
