@@ -1,13 +1,19 @@
 """Quality benchmark: every inside method on a suite's sites, and (for suites with hold-outs) every
 outside method on every held-out site, over several seeds; same model, data, budget and selection rule.
 
-Inside: one run directory per (method, seed) under ``OUT/inside/``; the table is ``iopfl report``'s
-(`OUT/inside.md`, `.csv`, `.png`), so ``iopfl report OUT/inside/*`` reproduces it.
+Inside: one record per (method, seed) under ``OUT/inside/<method>-s<seed>/`` (config.yaml, manifest.json,
+results.json, metrics.jsonl, run.log; the weights stay in the work folder, benchmarks/records.py), so a
+clone with the records trains nothing. Tables from the records alone: ``OUT/inside.md`` (+ ``.csv``,
+``.png``: ``iopfl report``'s table) and ``OUT/inside-paired.md`` (+ ``.json``): each run's Dice minus the
+FedAvg global model's of the same seed.
 Outside: per held-out site and seed, IOP-FL is trained on the other sites and every adaptation method
 is run on the held-out site's images (labels only for scoring) → ``OUT/outside.md`` (+ ``.json``), with
 an oracle row (the site's own Local model: an upper bound, not an outside method).
 
     python benchmarks/bench_quality.py --suite synthetic --seeds 3 [--jobs 2] [--out benchmarks/results/quality-synthetic]
+    # the polyp inside design (issue 22): the paired comparison with 3 seeds, the other methods with one
+    python benchmarks/bench_quality.py --suite polyp --parts inside --methods iopfl fedbn silobn ditto --seeds 3 \
+        --rest local centralized fedprox fedavgft fedrep fedper apfl --jobs 2
 """
 
 from __future__ import annotations
@@ -58,15 +64,17 @@ def finish_run(cfg: Config, run_dir: Path) -> None:
     in_process_run(cfg, run_dir).run(resume=RunDir(run_dir).checkpoint.exists())
 
 
-def inside_job(suite: str, method: str, seed: int, out: Path, extra: list[str]) -> Path:
-    """One inside run (resumed if it was interrupted, skipped if it finished)."""
-    run_dir = out / "inside" / f"{method}-s{seed}"
-    if not RunDir(run_dir).results.exists():
-        cfg = suite_config(suite, [f"fl.method={method}", f"seed={seed}", *extra])
-        t0 = time.perf_counter()
-        finish_run(cfg, run_dir)
-        print(f"inside {method} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
-    return run_dir
+def inside_job(suite: str, method: str, seed: int, out: Path, work: Path, extra: list[str]) -> Path:
+    """One inside run: its record under ``out`` (skipped if there), weights under ``work`` (resumed if
+    interrupted)."""
+    name = f"{method}-s{seed}"
+    record, run_dir = out / "inside" / name, work / "inside" / name
+    cfg = suite_config(suite, [f"fl.method={method}", f"seed={seed}", *extra])
+    t0 = time.perf_counter()
+    done = ensure_record(cfg, run_dir, record)
+    if done != "recorded":
+        print(f"inside {name}: {done} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return record
 
 
 def outside_config(suite: str, target: str, seed: int, extra: list[str]) -> Config:
@@ -108,13 +116,78 @@ def run_all(job, args: list[tuple], jobs: int) -> list[Path]:
         return list(pool.map(job, *zip(*args)))
 
 
-def run_inside(suite: str, seeds: list[int], out: Path, extra: list[str], jobs: int = 1,
-               methods: list[str] | None = None) -> list[Path]:
-    """Every method (or ``methods``) x seed; the inside table only when every method ran."""
-    runs = run_all(inside_job, [(suite, m, s, out, extra) for m in methods or STRATEGIES for s in seeds], jobs)
-    if methods is None:
-        compare_runs(runs, out / "inside.md")
-    return runs
+def inside_design(methods: list[str], seeds: int, rest: list[str], rest_seeds: int) -> list[tuple[str, int]]:
+    """(method, seed) pairs in the order they run: ``methods`` seed-major (every method's seed 0 first),
+    then ``rest`` with ``rest_seeds`` seeds each."""
+    return [(m, s) for s in range(seeds) for m in methods] + [(m, s) for s in range(rest_seeds) for m in rest]
+
+
+def run_inside(suite: str, design: list[tuple[str, int]], out: Path, work: Path, extra: list[str],
+               jobs: int = 1) -> list[Path]:
+    """Every (method, seed) of ``design``; the tables from every record under ``out/inside``."""
+    run_all(inside_job, [(suite, m, s, out, work, extra) for m, s in design], jobs)
+    return write_inside_tables(out)
+
+
+def write_inside_tables(out: Path) -> list[Path]:
+    """``inside.md/.csv/.png`` and ``inside-paired.md/.json`` from the records alone."""
+    records = sorted(p.parent for p in (out / "inside").glob("*/results.json"))
+    if records:
+        compare_runs(records, out / "inside.md")
+        write_paired(paired_differences(records), out / "inside-paired")
+    return records
+
+
+REFERENCE = ("iopfl", "global")  # IOP-FL's global model is trained by FedAvg: the reference of every pair
+
+
+def paired_differences(records: list[Path]) -> dict:
+    """(method, model) → {"seeds": [...], "mean": [diff per seed], site: [diff per seed]}: each run's
+    Dice minus the FedAvg global model's of the same seed (the ``iopfl`` run's global model), so that
+    what the seed changes (split of the data stays, initialisation and order change) cancels."""
+    runs = {(r["method"], r["seed"]): r for r in (json.loads((p / "results.json").read_text()) for p in records)}
+    pairs: dict = {}
+    for (method, seed), results in sorted(runs.items()):
+        reference = runs.get((REFERENCE[0], seed))
+        if reference is None:
+            continue
+        ref = reference["models"][REFERENCE[1]]
+        for model, entry in results["models"].items():
+            if (method, model) == REFERENCE:
+                continue
+            row = pairs.setdefault(f"{method}/{model}", {"seeds": []})
+            row["seeds"].append(seed)
+            for site, scores in [("mean", entry["mean"]), *entry["sites"].items()]:
+                other = ref["mean"] if site == "mean" else ref["sites"][site]
+                row.setdefault(site, []).append(100 * (scores["dice"] - other["dice"]))
+    return pairs
+
+
+def verdict(diffs: list[float]) -> str:
+    """Declared before the runs: a difference counts only when every seed (at least 3) agrees on its sign."""
+    if len(diffs) < 3:
+        return f"{len(diffs)} seed{'s' if len(diffs) > 1 else ''}: no claim"
+    if all(d > 0 for d in diffs):
+        return "**better in every seed**"
+    if all(d < 0 for d in diffs):
+        return "**worse in every seed**"
+    return "tie (signs differ across seeds)"
+
+
+def write_paired(pairs: dict, path: Path) -> None:
+    """``path.md`` and ``path.json``: the paired differences, per seed and per site."""
+    sites = sorted({k for row in pairs.values() for k in row if k not in ("seeds", "mean")})
+    rows = []
+    for name, row in pairs.items():
+        per_seed = ", ".join(f"{d:+.2f}" for d in row["mean"])
+        rows.append([name, per_seed, f"{np.mean(row['mean']):+.2f}",
+                     *[f"{np.mean(row[s]):+.2f}" for s in sites], verdict(row["mean"])])
+    path.with_suffix(".md").write_text(
+        "# Inside: paired differences to the FedAvg global model (Dice points, test split)\n\n"
+        "Each run minus the global model of the `iopfl` run with the same seed (IOP-FL's global model is "
+        "FedAvg's). Per-seed values are the mean over sites; site columns are means over seeds.\n\n"
+        + markdown_table(["method/model", "per seed", "mean", *sites, "verdict"], rows))
+    path.with_suffix(".json").write_text(json.dumps(pairs, indent=1))
 
 
 def run_outside(suite: str, seeds: list[int], out: Path, work: Path, extra: list[str], jobs: int = 1,
@@ -170,7 +243,12 @@ def main() -> None:
                              "throughput of 1 × 2 threads for these small models)")
     parser.add_argument("--parts", nargs="+", choices=["inside", "outside"], default=["inside", "outside"])
     parser.add_argument("--methods", nargs="+", choices=list(STRATEGIES),
-                        help="inside methods to run (default: all, and the inside table is written)")
+                        help="inside methods that get --seeds seeds (default: all)")
+    parser.add_argument("--rest", nargs="+", choices=list(STRATEGIES), default=[],
+                        help="inside methods run after --methods, with --rest-seeds seeds")
+    parser.add_argument("--rest-seeds", type=int, default=1)
+    parser.add_argument("--tables-only", action="store_true",
+                        help="run nothing: rewrite the inside tables from the records under --out")
     parser.add_argument("--work", type=Path, help="run folders with their weights, outside the repository "
                         "(default: $IOPFL_BENCH_WORK/<out's name> or ~/.cache/iopfl/bench/<out's name>)")
     parser.add_argument("--train-only", action="store_true",
@@ -178,12 +256,12 @@ def main() -> None:
     args = parser.parse_args()
     out = args.out or Path(__file__).resolve().parent / "results" / f"quality-{args.suite}"
     work = args.work or default_work(out)
-    seeds = list(range(args.seeds))
     t0 = time.perf_counter()
     if "inside" in args.parts:
-        run_inside(args.suite, seeds, out, args.override, args.jobs, args.methods)
-        if args.methods is None:
-            print((out / "inside.md").read_text())
+        design = [] if args.tables_only else inside_design(args.methods or list(STRATEGIES), args.seeds,
+                                                            args.rest, args.rest_seeds)
+        if run_inside(args.suite, design, out, work, args.override, args.jobs):
+            print((out / "inside-paired.md").read_text())
     if "outside" in args.parts and SUITES[args.suite][2]:
         run_outside(args.suite, list(range(args.outside_seeds or args.seeds)), out, work, args.override,
                     args.jobs, args.train_only)

@@ -59,3 +59,49 @@ def test_record_lifecycle(tmp_path, monkeypatch):
     # the adapt section is not training: a record serves every adaptation setting
     assert records.ensure_record(tiny_config(tmp_path / "cache", ["fl.rounds=3", "adapt.lr=0.5"]),
                                  work, record) == "recorded"
+
+
+def _fake_record(folder: Path, method: str, seed: int, dice: dict[str, dict[str, float]]) -> None:
+    """A record with only what the tables read: results.json (two sites, Dice per model)."""
+    folder.mkdir(parents=True)
+    models = {m: {"sites": {s: {"dice": d, "hd95": 1.0, "assd": 1.0} for s, d in by_site.items()},
+                  "mean": {"dice": sum(by_site.values()) / 2, "hd95": 1.0, "assd": 1.0}}
+              for m, by_site in dice.items()}
+    (folder / "results.json").write_text(json.dumps({"method": method, "dataset": "synthetic", "seed": seed,
+                                                     "models": models}))
+
+
+def test_paired_differences_by_hand_and_tables_reproducible(tmp_path):
+    import bench_quality
+
+    out = tmp_path / "quality"
+    for seed, (g, p, bn) in enumerate([(0.5, 0.6, 0.55), (0.4, 0.45, 0.35), (0.6, 0.7, 0.65)]):
+        _fake_record(out / "inside" / f"iopfl-s{seed}", "iopfl", seed,
+                     {"global": {"A": g, "B": g}, "personalized": {"A": p, "B": g}})
+        _fake_record(out / "inside" / f"fedbn-s{seed}", "fedbn", seed, {"personalized": {"A": bn, "B": bn}})
+    _fake_record(out / "inside" / "local-s0", "local", 0, {"personalized": {"A": 0.1, "B": 0.2}})
+
+    records_ = bench_quality.write_inside_tables(out)
+    pairs = json.loads((out / "inside-paired.json").read_text())
+    # by hand: iopfl personalized − global = (p − g) on A, 0 on B; mean over the two sites = (p − g) / 2
+    assert pairs["iopfl/personalized"]["mean"] == pytest.approx([5.0, 2.5, 5.0])
+    assert pairs["iopfl/personalized"]["A"] == pytest.approx([10.0, 5.0, 10.0])
+    assert pairs["fedbn/personalized"]["mean"] == pytest.approx([5.0, -5.0, 5.0])
+    assert pairs["local/personalized"]["seeds"] == [0]
+    assert pairs["local/personalized"]["mean"] == pytest.approx([100 * (0.15 - 0.5)])
+    assert "iopfl/global" not in pairs   # the reference itself
+    md = (out / "inside-paired.md").read_text()
+    assert "better in every seed" in md and "tie (signs differ" in md and "1 seed: no claim" in md
+
+    # the tables are a function of the records alone: rewritten byte for byte
+    names = ["inside.md", "inside.csv", "inside-paired.md", "inside-paired.json"]
+    before = {n: (out / n).read_bytes() for n in names}
+    assert bench_quality.write_inside_tables(out) == records_
+    assert {n: (out / n).read_bytes() for n in names} == before
+
+
+def test_inside_design_seed_major():
+    import bench_quality
+
+    design = bench_quality.inside_design(["iopfl", "fedbn"], 2, ["local"], 1)
+    assert design == [("iopfl", 0), ("fedbn", 0), ("iopfl", 1), ("fedbn", 1), ("local", 0)]
