@@ -29,11 +29,13 @@ def _check_device(value: str) -> str:
 
 
 class RuntimeConfig(BaseModel):
+    """Where and how tensors are computed, for every command and both engines."""
+
     model_config = ConfigDict(extra="forbid")
     device: str = Field("auto", description="auto (CUDA if available, else CPU) | cpu | cuda | cuda:N")
     devices: list[str] | None = Field(None, description="workers are spread over these round-robin")
     precision: Precision = Field("fp32", description="auto: bf16 where the device has bf16 kernels, else fp32")
-    channels_last: bool = False
+    channels_last: bool = Field(False, description="channels-last memory format for local training")
     threads: int | None = Field(None, gt=0, description="torch threads per process (default: cores / workers)")
     deterministic: bool = Field(True, description="deterministic kernels: exact resume on every device")
     compile: bool = Field(False, description="torch.compile the training and evaluation forward")
