@@ -108,17 +108,18 @@ def method_parameters() -> list[tuple[str, KeyDoc]]:
             for name, field in strategy.Params.model_fields.items()]
 
 
-def config_keys() -> list[KeyDoc]:
-    """Every config key: the sections' own and the methods' parameters."""
+def config_keys(root: BaseModel | None = None) -> list[KeyDoc]:
+    """Every key of ``root`` and its sections (default: the default ``Config``, plus the methods'
+    ``fl.<param>`` keys)."""
     from iopfl.config import Config
 
-    keys = [key for _, _, section_keys in _sections(Config()) for key in section_keys]
-    return keys + [key for _, key in method_parameters()]
+    keys = [key for _, _, section_keys in _sections(root or Config()) for key in section_keys]
+    return keys if root is not None else keys + [key for _, key in method_parameters()]
 
 
-def undocumented_keys() -> list[str]:
+def undocumented_keys(root: BaseModel | None = None) -> list[str]:
     """Config keys whose field has no description (each should say what it does)."""
-    return [key.key for key in config_keys() if not key.description]
+    return [key.key for key in config_keys(root) if not key.description]
 
 
 def _markdown(text: str) -> str:
@@ -239,28 +240,45 @@ def _params_table(command: click.Command, ctx: click.Context) -> list[str]:
     return lines
 
 
+def _subcommands(group: click.Command, ctx: click.Context) -> Iterator[tuple[click.Command, click.Context]]:
+    """A group's visible subcommands, in the order the app lists them, each with its context."""
+    if isinstance(group, click.Group):
+        for name in group.list_commands(ctx):
+            sub = group.get_command(ctx, name)
+            if sub is not None and not sub.hidden:
+                yield sub, click.Context(sub, info_name=name, parent=ctx)
+
+
+def _command_rows(command: click.Command, ctx: click.Context) -> list[str]:
+    """One summary row per command below ``command`` (groups' subcommands included)."""
+    rows = []
+    for sub, sub_ctx in _subcommands(command, ctx):
+        rows.append(f"| `{sub_ctx.command_path}` | {_cell(sub.get_short_help_str(limit=300))} |")
+        rows += _command_rows(sub, sub_ctx)
+    return rows
+
+
 def _command_pages(command: click.Command, ctx: click.Context, depth: int) -> list[str]:
-    """Markdown for ``command`` and, for a group, each of its subcommands in the order the app lists them."""
+    """Markdown for ``command`` and, for a group, each of its subcommands."""
     lines = ["", f"{'#' * depth} `{ctx.command_path}`", "", _help_text(command.help), "", "```text",
              command.get_usage(ctx), "```", ""]
     lines += _params_table(command, ctx)
-    if isinstance(command, click.Group):
-        for name in command.list_commands(ctx):
-            sub = command.get_command(ctx, name)
-            if sub is not None and not sub.hidden:
-                lines += _command_pages(sub, click.Context(sub, info_name=name, parent=ctx), depth + 1)
+    for sub, sub_ctx in _subcommands(command, ctx):
+        lines += _command_pages(sub, sub_ctx, depth + 1)
     return lines
 
 
 def cli_reference() -> str:
-    """Markdown: the ``iopfl`` app's global options, then every command (and subcommand) with its usage,
-    arguments and options, from the typer app itself."""
+    """Markdown: a table of the commands, then the ``iopfl`` app's global options and every command (and
+    subcommand) with its usage, arguments and options, read from the typer app itself."""
     import typer
 
     from iopfl.cli import app
 
     root = typer.main.get_command(app)
-    lines = _command_pages(root, click.Context(root, info_name="iopfl"), depth=2)
+    ctx = click.Context(root, info_name="iopfl")
+    lines = ["| command | what it does |", "|---|---|", *_command_rows(root, ctx)]
+    lines += _command_pages(root, ctx, depth=2)
     return "\n".join(lines).strip() + "\n"
 
 
