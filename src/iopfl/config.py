@@ -94,7 +94,8 @@ class TrainConfig(_Section):
     aug_scale: float = Field(0.15, ge=0.0, le=1.0, description="zoom drawn from [1/(1+s), 1+s]")
     aug_rotate: float = Field(15.0, ge=0.0, le=180.0, description="rotation ± degrees (after a quarter turn)")
     aug_intensity: float = Field(0.2, ge=0.0, le=1.0,
-                                 description="brightness/contrast/gamma/colour/noise/blur strength (0 = off)")
+                                 description="brightness/contrast/gamma/colour/noise/blur strength s (0 = off): "
+                                 "brightness ± s std, contrast and γ in [e^−s, e^s], noise σ ≤ s/2, blur σ ≤ 5·s px")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="learning rate over rounds; cosine: round t of T = fl.rounds trains at "
         "lr_min + (lr − lr_min)·(1 + cos(π(t−1)/(T−1)))/2")

@@ -43,7 +43,7 @@ class AdaptConfig(BaseModel):
     safeguard_foreground: float = Field(1.5, gt=1.0, description="safeguard: most factor between the adapted and the "
                                         "BN-adapt predicted foreground fraction of a batch, either way")
     min_batch_stats: int = Field(4, ge=1, description="batches smaller than this normalise with the stream's "
-                                                      "statistics instead of their own alone")
+                                                      "statistics instead of their own alone (1: always their own)")
 
     @property
     def gates(self) -> Literal["softmax", "sigmoid", "sum"]:
