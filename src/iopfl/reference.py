@@ -158,7 +158,7 @@ def config_reference() -> str:
 
     lines: list[str] = []
     for name, cls, keys in _sections(Config()):
-        lines += ["", f"### {'`' + name + '`' if name else 'top level'}", ""]
+        lines += ["", f"### {'`' + name + '`' if name else 'Top-level keys'}", ""]
         if _doc_of(cls) and name:
             lines += [_doc_of(cls), ""]
         lines += _keys_table(keys) if keys else ["(sections only)"]
