@@ -160,7 +160,7 @@ def config_reference() -> str:
     for name, cls, keys in _sections(Config()):
         lines += ["", f"### {'`' + name + '`' if name else 'Top-level keys'}", ""]
         if _doc_of(cls) and name:
-            lines += [_doc_of(cls), ""]
+            lines += [_markdown(_doc_of(cls)), ""]
         lines += _keys_table(keys) if keys else ["(sections only)"]
     params = method_parameters()
     lines += ["", "### `fl.<parameter>` of each method", "",
