@@ -29,6 +29,8 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
+    """The 2D U-Net (BatchNorm) every method trains."""
+
     width: int = Field(8, gt=0, description="channels of the first U-Net stage (32 in the paper)")
     depth: int = Field(3, ge=1, le=6, description="down-sampling stages (4 in the paper)")
 
@@ -38,11 +40,14 @@ class FLConfig(_Section):
     against that strategy's own ``Params`` (an unknown one is an error naming the key)."""
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
-    method: str = "iopfl"
-    rounds: int = Field(10, gt=0)
-    local_epochs: int = Field(1, gt=0)
-    client_fraction: float = Field(1.0, gt=0.0, le=1.0)
-    min_clients: int = Field(1, ge=1)
+    method: str = Field("iopfl", description="the federated strategy (an unknown name is an error listing the "
+                        "known ones); its own parameters are the fl.<parameter> keys below")
+    rounds: int = Field(10, gt=0, description="communication rounds")
+    local_epochs: int = Field(1, gt=0, description="local epochs each sampled site trains per round")
+    client_fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of the sites sampled each round "
+                                   "(seeded by the round)")
+    min_clients: int = Field(1, ge=1, description="fewest sites that must reply for a round to count; fewer "
+                             "stops the run")
     publish_personal: bool = Field(True, description="in-process: every site publishes its val-selected "
                                    "personalised model at the end (a simulation; on Flower each site opts in)")
 
@@ -76,17 +81,24 @@ class FLConfig(_Section):
 
 
 class TrainConfig(_Section):
-    batch_size: int = Field(5, gt=0)
-    lr: float = Field(1e-3, gt=0.0)
-    amsgrad: bool = True
+    """Local training at every site (the loss is soft Dice, plus cross-entropy when ``ce_weight`` > 0)."""
+
+    batch_size: int = Field(5, gt=0, description="local training batch (slices or images)")
+    lr: float = Field(1e-3, gt=0.0, description="Adam learning rate (Adam is re-created every round)")
+    amsgrad: bool = Field(True, description="Adam's AMSGrad variant (as the published recipe)")
     ce_weight: float = Field(0.0, ge=0.0, description="weight of cross-entropy added to soft Dice")
     augment: Literal["none", "standard"] = Field(
-        "none", description="standard: random flips, quarter turns, affine, intensity, noise/blur per batch")
+        "none", description="standard: per training batch, random h/v flips and quarter turns, an affine (zoom, "
+        "rotation, shift ≤ 5 %), gamma/contrast/brightness (+ light per-channel colour jitter for RGB sources, "
+        "never across 2.5D slices), Gaussian noise or blur; masks follow the same warp (nearest)")
     aug_scale: float = Field(0.15, ge=0.0, le=1.0, description="zoom drawn from [1/(1+s), 1+s]")
     aug_rotate: float = Field(15.0, ge=0.0, le=180.0, description="rotation ± degrees (after a quarter turn)")
     aug_intensity: float = Field(0.2, ge=0.0, le=1.0,
-                                 description="brightness/contrast/gamma/colour/noise/blur strength (0 = off)")
-    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="learning rate over rounds")
+                                 description="brightness/contrast/gamma/colour/noise/blur strength s (0 = off): "
+                                 "brightness ± s std, contrast and γ in [e^−s, e^s], noise σ ≤ s/2, blur σ ≤ 5·s px")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="learning rate over rounds; cosine: round t of T = fl.rounds trains at "
+        "lr_min + (lr − lr_min)·(1 + cos(π(t−1)/(T−1)))/2")
     lr_min: float = Field(0.0, ge=0.0, description="the cosine schedule's last-round learning rate")
     weight_decay: float = Field(0.0, ge=0.0, description="Adam weight decay")
 
@@ -106,13 +118,15 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
-    eval_every: int = Field(1, gt=0)
-    batch_size: int = Field(32, gt=0)
+    """Evaluation of every reported model on every site's val and test cases."""
+
+    eval_every: int = Field(1, gt=0, description="evaluate every N rounds (and always at the last round)")
+    batch_size: int = Field(32, gt=0, description="inference batch (slices or images)")
     overlays: int = Field(3, ge=0, description="prediction overlays drawn in the report")
 
 
 class Config(_Section):
-    seed: int = 0
+    seed: int = Field(0, description="every random stream (batch order, sampling, augmentation) derives from it")
     data: DataConfig = Field(default_factory=lambda: DataConfig(source="synthetic"))
     model: ModelConfig = Field(default_factory=ModelConfig)
     fl: FLConfig = Field(default_factory=FLConfig)

@@ -29,12 +29,18 @@ def _check_device(value: str) -> str:
 
 
 class RuntimeConfig(BaseModel):
+    """Where and how tensors are computed, for every command and both engines."""
+
     model_config = ConfigDict(extra="forbid")
-    device: str = Field("auto", description="auto (CUDA if available, else CPU) | cpu | cuda | cuda:N")
+    device: str = Field("auto", description="auto (CUDA if available, else CPU) | cpu | cuda | cuda:N; a device "
+                        "that is not there is an error naming the key")
     devices: list[str] | None = Field(None, description="workers are spread over these round-robin")
-    precision: Precision = Field("fp32", description="auto: bf16 where the device has bf16 kernels, else fp32")
-    channels_last: bool = False
-    threads: int | None = Field(None, gt=0, description="torch threads per process (default: cores / workers)")
+    precision: Precision = Field("fp32", description="autocast of the forward (fp16 trains with a gradient scaler); "
+                                 "auto: bf16 where the device has bf16 kernels (CUDA Ampere+, AVX-512/AMX CPUs), "
+                                 "else fp32")
+    channels_last: bool = Field(False, description="channels-last memory format for local training")
+    threads: int | None = Field(None, gt=0, description="torch threads per process (default: torch's own with one "
+                                                     "worker, cores / workers otherwise)")
     deterministic: bool = Field(True, description="deterministic kernels: exact resume on every device")
     compile: bool = Field(False, description="torch.compile the training and evaluation forward")
     workers: int = Field(1, ge=1, description="in-process: the sites of a round in N worker processes")

@@ -12,16 +12,18 @@ PROTOCOL_PASSES = {"online": 1, "published": 10}
 
 
 class AdaptConfig(BaseModel):
+    """Outside personalization (``iopfl adapt``): test-time adaptation to an unseen site's unlabelled images."""
+
     model_config = ConfigDict(extra="forbid")
     steps_per_batch: int = Field(1, ge=0, description="optimizer steps on each incoming batch before predicting it")
     passes: int | None = Field(None, ge=1, description="passes over the site's images; the last pass is reported "
                                                       "(None: 1 under the online protocol, 10 under published)")
-    lr: float = Field(1e-3, gt=0.0)
+    lr: float = Field(1e-3, gt=0.0, description="Adam learning rate of the adapted parameters")
     batch_size: int = Field(8, gt=0, description="images (slices) per incoming test batch")
-    seed: int = 0
-    lambda_entropy: float = Field(10.0, ge=0.0)
-    lambda_consistency: float = Field(0.1, ge=0.0)
-    lambda_shape: float = Field(1.0, ge=0.0)
+    seed: int = Field(0, description="seed of the augmentation noise, flips and turns (drawn per pass and batch)")
+    lambda_entropy: float = Field(10.0, ge=0.0, description="weight λ_H of the per-pixel entropy term")
+    lambda_consistency: float = Field(0.1, ge=0.0, description="weight λ_C of the augmentation-consistency term")
+    lambda_shape: float = Field(1.0, ge=0.0, description="weight λ_S of the shape (morphological-gradient) term")
     noise_std: float = Field(0.5, ge=0.0, description="consistency noise σ on z-scored intensities")
     shape_kernel: int | None = Field(None, ge=3, description="morphological-gradient window (None: 21 px at 384 px, scaled)")
     gate_norm: Literal["softmax", "sigmoid", "sum"] | None = Field(
@@ -41,7 +43,7 @@ class AdaptConfig(BaseModel):
     safeguard_foreground: float = Field(1.5, gt=1.0, description="safeguard: most factor between the adapted and the "
                                         "BN-adapt predicted foreground fraction of a batch, either way")
     min_batch_stats: int = Field(4, ge=1, description="batches smaller than this normalise with the stream's "
-                                                      "statistics instead of their own alone")
+                                                      "statistics instead of their own alone (1: always their own)")
 
     @property
     def gates(self) -> Literal["softmax", "sigmoid", "sum"]:

@@ -9,7 +9,7 @@ routers and the normalisation affine parameters are trained online on each unlab
 H the per-pixel entropy / log K, C the consistency of T⁻¹(softmax(f(T(x + ε)))) with p (random flip and
 quarter turns per sample, Gaussian ε with σ = ``noise_std``), S the mean morphological gradient of the
 foreground probability (window 21 px at 384 px, scaled) which favours compact, smooth shapes.
-Published weights λ_H = 10, λ_C = 0.1; λ_S = 1 by default (see README, "Outside").
+Published weights λ_H = 10, λ_C = 0.1; λ_S = 1 by default (see docs/how-it-works.md, "Outside").
 
 H, C and S are all minimised by an empty prediction (docs/METHOD.md, "Outside safety"). Two things
 hold routing near a safe solution: gates on the simplex (``gate_norm=softmax``, the default: the

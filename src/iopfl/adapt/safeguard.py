@@ -17,7 +17,7 @@ batch's statistics, which never takes a step and so cannot drift):
 Thresholds (``adapt.safeguard_agreement`` 0.8, ``adapt.safeguard_foreground`` 1.5) were first 0.5 and 4,
 fixed in advance; on the real Kvasir-SEG hold-out TENT then drifted slowly to ~55 % of BN-adapt's
 foreground at an agreement of ~0.7 without tripping them (and lost 14 Dice points), so they were
-tightened to catch a drift, not only a collapse (README, "Outside on the polyp sites").
+tightened to catch a drift, not only a collapse (docs/results.md, "Outside safety study").
 
 The predicted foreground fraction, the mean entropy and the gates' spread are recorded per batch for
 the trace as well. The inside sites' own foreground fraction is not used: a target site's lesions may

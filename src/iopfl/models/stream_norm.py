@@ -21,8 +21,8 @@ class StreamBatchNorm2d(nn.BatchNorm2d):
     size; loss forwards (train mode), and with them the augmented views, never move them. Online and
     label-free; gradients flow through the batch part only.
 
-    Why a pooled mean rather than an exponential moving average: measured at test batch 1 (README,
-    "Outside", small batches), an EMA with momentum 0.01 scores about 2 points higher over a long
+    Why a pooled mean rather than an exponential moving average: measured at test batch 1 (docs/results.md,
+    small test batches), an EMA with momentum 0.01 scores about 2 points higher over a long
     stream (128 slices) but barely leaves the source statistics over one short case (16 slices), where
     routing, whose mixed kernels do not match those statistics, then fell to half its batch-4 Dice;
     momenta 0.1 and 0.3 follow single slices too closely (5-15 points below batches of 8).
