@@ -1,6 +1,6 @@
-"""The results schema (iopfl/results.py): a run folder of the current format (checked in under
-tests/data/) still reads and is written back byte for byte; unknown keys survive; a malformed file is a
-UserError naming it; the model names are the schema's constants."""
+"""The results schema (iopfl/results.py): run and `iopfl adapt` results of the current format (checked
+in under tests/data/) still read and are written back byte for byte; unknown keys survive; a malformed
+file is a UserError naming it; the model names are the schema's constants."""
 
 import ast
 import json
@@ -17,6 +17,7 @@ from iopfl.results import GLOBAL, LOCAL, PERSONALIZED, EvalLine, ModelEntry, Out
     write_results
 
 RECORD = Path(__file__).parent / "data" / "run-iopfl-synthetic"   # an iopfl run without SiteC, seed 0
+OUTSIDE = Path(__file__).parent / "data" / "outside-tent"
 SRC = Path(__file__).resolve().parents[1] / "src" / "iopfl"
 
 
@@ -51,6 +52,16 @@ def test_checked_in_metrics_read_typed_and_write_back_byte_for_byte(tmp_path):
 
     write_metrics(tmp_path / "metrics.jsonl", lines)
     assert (tmp_path / "metrics.jsonl").read_bytes() == (RECORD / "metrics.jsonl").read_bytes()
+
+
+def test_checked_in_outside_results_read_typed_and_write_back_byte_for_byte(tmp_path):
+    """results.json of `iopfl adapt --method tent` on a held-out synthetic site."""
+    results = read_results(OUTSIDE / "results.json")
+    assert isinstance(results, OutsideResults) and results.target == "SiteC"
+    assert results.experts == [GLOBAL, "SiteA", "SiteB"] and set(results.models) == {"tent"}
+    assert results.models["tent"].sites["SiteC"].n == 3 and results.safeguard["tent"].batches == 3
+    write_results(tmp_path / "results.json", results)
+    assert (tmp_path / "results.json").read_bytes() == (OUTSIDE / "results.json").read_bytes()
 
 
 def test_unknown_keys_and_nan_survive_a_read_and_write(tmp_path):
