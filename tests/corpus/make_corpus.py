@@ -252,7 +252,8 @@ def make_run(run: Path, data: Path) -> None:
                "width": 4, "depth": 2}
     save_run_checkpoint(run / "checkpoints" / "last.safetensors", pack("best/global", _weights(4)),
                         {"sites": ["S1", "S2"], "network": network, "run_key": "corpus"}, "inprocess", "corpus")
-    write_results(run / "results.json", RunResults(method="iopfl", dataset="prostate", models={}, published=["S1", "S2"]))
+    results = RunResults(method="iopfl", dataset="prostate", models={}, published=["S1", "S2"])
+    write_results(run / "results.json", results)
     _publish(run, _weights(4))
 
 
