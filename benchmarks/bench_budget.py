@@ -20,6 +20,7 @@ from iopfl.engine.inprocess import in_process_run
 from iopfl.engine.rundir import RunDir
 from iopfl.engine.session import CONFIG_DIR
 from iopfl.report.tables import markdown_table
+from iopfl.results import GLOBAL, read_run_results
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # the augmentation and runtime of each row spelled out, so a row reruns as it ran whatever polyp.yaml holds
@@ -58,12 +59,12 @@ def run_budget(name: str, out: Path, extra: list[str], times: dict[str, float]) 
         finally:
             times[name] = times.get(name, 0.0) + time.perf_counter() - t0
             (out / "budget-times.json").write_text(json.dumps(times, indent=1))
-    results = RunDir(run_dir).read_json("results.json")
-    entry = results["models"]["global"]
+    results = read_run_results(RunDir(run_dir).results)
+    entry = results.models[GLOBAL]
     return {"overrides": BUDGETS[name] + extra, "minutes": times.get(name, float("nan")) / 60,
-            "selected_round": results["selection"]["global"],
-            "test_dice": {s: v["dice"] for s, v in entry["sites"].items()}, "mean_dice": entry["mean"]["dice"],
-            "last_round_mean_dice": results["last_round"]["models"]["global"]["mean"]["dice"]}
+            "selected_round": results.selection[GLOBAL],
+            "test_dice": {s: v.dice for s, v in entry.sites.items()}, "mean_dice": entry.mean.dice,
+            "last_round_mean_dice": results.last_round.models[GLOBAL].mean.dice}
 
 
 def main() -> None:

@@ -38,6 +38,7 @@ from iopfl.engine.session import CONFIG_DIR
 from iopfl.fl import STRATEGIES
 from iopfl.report.compare import cell, compare_runs
 from iopfl.report.tables import markdown_table
+from iopfl.results import PERSONALIZED, read_run_results
 from records import default_work, ensure_record
 
 SUITES: dict[str, tuple[str, list[str], bool]] = {
@@ -212,8 +213,8 @@ def run_outside(suite: str, seeds: list[int], out: Path, work: Path, extra: list
 def oracle_scores(out: Path, sites: list[str], seeds: list[int]) -> dict[str, list[float]]:
     """The upper bound: each site's own model trained on its labels — the inside ``local`` runs."""
     files = [RunDir(out / "inside" / f"local-s{seed}").results for seed in seeds]
-    runs = [json.loads(f.read_text()) for f in files if f.exists()]
-    return {s: [r["models"]["personalized"]["sites"][s]["dice"] for r in runs] for s in sites} if runs else {}
+    runs = [read_run_results(f) for f in files if f.exists()]
+    return {s: [r.models[PERSONALIZED].sites[s].dice for r in runs] for s in sites} if runs else {}
 
 
 ORACLE = "oracle (own labels)"

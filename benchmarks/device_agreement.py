@@ -19,6 +19,8 @@ from pathlib import Path
 
 from iopfl.config import build_config
 from iopfl.engine.inprocess import in_process_run
+from iopfl.engine.rundir import RunDir
+from iopfl.results import TrainLine, read_metrics
 from iopfl.runtime import resolve_device
 
 SETTING = {  # the published model and input size on a small synthetic federation (seconds per round)
@@ -41,8 +43,8 @@ def first_round_losses(device: str, cache: Path) -> tuple[dict[str, float], floa
         t0 = time.perf_counter()
         in_process_run(cfg, Path(tmp) / "run").run()
         seconds = time.perf_counter() - t0
-        lines = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
-    return {x["site"]: x["loss"] for x in lines if x["model"] == "local"}, seconds
+        lines = read_metrics(RunDir(Path(tmp) / "run").metrics)
+    return {x.site: x.loss for x in lines if isinstance(x, TrainLine)}, seconds
 
 
 def main() -> None:

@@ -109,13 +109,16 @@ def test_summaries():
 
 def test_regions_table_lists_each_region_when_there_are_several():
     from iopfl.report.tables import regions_table
+    from iopfl.results import ModelEntry
 
-    site = {"dice": 0.5, "regions": {"disc": {"dice": 0.8}, "cup": {"dice": 0.2}}}
-    models = {"personalized": {"sites": {"D1": site}, "mean": site}}
-    table = regions_table(models)
+    def entry(regions: dict[str, float]) -> ModelEntry:
+        site = {"dice": 0.5, "hd95": 1.0, "assd": 0.5,
+                "regions": {r: {"dice": d, "hd95": 1.0, "assd": 0.5} for r, d in regions.items()}}
+        return ModelEntry.model_validate({"sites": {"D1": site}, "mean": site})
+
+    table = regions_table({"personalized": entry({"disc": 0.8, "cup": 0.2})})
     assert "| personalized | disc | 80.00 | 80.00 |" in table and "| personalized | cup | 20.00 | 20.00 |" in table
-    single = {"dice": 0.5, "regions": {"fg": {"dice": 0.5}}}
-    assert regions_table({"m": {"sites": {"A": single}, "mean": single}}) == ""
+    assert regions_table({"m": entry({"fg": 0.5})}) == ""
 
 
 @pytest.mark.parametrize("shape,spacing", [((1, 40, 48), (1.0, 0.7, 1.3)), ((9, 20, 24), (3.0, 1.0, 0.8))])

@@ -196,12 +196,12 @@ def test_adapt_to_a_site_folder_scores_every_method(folder_run, tmp_path):
 
     cfg, root, _ = folder_run
     results = run_adapt(root / "run", str(root / "data" / "C"), "all", tmp_path / "out", [])
-    assert set(results["models"]) == {"global", "bn", "tent", "ensemble", "iopfl"}
-    for entry in results["models"].values():
-        assert entry["sites"]["C"]["n"] == 10 and 0 <= entry["sites"]["C"]["dice"] <= 1
+    assert set(results.models) == {"global", "bn", "tent", "ensemble", "iopfl"}
+    for entry in results.models.values():
+        assert entry.sites["C"].n == 10 and 0 <= entry.sites["C"].dice <= 1
     for i in range(10):
         written = np.asarray(Image.open(tmp_path / "out" / "iopfl" / f"{i:02d}.png"))
         assert written.shape == SIZES[i % len(SIZES)]
     # the same site through the dataset (its name as --target) scores the same
     by_name = run_adapt(root / "run", "C", "global", tmp_path / "out2", [])
-    assert by_name["models"]["global"]["mean"]["dice"] == pytest.approx(results["models"]["global"]["mean"]["dice"])
+    assert by_name.models["global"].mean.dice == pytest.approx(results.models["global"].mean.dice)

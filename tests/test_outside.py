@@ -46,11 +46,11 @@ def test_holdout_site_is_not_trained_on(holdout_run):
 def test_adapt_all_methods_on_the_held_out_site(holdout_run, tmp_path):
     cfg, root = holdout_run
     results = run_adapt(root / "run", "SiteC", "all", tmp_path / "out", [])
-    assert set(results["models"]) == {"global", "bn", "tent", "ensemble", "iopfl"}
-    for entry in results["models"].values():
-        assert 0 <= entry["sites"]["SiteC"]["dice"] <= 1
+    assert set(results.models) == {"global", "bn", "tent", "ensemble", "iopfl"}
+    for entry in results.models.values():
+        assert 0 <= entry.sites["SiteC"].dice <= 1
     n_cases = len(load_dataset(cfg.data).sites["SiteC"].all_cases())
-    for method in results["models"]:
+    for method in results.models:
         assert len(list((tmp_path / "out" / method).glob("*.nii.gz"))) == n_cases
     assert (tmp_path / "out" / "results.json").exists()
 
@@ -90,7 +90,7 @@ def test_routing_needs_a_published_expert(holdout_run, tmp_path):
         with pytest.raises(UserError, match="publish-personal='true'.*fl.publish_personal=true"):
             run_adapt(tmp_path / "run", "SiteC", method, tmp_path / "out", [])
         assert not (tmp_path / "out").exists()
-    assert set(run_adapt(tmp_path / "run", "SiteC", "bn", tmp_path / "out", [])["models"]) == {"bn"}
+    assert set(run_adapt(tmp_path / "run", "SiteC", "bn", tmp_path / "out", []).models) == {"bn"}
 
 
 def test_unlabelled_nifti_folder_keeps_shape_and_affine(holdout_run, tmp_path):
@@ -101,7 +101,7 @@ def test_unlabelled_nifti_folder_keeps_shape_and_affine(holdout_run, tmp_path):
     for p in sorted(src.glob("Case0[01].nii.gz")):
         shutil.copy(p, folder / p.name)
     results = run_adapt(root / "run", str(folder), "iopfl", tmp_path / "out", [])
-    assert results["models"] == {}
+    assert results.models == {}
     for p in sorted(folder.glob("*.nii.gz")):
         pred = nib.load(str(tmp_path / "out" / "iopfl" / p.name))
         ref = nib.load(str(p))
@@ -174,7 +174,7 @@ def test_cli_adapt_iopfl_writes_the_gates(holdout_run, tmp_path):
 def test_gates_sum_to_one_with_the_sum_norm(holdout_run, tmp_path):
     cfg, root = holdout_run
     results = run_adapt(root / "run", "SiteC", "iopfl", tmp_path / "o", ["adapt.gate_norm=sum"])
-    assert "iopfl" in results["models"]
+    assert "iopfl" in results.models
     gates = np.array(json.loads((tmp_path / "o" / "gates.json").read_text())["mean_gates"])
     assert ((gates > 0) & (gates < 1)).all()
     assert np.allclose(gates.sum(axis=1), 1.0, atol=1e-6)
@@ -214,21 +214,21 @@ def test_safeguard_stops_a_collapse(holdout_b, tmp_path, method):
     within a point of BN-adapt and the fallbacks are reported; off, the same setting collapses."""
     cfg, root = holdout_b
     guarded = run_adapt(root / "run", "SiteB", "all", tmp_path / "on", ["adapt.lr=1"])
-    bn = guarded["models"]["bn"]["mean"]["dice"]
+    bn = guarded.models["bn"].mean.dice
     assert bn > 0.2
-    assert guarded["models"][method]["mean"]["dice"] >= bn - 0.01
-    report = guarded["safeguard"][method]
-    assert report["fallbacks"] > 0 and sum(report["reasons"].values()) == report["fallbacks"]
-    assert set(guarded["safeguard"]) == {"tent", "iopfl"}   # every adaptive method, no other
+    assert guarded.models[method].mean.dice >= bn - 0.01
+    report = guarded.safeguard[method]
+    assert report.fallbacks > 0 and sum(report.reasons.values()) == report.fallbacks
+    assert set(guarded.safeguard) == {"tent", "iopfl"}   # every adaptive method, no other
     assert f"| {method} |" in (tmp_path / "on" / "report.md").read_text().split("Safeguard")[1]
     trace = [json.loads(line) for line in (tmp_path / "on" / method / "trace.jsonl").read_text().splitlines()]
-    assert sum("fallback" in t for t in trace) == report["fallbacks"]
+    assert sum("fallback" in t for t in trace) == report.fallbacks
     if method == "iopfl":
-        assert json.loads((tmp_path / "on" / "gates.json").read_text())["safeguard"] == report
+        assert json.loads((tmp_path / "on" / "gates.json").read_text())["safeguard"] == report.dump()
 
     unguarded = run_adapt(root / "run", "SiteB", method, tmp_path / "off", ["adapt.lr=1", "adapt.safeguard=false"])
-    assert unguarded["models"][method]["mean"]["dice"] < bn - 0.2
-    assert unguarded["safeguard"] == {}
+    assert unguarded.models[method].mean.dice < bn - 0.2
+    assert unguarded.safeguard == {}
 
 
 def test_cli_adapt_warns_when_the_safeguard_fell_back(holdout_b, tmp_path):

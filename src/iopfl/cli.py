@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from iopfl.errors import UserError
+from iopfl.results import GLOBAL, PERSONALIZED
 
 app = typer.Typer(help="Inside-outside personalized federated learning (IOP-FL) for medical image "
                   "segmentation.", no_args_is_help=True, add_completion=False,
@@ -120,13 +121,13 @@ def adapt(run: Annotated[Path, typer.Argument(help="A finished training run dire
 
     out_dir = out or run / "outside" / Path(target).name
     results = run_adapt(run, target, method, out_dir, override or [])
-    if results["models"]:
+    if results.models:
         from iopfl.report.tables import models_table
 
-        print(models_table(results["models"]))
+        print(models_table(results.models))
     from iopfl.engine.outside import fallback_warning
 
-    warning = fallback_warning(results["safeguard"])
+    warning = fallback_warning(results.safeguard)
     if warning:
         console.print(f"[yellow]{warning}[/yellow]", highlight=False)
     console.print(f"predictions written to {out_dir}")
@@ -138,7 +139,7 @@ def predict(run: Annotated[Path, typer.Argument(help="A finished training run di
                                                           "(images/ + masks/); masks come out at each input's size.")],
             site: Annotated[str, typer.Option("--site", help="Whose personalized model to use.")],
             out: Annotated[Path, typer.Option("--out", help="Output folder for the masks.")],
-            model: Annotated[str, typer.Option("--model", help="personalized | global.")] = "personalized",
+            model: Annotated[str, typer.Option("--model", help=f"{PERSONALIZED} | {GLOBAL}.")] = PERSONALIZED,
             state_dir: Annotated[Optional[Path], typer.Option(
                 "--state-dir", help="On a Flower site's own machine: its node config state-dir, for a "
                 "personalised model it did not publish.")] = None,

@@ -223,7 +223,8 @@ def build(root: Path) -> list[dict]:
     run = root / "run-template"
     make_run(run, good)
     for name, damage in [("checkpoint-other-architecture", other_architecture), ("checkpoint-old-format", old_format),
-                         ("checkpoint-truncated", truncate_checkpoint), ("checkpoint-pickle-payload", pickle_payload)]:
+                         ("checkpoint-truncated", truncate_checkpoint), ("checkpoint-pickle-payload", pickle_payload),
+                         ("results-truncated", truncate_results), ("results-wrong-type", results_wrong_type)]:
         target = root / name / "run"
         target.parent.mkdir(parents=True, exist_ok=True)
         os.system(f"cp -r '{run}' '{target}'")
@@ -241,6 +242,7 @@ def make_run(run: Path, data: Path) -> None:
     """A minimal finished run directory: config, a checkpoint of the right architecture (untrained
     weights) and both sites' published personalised models."""
     from iopfl.engine.checkpoint import pack, save_run_checkpoint
+    from iopfl.results import RunResults, write_results
 
     run.mkdir(parents=True)
     tree = {"data": {"source": "prostate", "root": str(data), "image_size": 16},
@@ -250,7 +252,8 @@ def make_run(run: Path, data: Path) -> None:
                "width": 4, "depth": 2}
     save_run_checkpoint(run / "checkpoints" / "last.safetensors", pack("best/global", _weights(4)),
                         {"sites": ["S1", "S2"], "network": network, "run_key": "corpus"}, "inprocess", "corpus")
-    (run / "results.json").write_text(json.dumps({"published": ["S1", "S2"]}))
+    results = RunResults(method="iopfl", dataset="prostate", models={}, published=["S1", "S2"])
+    write_results(run / "results.json", results)
     _publish(run, _weights(4))
 
 
@@ -286,6 +289,18 @@ def truncate_checkpoint(run: Path) -> str:
     path = run / "checkpoints" / "last.safetensors"
     path.write_bytes(path.read_bytes()[:1000])
     return "last.safetensors"
+
+
+def truncate_results(run: Path) -> str:
+    path = run / "results.json"
+    path.write_text(path.read_text()[:40])
+    return "results.json"
+
+
+def results_wrong_type(run: Path) -> str:
+    path = run / "results.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "published": "S1"}))
+    return "results.json"
 
 
 class _RunsCode:

@@ -32,6 +32,7 @@ from iopfl.errors import UserError
 from iopfl.fileio import atomic_write_text
 from iopfl.fl import ClientReply, build_strategy
 from iopfl.fl.aggregation import StateDict
+from iopfl.results import GLOBAL, LOCAL, TrainLine, write_results
 
 
 @dataclass
@@ -144,8 +145,7 @@ class Federation:
                 continue
             good[name] = reply
             loss = float(reply.metrics.get("loss", float("nan")))
-            self.dir.append_metrics([{"round": round_, "model": "local", "split": "train", "site": name,
-                                      "loss": loss}])
+            self.dir.append_metrics([TrainLine(round=round_, model=LOCAL, split="train", site=name, loss=loss)])
             if self.progress:
                 self.progress.client_done(round_, name, loss)
         if len(good) < self.cfg.fl.min_clients:
@@ -178,12 +178,12 @@ class Federation:
     def _select(self, round_: int, scores: dict[str, Scores]) -> None:
         """Keep the round's scores; select the global model by mean val Dice over the sites."""
         self.last_eval = {"round": round_, "scores": scores}
-        if "global" not in self.strategy.models:
+        if GLOBAL not in self.strategy.models:
             return
         sites = self.roster.sites
-        vals = [val_dice(scores[s]["global"]) for s in sites]
+        vals = [val_dice(scores[s][GLOBAL]) for s in sites]
         mean_val = None if any(v is None for v in vals) else sum(vals) / len(vals)
-        self.best_global.offer(round_, mean_val, {s: scores[s]["global"]["test"] for s in sites},
+        self.best_global.offer(round_, mean_val, {s: scores[s][GLOBAL]["test"] for s in sites},
                                self.global_weights)
 
     def _finish(self) -> dict[str, Any]:
@@ -205,12 +205,12 @@ class Federation:
             stored.append(site)
             self.log.info(f"site {site} published its personalised model: {self.dir.expert(site)}")
         results = results_json(self, stored)
-        self.dir.write_json("results.json", results)
+        write_results(self.dir.results, results)
         from iopfl.report.run_report import write_run_report  # matplotlib only when a run finishes
 
         write_run_report(self.dir.path)
         self.log.info(f"run complete: {self.dir.results}")
-        return results
+        return results.dump()
 
     # --- run directory, checkpoint, resume --------------------------------------------------------
     def _checkpoint(self, resume: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
@@ -233,7 +233,7 @@ class Federation:
 
     def _save(self) -> None:
         site_tensors, site_state = self.sites.state()
-        tensors = {**pack("global", self.global_weights), **pack("best/global", self.best_global.weights),
+        tensors = {**pack(GLOBAL, self.global_weights), **pack(f"best/{GLOBAL}", self.best_global.weights),
                    **site_tensors, "rng/torch": torch.get_rng_state()}
         state = {"method": self.strategy.name, "run_key": self.run_key, "sites": self.roster.sites,
                  "network": self.roster.network, "round": self.round, "best_global": self.best_global.state(),
@@ -242,8 +242,8 @@ class Federation:
 
     def _restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
         self.round = int(state["round"])
-        self.global_weights = unpack("global", tensors)
-        self.best_global = Selected.restore(state["best_global"], unpack("best/global", tensors))
+        self.global_weights = unpack(GLOBAL, tensors)
+        self.best_global = Selected.restore(state["best_global"], unpack(f"best/{GLOBAL}", tensors))
         self.last_eval, self.personal_best = state["last_eval"], state["personal_best"]
         self.sites.load_state(tensors, state["site_state"])
         torch.set_rng_state(tensors["rng/torch"])

@@ -18,6 +18,7 @@ from iopfl.engine.site import SiteClient, SiteFailure, compute_description, make
     training_sites
 from iopfl.fl import STRATEGIES, build_strategy
 from iopfl.fl.aggregation import StateDict
+from iopfl.results import GLOBAL, PERSONALIZED
 from iopfl.runtime import apply_runtime, resolve_device
 
 POOLED = "pooled"
@@ -69,11 +70,11 @@ class InProcessSites:
 
     def publish(self, selected_global: StateDict, overlay_sites: list[str]) -> dict[str, StateDict | None]:
         """Every site publishes when ``fl.publish_personal`` (a simulation: the sites are ours)."""
-        label = "personalized" if "personalized" in self.strategy.models else "global"
+        label = PERSONALIZED if PERSONALIZED in self.strategy.models else GLOBAL
         for site in overlay_sites:
             client = self.clients[site]
             client.draw_overlay(client.selected(self.strategy, selected_global), self.overlay_dir, label)
-        opted = self.cfg.fl.publish_personal and "personalized" in self.strategy.models
+        opted = self.cfg.fl.publish_personal and PERSONALIZED in self.strategy.models
         return {s: (c.best.weights if opted and c.best.weights else None) for s, c in self.clients.items()}
 
     def _all(self) -> dict[str, SiteClient]:

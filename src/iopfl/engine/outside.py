@@ -37,6 +37,7 @@ from iopfl.fl.aggregation import StateDict
 from iopfl.models.routing import load_expert
 from iopfl.report.gates import write_gates
 from iopfl.report.tables import models_table, regions_table, safeguard_table
+from iopfl.results import GLOBAL, PERSONALIZED, OutsideResults, SafeguardSummary, read_run_results, write_results
 from iopfl.runtime import apply_runtime, describe, resolve_device
 
 
@@ -60,7 +61,7 @@ class TrainedRun:
         return [self.global_weights, *self.personal.values()]
 
     def expert_names(self) -> list[str]:
-        return ["global", *self.personal]
+        return [GLOBAL, *self.personal]
 
 
 OPT_IN = ("on a Flower deployment a site publishes its model only with node config publish-personal='true'; "
@@ -76,11 +77,11 @@ def open_run(path: Path) -> TrainedRun:
     if not run.checkpoint.exists():
         raise UserError(f"{run.checkpoint}: no checkpoint (the run has not finished a round)")
     tensors, state = read_run_checkpoint(run.checkpoint)
-    published = run.read_json("results.json").get("published", []) if run.results.exists() else []
+    published = read_run_results(run.results).published if run.results.exists() else []
     personal = {}
     for site in (s for s in state["sites"] if s in published):
         personal[site], _ = load_checkpoint(run.expert(site))
-    best_global = unpack("best/global", tensors) or unpack("global", tensors)
+    best_global = unpack(f"best/{GLOBAL}", tensors) or unpack(GLOBAL, tensors)
     return TrainedRun(run.path, cfg, state["network"], list(state["sites"]), state["run_key"], best_global, personal)
 
 
@@ -209,10 +210,10 @@ def write_trace(trace: list[dict[str, Any]], path: Path) -> None:
     atomic_write_text(path, "".join(json.dumps(line) + "\n" for line in trace))
 
 
-def fallback_warning(safeguard: dict[str, dict]) -> str | None:
+def fallback_warning(safeguard: dict[str, SafeguardSummary]) -> str | None:
     """One line when the safeguard fell back on any batch of any method, else None."""
-    parts = [f"{m}: {s['fallbacks']} of {s['batches']} batches ({', '.join(f'{k} {v}' for k, v in s['reasons'].items())})"
-             for m, s in safeguard.items() if s["fallbacks"]]
+    parts = [f"{m}: {s.fallbacks} of {s.batches} batches ({', '.join(f'{k} {v}' for k, v in s.reasons.items())})"
+             for m, s in safeguard.items() if s.fallbacks]
     if not parts:
         return None
     return ("warning: the safeguard saw signs of collapse and rolled back — " + "; ".join(parts)
@@ -229,7 +230,7 @@ def adapt_config(run: TrainedRun, overrides: list[str]) -> Config:
     return build_config(tree, overrides, origin=str(path))
 
 
-def run_adapt(run_dir: Path, target: str, method: str, out: Path, overrides: list[str]) -> dict[str, Any]:
+def run_adapt(run_dir: Path, target: str, method: str, out: Path, overrides: list[str]) -> OutsideResults:
     """``iopfl adapt``: adapt, write masks, and write results.json + report.md when labels exist."""
     run = open_run(run_dir)
     cfg = adapt_config(run, overrides)
@@ -240,15 +241,15 @@ def run_adapt(run_dir: Path, target: str, method: str, out: Path, overrides: lis
     cases = target_cases(run, target)
     safeguard: dict[str, dict] = {}
     models = adapt_cases(run, cases, methods, out, cfg, safeguard=safeguard)
-    results = {"method": "outside", "dataset": run.cfg.data.source, "seed": cfg.adapt.seed,
-               "target": Path(target).name, "experts": run.expert_names(), "models": models, "grid": "original",
-               "safeguard": safeguard, "compute": describe(device, "fp32")}
-    RunDir(out).write_json("results.json", results)
-    report = f"# Outside: {results['target']}\n\n"
+    results = OutsideResults(method="outside", dataset=run.cfg.data.source, seed=cfg.adapt.seed,
+                             target=Path(target).name, experts=run.expert_names(), models=models, grid="original",
+                             safeguard=safeguard, compute=describe(device, "fp32"))
+    write_results(RunDir(out).results, results)
+    report = f"# Outside: {results.target}\n\n"
     if models:
-        report += models_table(models) + regions_table(models)
+        report += models_table(results.models) + regions_table(results.models)
     if safeguard:
-        report += "\n" + safeguard_table(safeguard)
+        report += "\n" + safeguard_table(results.safeguard)
     atomic_write_text(out / "report.md", report)
     return results
 
@@ -260,11 +261,11 @@ def run_predict(run_dir: Path, site: str, inputs: list[Path], out: Path, model: 
     run = open_run(run_dir)
     where = resolve_device(device, "--device") if device else resolve_device(run.cfg.runtime.device)
     apply_runtime(run.cfg.runtime, where)
-    if model not in ("personalized", "global"):
-        raise UserError(f"--model: expected personalized or global, got '{model}'")
+    if model not in (PERSONALIZED, GLOBAL):
+        raise UserError(f"--model: expected {PERSONALIZED} or {GLOBAL}, got '{model}'")
     if site not in run.sites:
         raise UserError(f"--site: '{site}' is not an inside site of {run_dir} (sites: {', '.join(run.sites)})")
-    weights = personal_weights(run, site, state_dir) if model == "personalized" else run.global_weights
+    weights = personal_weights(run, site, state_dir) if model == PERSONALIZED else run.global_weights
     net = load_expert(run.build(), weights, 0).to(where)
     written = []
     for path in inputs:
@@ -276,7 +277,7 @@ def run_predict(run_dir: Path, site: str, inputs: list[Path], out: Path, model: 
 
 def personal_weights(run: TrainedRun, site: str, state_dir: Path | None) -> StateDict:
     """``site``'s published personalised model, else the one in its own state folder (on its machine)."""
-    if "personalized" not in STRATEGIES[run.cfg.fl.method].models:
+    if PERSONALIZED not in STRATEGIES[run.cfg.fl.method].models:
         raise UserError(f"{run.path}: method '{run.cfg.fl.method}' has no personalized model; use --model global")
     if site in run.personal:
         return run.personal[site]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -13,6 +13,7 @@ from iopfl.config import Config
 from iopfl.engine.site import Scores, val_dice
 from iopfl.fl import ClientReply
 from iopfl.fl.aggregation import StateDict, clone_state
+from iopfl.results import GLOBAL, PERSONALIZED, EvalLine, LastRound, ModelEntry, RunResults
 from iopfl.seeding import derive_generator, derive_seed
 
 if TYPE_CHECKING:
@@ -65,11 +66,11 @@ def check_weights(weights: StateDict, reference: StateDict, complete: bool = Fal
     return None
 
 
-def metric_lines(round_: int, scores: dict[str, Scores]) -> list[dict]:
+def metric_lines(round_: int, scores: dict[str, Scores]) -> list[EvalLine]:
     """metrics.jsonl lines of one evaluation: one per (model, split, site)."""
     keys = ("dice", "hd95", "assd", "ref_dice", "n")
-    return [{"round": round_, "model": model, "split": split, "site": site,
-             **{k: summary[k] for k in keys if k in summary}}
+    return [EvalLine(round=round_, model=model, split=split, site=site,
+                     **{k: summary[k] for k in keys if k in summary})
             for site, by_model in scores.items() for model, by_split in by_model.items()
             for split, summary in by_split.items()]
 
@@ -78,7 +79,7 @@ def val_dice_by_site(scores: dict[str, Scores]) -> dict[str, float]:
     """Val Dice per site of the personalised model (the global one for strategies without it)."""
     out = {}
     for site, by_model in scores.items():
-        model = "personalized" if "personalized" in by_model else "global"
+        model = PERSONALIZED if PERSONALIZED in by_model else GLOBAL
         value = val_dice(by_model[model])
         out[site] = float("nan") if value is None else value
     return out
@@ -89,40 +90,40 @@ def distance_unit(source: str) -> str:
     return "mm" if source in ("prostate", "synthetic") else "pixels"
 
 
-def model_entry(sites: dict[str, dict]) -> dict[str, Any]:
+def model_entry(sites: dict[str, dict]) -> ModelEntry:
     from iopfl.evaluation.metrics import summarize_sites
 
-    return {"sites": sites, "mean": summarize_sites(list(sites.values()))}
+    return ModelEntry.model_validate({"sites": sites, "mean": summarize_sites(list(sites.values()))})
 
 
-def results_json(run: Federation, published: list[str]) -> dict[str, Any]:
+def results_json(run: Federation, published: list[str]) -> RunResults:
     """results.json (docs/ARCHITECTURE.md, "run directory"): val-selected models under ``models``, the
     last round under ``last_round``, the sites whose personalised models were published."""
     cfg, sites, models = run.cfg, run.roster.sites, run.strategy.models
-    chosen: dict[str, Any] = {}
-    selection: dict[str, Any] = {}
-    if "global" in models:
-        chosen["global"] = model_entry(run.best_global.test)
-        selection["global"] = run.best_global.round
-    if "personalized" in models:
-        chosen["personalized"] = model_entry({s: run.personal_best[s]["test"] for s in sites})
-        selection["personalized"] = {s: run.personal_best[s]["round"] for s in sites}
+    chosen: dict[str, ModelEntry] = {}
+    selection: dict[str, int | dict[str, int]] = {}
+    if GLOBAL in models:
+        chosen[GLOBAL] = model_entry(run.best_global.test)
+        selection[GLOBAL] = run.best_global.round
+    if PERSONALIZED in models:
+        chosen[PERSONALIZED] = model_entry({s: run.personal_best[s]["test"] for s in sites})
+        selection[PERSONALIZED] = {s: run.personal_best[s]["round"] for s in sites}
     scores = run.last_eval["scores"]
     last = {m: model_entry({s: scores[s][m]["test"] for s in sites}) for m in models}
-    return {
-        "method": run.strategy.name,
-        "federated": run.strategy.federated,
-        "engine": run.sites.engine,
-        "dataset": cfg.data.source,
-        "seed": cfg.seed,
-        "rounds": cfg.fl.rounds,
-        "sites": sites,
-        "holdout": cfg.data.holdout,
-        "models": chosen,
-        "last_round": {"round": run.last_eval["round"], "models": last},
-        "selection": selection,
-        "published": published,
-        "experts": {s: f"experts/{s}.safetensors" for s in published},
-        "units": {"dice": "fraction", **dict.fromkeys(("hd95", "assd"), distance_unit(cfg.data.source))},
-        "grid": "original",  # scored at each input's own size and spacing (2D distances: pixels)
-    }
+    return RunResults(
+        method=run.strategy.name,
+        federated=run.strategy.federated,
+        engine=run.sites.engine,
+        dataset=cfg.data.source,
+        seed=cfg.seed,
+        rounds=cfg.fl.rounds,
+        sites=sites,
+        holdout=cfg.data.holdout,
+        models=chosen,
+        last_round=LastRound(round=run.last_eval["round"], models=last),
+        selection=selection,
+        published=published,
+        experts={s: f"experts/{s}.safetensors" for s in published},
+        units={"dice": "fraction", **dict.fromkeys(("hd95", "assd"), distance_unit(cfg.data.source))},
+        grid="original",  # scored at each input's own size and spacing (2D distances: pixels)
+    )

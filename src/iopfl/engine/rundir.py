@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from iopfl.fileio import atomic_write_text
 from iopfl.errors import UserError
+from iopfl.results import METRICS_FILE, RESULTS_FILE, EvalLine, TrainLine, append_metrics, read_metrics, write_metrics
 
 
 class RunDir:
@@ -32,11 +33,11 @@ class RunDir:
 
     @property
     def metrics(self) -> Path:
-        return self.path / "metrics.jsonl"
+        return self.path / METRICS_FILE
 
     @property
     def results(self) -> Path:
-        return self.path / "results.json"
+        return self.path / RESULTS_FILE
 
     @property
     def plots(self) -> Path:
@@ -59,36 +60,12 @@ class RunDir:
     def write_json(self, name: str, obj: Any) -> None:
         atomic_write_text(self.path / name, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
-    def read_json(self, name: str) -> Any:
-        path = self.path / name
-        try:
-            return json.loads(path.read_text())
-        except FileNotFoundError:
-            raise UserError(f"{path}: not found (is {self.path} a run directory?)") from None
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"{path}: unreadable ({type(exc).__name__})") from None
-
-    def append_metrics(self, lines: list[dict]) -> None:
-        with self.metrics.open("a") as fh:
-            fh.writelines(json.dumps(line) + "\n" for line in lines)
-            fh.flush()
-            os.fsync(fh.fileno())
-
-    def read_metrics(self) -> list[dict]:
-        if not self.metrics.exists():
-            return []
-        lines = []
-        for raw in self.metrics.read_text().splitlines():
-            try:
-                lines.append(json.loads(raw))
-            except json.JSONDecodeError:
-                continue  # a line torn by a crash mid-append; its round is re-run on resume
-        return lines
+    def append_metrics(self, lines: Sequence[TrainLine | EvalLine]) -> None:
+        append_metrics(self.metrics, lines)
 
     def trim_metrics(self, last_round: int) -> None:
         """Keep only lines of rounds ≤ ``last_round`` (those the checkpoint already covers)."""
-        kept = [line for line in self.read_metrics() if line.get("round", 0) <= last_round]
-        atomic_write_text(self.metrics, "".join(json.dumps(line) + "\n" for line in kept))
+        write_metrics(self.metrics, [line for line in read_metrics(self.metrics) if line.round <= last_round])
 
 
 class RunLog:

@@ -16,6 +16,7 @@ from iopfl.engine.inprocess import in_process_run
 from iopfl.engine.rundir import RunDir
 from iopfl.report.run_report import write_run_report
 from iopfl.report.tables import models_table
+from iopfl.results import OutsideEntry, read_run_results, write_results
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -93,16 +94,17 @@ def run_demo(out: Path, overrides: list[str], console: Console | None = None) ->
     base = demo_config(overrides)
     target = base.data.holdout or SITE_NAMES[base.data.synthetic.sites - 1]
     holdout_dir = out / f"iopfl-without-{target}"
-    inside = _demo_run(holdout_dir, ["fl.method=iopfl", f"data.holdout={target}", *overrides], console)
+    _demo_run(holdout_dir, ["fl.method=iopfl", f"data.holdout={target}", *overrides], console)
     console.rule(f"[bold]outside: adapting to unseen {target}")
     run = open_run(holdout_dir)
     outside = adapt_cases(run, target_cases(run, target), method_names("all"), holdout_dir / "outside", run.cfg)
-    inside["outside"] = {"target": target, "models": outside}
-    RunDir(holdout_dir).write_json("results.json", inside)
+    inside = read_run_results(RunDir(holdout_dir).results)
+    inside.outside = OutsideEntry.model_validate({"target": target, "models": outside})
+    write_results(RunDir(holdout_dir).results, inside)
     write_run_report(holdout_dir)
     with (out / "report.md").open("a") as fh:
         fh.write(f"\n## Outside: unseen site {target} (experts trained on the other sites)\n\n")
-        fh.write(models_table(outside))
+        fh.write(models_table(inside.outside.models))
     print((out / "report.md").read_text())
     console.print(f"demo written to {out}")
     return {**results, "outside": outside}

@@ -23,6 +23,7 @@ from iopfl.fl import ClientReply, Strategy
 from iopfl.fl.aggregation import StateDict, clone_state
 from iopfl.fl.training import LocalTrainer
 from iopfl.models import build_model
+from iopfl.results import GLOBAL, PERSONALIZED
 from iopfl.runtime import describe, resolve_device, resolve_precision
 from iopfl.seeding import derive_generator
 
@@ -117,7 +118,7 @@ class SiteClient:
         """Score every model the strategy reports; offer the personalised one to val selection."""
         scores = {}
         for model in strategy.models:
-            if model == "global":
+            if model == GLOBAL:
                 scores[model] = self.score(global_weights)
                 continue
             weights = self.personalized(strategy, global_weights, seed, round_)
@@ -127,7 +128,7 @@ class SiteClient:
 
     def selected(self, strategy: Strategy, selected_global: StateDict) -> StateDict:
         """The model this site reports: its val-selected personalised one, else the selected global one."""
-        return self.best.weights if "personalized" in strategy.models else selected_global
+        return self.best.weights if PERSONALIZED in strategy.models else selected_global
 
     def draw_overlay(self, weights: StateDict, out_dir: Path, label: str) -> Path | None:
         """Middle-slice overlay of this site's first test case predicted by ``weights`` (None: no test case).

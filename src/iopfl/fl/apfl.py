@@ -31,6 +31,7 @@ from torch.func import functional_call
 from iopfl.fl.aggregation import StateDict
 from iopfl.fl.base import ClientReply, Strategy, StrategyParams
 from iopfl.fl.training import LocalTrainer
+from iopfl.results import GLOBAL, PERSONALIZED
 
 ALPHA = "apfl.alpha"
 
@@ -63,7 +64,7 @@ class APFLParams(StrategyParams):
 
 class APFL(Strategy):
     name = "apfl"
-    models = ("global", "personalized")
+    models = (GLOBAL, PERSONALIZED)
     Params = APFLParams
 
     def client_round(self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict,

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict
 
 from iopfl.fl.aggregation import StateDict, clone_state, merge_states, weighted_average
 from iopfl.fl.training import LocalTrainer
+from iopfl.results import GLOBAL, PERSONALIZED
 
 
 class StrategyParams(BaseModel):
@@ -61,8 +62,8 @@ class Strategy(ABC):
     federated: ClassVar[bool] = True
     #: True when one client trains on every site's pooled data (centralised training).
     pooled: ClassVar[bool] = False
-    #: Model names this strategy reports ("global", "personalized").
-    models: ClassVar[tuple[str, ...]] = ("global",)
+    #: Model names this strategy reports (GLOBAL, PERSONALIZED).
+    models: ClassVar[tuple[str, ...]] = (GLOBAL,)
     #: The ``fl.`` keys this strategy reads (none by default).
     Params: ClassVar[type[StrategyParams]] = StrategyParams
 
@@ -98,7 +99,7 @@ class PartlyLocal(Strategy):
     ``"personalized"`` is reported.
     """
 
-    models = ("personalized",)
+    models = (PERSONALIZED,)
 
     def kept(self, model: torch.nn.Module) -> Callable[[str], bool]:
         """Which state-dict keys of ``model`` stay at the site."""

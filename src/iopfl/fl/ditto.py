@@ -14,6 +14,7 @@ from iopfl.fl.aggregation import StateDict
 from iopfl.fl.base import ClientReply, Strategy, StrategyParams
 from iopfl.fl.fedprox import proximal_term
 from iopfl.fl.training import LocalTrainer
+from iopfl.results import GLOBAL, PERSONALIZED
 
 
 class DittoParams(StrategyParams):
@@ -22,7 +23,7 @@ class DittoParams(StrategyParams):
 
 class Ditto(Strategy):
     name = "ditto"
-    models = ("global", "personalized")
+    models = (GLOBAL, PERSONALIZED)
     Params = DittoParams
 
     def client_round(self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict,

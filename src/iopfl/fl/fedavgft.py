@@ -13,6 +13,7 @@ from pydantic import Field
 from iopfl.fl.aggregation import StateDict
 from iopfl.fl.base import Strategy, StrategyParams
 from iopfl.fl.training import LocalTrainer
+from iopfl.results import GLOBAL, PERSONALIZED
 
 
 class FedAvgFTParams(StrategyParams):
@@ -21,7 +22,7 @@ class FedAvgFTParams(StrategyParams):
 
 class FedAvgFT(Strategy):
     name = "fedavgft"
-    models = ("global", "personalized")
+    models = (GLOBAL, PERSONALIZED)
     Params = FedAvgFTParams
 
     def personalized_weights(self, trainer: LocalTrainer, global_weights: StateDict,

@@ -20,6 +20,7 @@ from pydantic import Field
 from iopfl.fl.aggregation import StateDict, clone_state, ema
 from iopfl.fl.base import ClientReply, Strategy, StrategyParams
 from iopfl.fl.training import LocalTrainer
+from iopfl.results import GLOBAL, PERSONALIZED
 
 
 class IOPFLParams(StrategyParams):
@@ -28,7 +29,7 @@ class IOPFLParams(StrategyParams):
 
 class IOPFLInside(Strategy):
     name = "iopfl"
-    models = ("global", "personalized")
+    models = (GLOBAL, PERSONALIZED)
     Params = IOPFLParams
 
     def client_round(self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict,

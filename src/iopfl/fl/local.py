@@ -12,12 +12,13 @@ import torch
 from iopfl.fl.aggregation import StateDict
 from iopfl.fl.base import ClientReply, Strategy
 from iopfl.fl.training import LocalTrainer
+from iopfl.results import PERSONALIZED
 
 
 class Local(Strategy):
     name = "local"
     federated = False
-    models = ("personalized",)
+    models = (PERSONALIZED,)
 
     def client_round(self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict,
                      generator: torch.Generator) -> ClientReply:

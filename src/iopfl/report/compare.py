@@ -4,8 +4,6 @@ with mean ± std over seeds when runs differ only by seed; markdown, CSV and a b
 from __future__ import annotations
 
 import csv
-import json
-import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -19,41 +17,30 @@ import numpy as np  # noqa: E402
 from iopfl.errors import UserError  # noqa: E402
 from iopfl.fl import STRATEGIES  # noqa: E402
 from iopfl.report.tables import COLUMNS, markdown_table  # noqa: E402
+from iopfl.results import RESULTS_FILE, ModelEntry, Results, RunResults, read_results  # noqa: E402
 
-SELECTIONS = (("val-selected", ("models",)), ("last round", ("last_round", "models")))
-
-
-def read_results(run: Path) -> dict[str, Any]:
-    path = Path(run) / "results.json"
-    try:
-        results = json.loads(path.read_text())
-        for key in ("method", "dataset", "models"):
-            results[key]  # noqa: B018 — presence check
-    except FileNotFoundError:
-        raise UserError(f"{path}: not found (is {run} a finished run?)") from None
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise UserError(f"{path}: malformed results ({type(exc).__name__}: {exc})") from None
-    return results
+SELECTIONS = ("val-selected", "last round")
 
 
-def _models(results: dict, path: tuple[str, ...]) -> dict:
-    node: Any = results
-    for key in path:
-        node = node.get(key, {}) if isinstance(node, dict) else {}
-    return node
+def selected_models(results: Results, selection: str) -> dict[str, ModelEntry]:
+    """The models of one selection: val-selected, or those of the last round (none when not recorded)."""
+    if selection == "val-selected":
+        return results.models
+    last = results.last_round if isinstance(results, RunResults) else None
+    return last.models if last else {}
 
 
 def collect(runs: list[Path]) -> dict[str, dict[tuple[str, str], dict[str, dict[str, list[float]]]]]:
     """selection → (method, model) → site|"mean" → metric → values over seeds."""
-    table: dict = {label: defaultdict(lambda: defaultdict(lambda: defaultdict(list))) for label, _ in SELECTIONS}
+    table: dict = {label: defaultdict(lambda: defaultdict(lambda: defaultdict(list))) for label in SELECTIONS}
     for run in runs:
-        results = read_results(run)
-        for label, path in SELECTIONS:
-            for model, entry in _models(results, path).items():
-                row = table[label][(results["method"], model)]
-                for site, scores in [*entry["sites"].items(), ("mean", entry["mean"])]:
+        results = read_results(Path(run) / RESULTS_FILE)
+        for label in SELECTIONS:
+            for model, entry in selected_models(results, label).items():
+                row = table[label][(results.method, model)]
+                for site, scores in [*entry.sites.items(), ("mean", entry.mean)]:
                     for key, _, _ in COLUMNS:
-                        row[site][key].append(float(scores.get(key, math.nan)))
+                        row[site][key].append(float(getattr(scores, key)))
     return {label: dict(sorted(rows.items(), key=row_order)) for label, rows in table.items()}
 
 
@@ -77,7 +64,7 @@ def compare_runs(runs: list[Path], out: Path) -> dict:
         raise UserError("iopfl report: give at least one run directory")
     table = collect(runs)
     md, csv_rows = ["# Comparison\n"], []
-    for label, _ in SELECTIONS:
+    for label in SELECTIONS:
         rows = table[label]
         if not rows:
             continue

@@ -13,6 +13,8 @@ import numpy as np  # noqa: E402
 
 from iopfl.fileio import atomic_write_text  # noqa: E402
 from iopfl.report.tables import models_table, regions_table  # noqa: E402
+from iopfl.results import GLOBAL, METRICS_FILE, PERSONALIZED, RESULTS_FILE, EvalLine, TrainLine  # noqa: E402
+from iopfl.results import read_metrics, read_run_results  # noqa: E402
 
 
 def save_overlay(path: Path, image: np.ndarray, gt: np.ndarray | None, pred: np.ndarray, title: str) -> None:
@@ -31,18 +33,18 @@ def save_overlay(path: Path, image: np.ndarray, gt: np.ndarray | None, pred: np.
     plt.close(fig)
 
 
-def plot_val_dice(lines: list[dict], path: Path) -> bool:
+def plot_val_dice(lines: list[TrainLine | EvalLine], path: Path) -> bool:
     """Val Dice per round per site: personalised solid, global dashed. False when nothing to plot."""
-    val = [x for x in lines if x.get("split") == "val" and "dice" in x]
+    val = [x for x in lines if isinstance(x, EvalLine) and x.split == "val"]
     if not val:
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    sites = sorted({x["site"] for x in val})
+    sites = sorted({x.site for x in val})
     colours = plt.get_cmap("tab10")
     for i, site in enumerate(sites):
-        for model, style in (("personalized", "-"), ("global", "--")):
-            pts = sorted((x["round"], x["dice"]) for x in val if x["site"] == site and x["model"] == model)
+        for model, style in ((PERSONALIZED, "-"), (GLOBAL, "--")):
+            pts = sorted((x.round, x.dice) for x in val if x.site == site and x.model == model)
             if pts:
                 r, d = zip(*pts)
                 ax.plot(r, [100 * v for v in d], style, color=colours(i % 10), label=f"{site} {model}")
@@ -57,25 +59,24 @@ def plot_val_dice(lines: list[dict], path: Path) -> bool:
 
 def write_run_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
-    results = json.loads((run_dir / "results.json").read_text())
-    metrics = run_dir / "metrics.jsonl"
-    lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
-    parts = [f"# {results['method']} on {results['dataset']} (seed {results['seed']})\n"]
-    if not results.get("federated", True):
+    results = read_run_results(run_dir / RESULTS_FILE)
+    lines = read_metrics(run_dir / METRICS_FILE)
+    parts = [f"# {results.method} on {results.dataset} (seed {results.seed})\n"]
+    if results.federated is False:
         parts.append("_Not federated learning: a reference point, not a competitor._\n")
-    unit = results.get("units", {}).get("hd95", "mm")
+    unit = results.units.get("hd95", "mm")
     parts.append(f"Distances (HD95, ASSD) in {unit}, on each case's original grid.\n")
     parts.append("## Test, val-selected models\n")
-    parts.append(models_table(results["models"]))
-    if regions_table(results["models"]):
-        parts.append("\n" + regions_table(results["models"]))
-    parts.append(f"\nSelected rounds: `{json.dumps(results.get('selection', {}))}`\n")
-    if "last_round" in results:
-        parts.append(f"\n## Test, last round ({results['last_round']['round']})\n")
-        parts.append(models_table(results["last_round"]["models"]))
-    if "outside" in results:
-        parts.append(f"\n## Outside: unseen site {results['outside']['target']}\n")
-        parts.append(models_table(results["outside"]["models"]))
+    parts.append(models_table(results.models))
+    if regions_table(results.models):
+        parts.append("\n" + regions_table(results.models))
+    parts.append(f"\nSelected rounds: `{json.dumps(results.selection)}`\n")
+    if results.last_round is not None:
+        parts.append(f"\n## Test, last round ({results.last_round.round})\n")
+        parts.append(models_table(results.last_round.models))
+    if results.outside is not None:
+        parts.append(f"\n## Outside: unseen site {results.outside.target}\n")
+        parts.append(models_table(results.outside.models))
     if plot_val_dice(lines, run_dir / "plots" / "val_dice.png"):
         parts.append("\n## Validation Dice per round\n\n![val dice](plots/val_dice.png)\n")
     overlays = sorted((run_dir / "plots" / "overlays").glob("*.png"))

@@ -38,6 +38,7 @@ from iopfl.engine.flower.state import EVALUATE, PUBLISH, TRAIN, SiteStateStore
 from iopfl.engine.site import compute_description, make_client, network_description, training_sites
 from iopfl.errors import UserError
 from iopfl.fl import Strategy, build_strategy
+from iopfl.results import GLOBAL, PERSONALIZED
 from iopfl.runtime import apply_runtime, resolve_device
 
 app = ClientApp()
@@ -155,10 +156,10 @@ def publish(msg: Message, context: Context) -> Message:
     node.restore(PUBLISH)
     client = node.client
     if bool(msg.content["config"]["overlay"]):
-        label = "personalized" if "personalized" in node.strategy.models else "global"
+        label = PERSONALIZED if PERSONALIZED in node.strategy.models else GLOBAL
         client.draw_overlay(client.selected(node.strategy, node.global_weights), node.store.folder / "overlays",
                             label)
-    personal = client.best.weights if node.publishes and "personalized" in node.strategy.models else None
+    personal = client.best.weights if node.publishes and PERSONALIZED in node.strategy.models else None
     return Message(wire.publish_reply(node.site, personal or None), reply_to=msg)
 
 

@@ -42,6 +42,7 @@ from iopfl.engine.rundir import RunDir, RunLog
 from iopfl.errors import UserError
 from iopfl.fl import STRATEGIES, ClientReply
 from iopfl.fl.aggregation import StateDict
+from iopfl.results import PERSONALIZED
 
 app = ServerApp()
 log = logging.getLogger("flwr")  # Flower's logger: shown by `flwr run --stream` and in `flwr log`
@@ -143,7 +144,7 @@ class FlowerSites:
             out[site] = None if isinstance(reply, str) else wire.read_publish_reply(reply.content)
             if isinstance(reply, str):
                 self.log.note(f"site {site} could not be asked to publish: {reply}")
-            elif out[site] is None and "personalized" in STRATEGIES[self.cfg.fl.method].models:
+            elif out[site] is None and PERSONALIZED in STRATEGIES[self.cfg.fl.method].models:
                 self.log.info(f"site {site} did not opt in to publish its personalised model")
         return out
 
