@@ -1,7 +1,8 @@
 """The run directory (docs/ARCHITECTURE.md, "Run directory"): where every output of a run lives, written safely.
 
 ``config.yaml``, ``manifest.json``, ``metrics.jsonl``, ``run.log``, ``results.json``, ``checkpoints/``,
-``experts/`` (published personalised models), ``report.md``, ``plots/``. JSON files are replaced atomically; ``metrics.jsonl`` is append-only and
+``experts/`` (published personalised models), ``report.md``, ``plots/``, ``tensorboard/`` (a mirror of the
+metrics, docs/TRACKING.md). JSON files are replaced atomically; ``metrics.jsonl`` is append-only and
 trimmed back to the checkpointed round on resume, so it never holds lines of a round that is re-run.
 """
 
@@ -20,11 +21,13 @@ from typing import Any
 
 from iopfl.fileio import atomic_write_text
 from iopfl.errors import UserError
+from iopfl.track import TensorBoard, metric_scalars
 
 
 class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.tensorboard: TensorBoard | None = None  # set while a run writes: mirrors every metrics line
 
     @property
     def checkpoint(self) -> Path:
@@ -37,6 +40,10 @@ class RunDir:
     @property
     def results(self) -> Path:
         return self.path / "results.json"
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / "tensorboard"
 
     @property
     def plots(self) -> Path:
@@ -73,6 +80,8 @@ class RunDir:
             fh.writelines(json.dumps(line) + "\n" for line in lines)
             fh.flush()
             os.fsync(fh.fileno())
+        if self.tensorboard is not None:
+            self.tensorboard.scalars(metric_scalars(lines))
 
     def read_metrics(self) -> list[dict]:
         if not self.metrics.exists():
