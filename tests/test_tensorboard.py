@@ -92,7 +92,8 @@ def test_adapt_mirrors_its_trace_and_tracking_can_be_turned_off(resumed_run, tmp
     for term in losses:
         assert seen[f"loss/{term}"] == [(r["batch"], pytest.approx(r[f"loss_{term}"], rel=1e-6)) for r in trace]
     for layer, _ in enumerate(trace[0]["gate_sum"]):
-        assert seen[f"gates/sum/{layer}"] == [(r["batch"], pytest.approx(r["gate_sum"][layer], rel=1e-6)) for r in trace]
+        expected = [(r["batch"], pytest.approx(r["gate_sum"][layer], rel=1e-6)) for r in trace]
+        assert seen[f"gates/sum/{layer}"] == expected
     run_adapt(run, "SiteC", "iopfl", tmp_path / "off", ["track.tensorboard=false"])
     assert (tmp_path / "off" / "iopfl" / "trace.jsonl").exists()
     assert not (tmp_path / "off" / "tensorboard").exists()

@@ -166,10 +166,6 @@ class TensorBoard:
         self._safe("closing", lambda: self.writer.close())
         self.writer = None
 
-    @property
-    def on(self) -> bool:
-        return self.writer is not None
-
 
 def remove_logs(logdir: Path) -> None:
     """Drop a TensorBoard folder whose contents are being replaced (a new run, a re-written trace)."""
