@@ -115,11 +115,19 @@ def test_a_failing_write_is_one_warning_and_stops_tracking(tmp_path, monkeypatch
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(board.writer, "add_scalar", disk_full)
-    board.scalars([("train/loss/A", 0.5, 1)])
-    board.scalars([("train/loss/A", 0.4, 2)])
+    board.scalars([("selection/global", 1, 1)])
+    board.metrics([{"round": 2, "model": "local", "split": "train", "site": "A", "loss": 0.4, "lr": 0.1}])
     board.close()
     assert len(warnings) == 1 and "No space left on device" in warnings[0]
     assert board.writer is None
+
+
+def test_a_metrics_line_the_mirror_cannot_read_is_a_warning(tmp_path):
+    warnings: list[str] = []
+    board = TensorBoard(tmp_path / "tb", warnings.append)
+    board.metrics([{"round": 1, "model": "global", "split": "val"}])  # no site
+    board.close()
+    assert len(warnings) == 1 and "KeyError" in warnings[0]
 
 
 @pytest.mark.slow
@@ -132,4 +140,4 @@ def test_a_failing_tracker_does_not_stop_a_run(tmp_path, monkeypatch):
     results = in_process_run(cfg, tmp_path / "run").run()
     assert results["last_round"]["round"] == 1
     log = (tmp_path / "run" / "run.log").read_text()
-    assert log.count("WARNING TensorBoard: writing scalars") == 1 and "Input/output error" in log
+    assert log.count("WARNING TensorBoard: writing metrics") == 1 and "Input/output error" in log

@@ -119,22 +119,24 @@ class TensorBoard:
         except Exception as exc:  # noqa: BLE001 — tracking must never end a run
             self._give_up(what, exc)
 
-    def scalars(self, values: Iterable[Scalar]) -> None:
+    def metrics(self, lines: list[dict[str, Any]]) -> None:
+        """metrics.jsonl lines, as :func:`metric_scalars` names them."""
+        self._safe("writing metrics to", lambda: self._write(metric_scalars(lines)))
+
+    def trace(self, records: list[dict[str, Any]]) -> None:
+        """An adaptation trace, as :func:`trace_scalars` names it."""
+        self._safe("writing the trace to", lambda: self._write(*trace_scalars(records)))
+
+    def scalars(self, values: list[Scalar]) -> None:
+        self._safe("writing scalars to", lambda: self._write(values))
+
+    def _write(self, scalars: list[Scalar], texts: list[tuple[str, str, int]] = ()) -> None:
         """Write and flush, so the events on disk keep up with metrics.jsonl (a crash loses nothing)."""
-        def write() -> None:
-            for tag, value, step in values:
-                self.writer.add_scalar(tag, value, step)
-            self.writer.flush()
-
-        self._safe("writing scalars to", write)
-
-    def texts(self, values: Iterable[tuple[str, str, int]]) -> None:
-        def write() -> None:
-            for tag, text, step in values:
-                self.writer.add_text(tag, text, step)
-            self.writer.flush()
-
-        self._safe("writing text to", write)
+        for tag, value, step in scalars:
+            self.writer.add_scalar(tag, value, step)
+        for tag, text, step in texts:
+            self.writer.add_text(tag, text, step)
+        self.writer.flush()
 
     def config(self, tree: dict[str, Any], yaml_text: str, metric_tags: list[str]) -> None:
         """The resolved config as text (step 0) and as hparams, with the metrics the hparams view shows."""

@@ -39,7 +39,7 @@ from iopfl.models.routing import load_expert
 from iopfl.report.gates import write_gates
 from iopfl.report.tables import models_table, regions_table, safeguard_table
 from iopfl.runtime import apply_runtime, describe, resolve_device
-from iopfl.track import TensorBoard, remove_logs, trace_scalars
+from iopfl.track import TensorBoard, remove_logs
 
 
 @dataclass
@@ -217,9 +217,7 @@ def mirror_trace(trace: list[dict[str, Any]], logdir: Path) -> None:
     """The trace in TensorBoard (step = batch), replacing what an earlier adaptation logged there."""
     remove_logs(logdir)
     board = TensorBoard(logdir, logging.getLogger(__name__).warning)
-    scalars, texts = trace_scalars(trace)
-    board.scalars(scalars)
-    board.texts(texts)
+    board.trace(trace)
     board.close()
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from iopfl.fileio import atomic_write_text
 from iopfl.errors import UserError
-from iopfl.track import TensorBoard, metric_scalars
+from iopfl.track import TensorBoard
 
 
 class RunDir:
@@ -81,7 +81,7 @@ class RunDir:
             fh.flush()
             os.fsync(fh.fileno())
         if self.tensorboard is not None:
-            self.tensorboard.scalars(metric_scalars(lines))
+            self.tensorboard.metrics(lines)
 
     def read_metrics(self) -> list[dict]:
         if not self.metrics.exists():
