@@ -130,7 +130,7 @@ class TensorBoard:
     def scalars(self, values: list[Scalar]) -> None:
         self._safe("writing scalars to", lambda: self._write(values))
 
-    def _write(self, scalars: list[Scalar], texts: list[tuple[str, str, int]] = ()) -> None:
+    def _write(self, scalars: Iterable[Scalar], texts: Iterable[tuple[str, str, int]] = ()) -> None:
         """Write and flush, so the events on disk keep up with metrics.jsonl (a crash loses nothing)."""
         for tag, value, step in scalars:
             self.writer.add_scalar(tag, value, step)
