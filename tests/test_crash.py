@@ -11,6 +11,7 @@ import time
 import pytest
 import yaml
 
+from _events import assert_events_match_metrics
 from _tiny import tiny_config, tiny_tree
 from iopfl.engine.checkpoint import load_checkpoint
 from iopfl.engine.inprocess import in_process_run
@@ -58,3 +59,4 @@ def test_five_sigkills_then_resume_equals_uninterrupted(tmp_path):
     for key in ("models", "last_round", "selection"):
         assert resumed[key] == expected[key]
     assert not list(run.rglob(".*.tmp"))
+    assert_events_match_metrics(run)  # TensorBoard shows every round once, whatever the kills interrupted

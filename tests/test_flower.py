@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _events import assert_events_match_metrics
 from _tiny import tiny_config, tiny_tree
 
 flwr = pytest.importorskip("flwr")
@@ -523,6 +524,7 @@ def test_a_server_that_dies_mid_round_resumes_exactly(reference, tmp_path, task_
     assert "resumed from" in (tmp_path / "run" / "run.log").read_text()
     assert_same_metrics(results, expected)
     assert_same_metric_lines(tmp_path / "run", root / "inprocess")
+    assert_events_match_metrics(tmp_path / "run")  # the server's TensorBoard: round 2 once
 
 
 def test_stop_after_round_then_resume(reference, tmp_path, task_identity):

@@ -125,6 +125,13 @@ class EvalConfig(_Section):
     overlays: int = Field(3, ge=0, description="prediction overlays drawn in the report")
 
 
+class TrackConfig(_Section):
+    """Experiment tracking: mirrors of what a run writes, never read back by iopfl (docs/TRACKING.md)."""
+
+    tensorboard: bool = Field(True, description="write TensorBoard event files: RUN/tensorboard/ for "
+                              "train, demo and the Flower server; OUT/tensorboard/<method>/ for adapt")
+
+
 class Config(_Section):
     seed: int = Field(0, description="every random stream (batch order, sampling, augmentation) derives from it")
     data: DataConfig = Field(default_factory=lambda: DataConfig(source="synthetic"))
@@ -134,6 +141,7 @@ class Config(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     adapt: AdaptConfig = Field(default_factory=AdaptConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    track: TrackConfig = Field(default_factory=TrackConfig)
 
     def train_settings(self) -> TrainSettings:
         t, device = self.train, resolve_device(self.runtime.device)
@@ -160,8 +168,9 @@ class Config(_Section):
     def digest(self) -> str:
         """Short hash of what determines training (recorded in the manifest, checked on resume): the
         resolved config without its ``adapt`` section, which only test-time adaptation reads — so a
-        finished run can be re-adapted, and an interrupted one resumed, under other adapt settings."""
-        blob = json.dumps(self.model_dump(mode="json", exclude={"adapt"}), sort_keys=True).encode()
+        finished run can be re-adapted, and an interrupted one resumed, under other adapt settings —
+        and without ``track``, which only mirrors what a run writes."""
+        blob = json.dumps(self.model_dump(mode="json", exclude={"adapt", "track"}), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -128,6 +128,7 @@ class TrainLine(Record):
     split: Literal["train"]
     site: str
     loss: float
+    lr: float | None = None  # the round's learning rate (lines written before it was logged have none)
 
 
 class EvalLine(Record):

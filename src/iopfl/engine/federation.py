@@ -32,7 +32,9 @@ from iopfl.errors import UserError
 from iopfl.fileio import atomic_write_text
 from iopfl.fl import ClientReply, build_strategy
 from iopfl.fl.aggregation import StateDict
-from iopfl.results import GLOBAL, LOCAL, TrainLine, write_results
+from iopfl.results import GLOBAL, LOCAL, PERSONALIZED, TrainLine, write_results
+from iopfl.fl.training import TrainSettings, round_lr
+from iopfl.track import TensorBoard, remove_logs
 
 
 @dataclass
@@ -105,6 +107,8 @@ class Federation:
             return self._run(resume)
         finally:
             self.sites.close()
+            if self.dir.tensorboard is not None:
+                self.dir.tensorboard.close()
 
     def _run(self, resume: bool) -> dict[str, Any]:
         checkpoint = self._checkpoint(resume)
@@ -116,6 +120,7 @@ class Federation:
             self._restore(*checkpoint)
         else:
             self._start()
+        self._open_tensorboard(fresh=checkpoint is None)
         total = self.cfg.fl.rounds
         if self.progress:
             self.progress.start(total, self.round + 1, len(sample_clients(self.cfg, self.roster.trainers, 1)))
@@ -145,7 +150,8 @@ class Federation:
                 continue
             good[name] = reply
             loss = float(reply.metrics.get("loss", float("nan")))
-            self.dir.append_metrics([TrainLine(round=round_, model=LOCAL, split="train", site=name, loss=loss)])
+            self.dir.append_metrics([TrainLine(round=round_, model=LOCAL, split="train", site=name, loss=loss,
+                                               lr=self._lr(round_))])
             if self.progress:
                 self.progress.client_done(round_, name, loss)
         if len(good) < self.cfg.fl.min_clients:
@@ -172,6 +178,7 @@ class Federation:
         scores = {s: good[s].scores for s in sites}
         self._select(round_, scores)
         self.dir.append_metrics(metric_lines(round_, scores))
+        self._track_selection(round_)
         if self.progress:
             self.progress.round_done(round_, val_dice_by_site(scores))
 
@@ -209,6 +216,8 @@ class Federation:
         from iopfl.report.run_report import write_run_report  # matplotlib only when a run finishes
 
         write_run_report(self.dir.path)
+        if self.dir.tensorboard is not None:  # the overlays the sites drew (on Flower: those the server has)
+            self.dir.tensorboard.images(sorted((self.dir.plots / "overlays").glob("*.png")), self.round, "overlays")
         self.log.info(f"run complete: {self.dir.results}")
         return results.dump()
 
@@ -223,6 +232,7 @@ class Federation:
             return read_run_checkpoint(self.dir.checkpoint, self.sites.engine, self.cfg.digest())
         self.dir.metrics.unlink(missing_ok=True)  # what a run that died before its first checkpoint left
         (self.dir.path / "run.log").unlink(missing_ok=True)
+        remove_logs(self.dir.tensorboard_dir)
         return None
 
     def _start(self) -> None:
@@ -230,6 +240,35 @@ class Federation:
         self.dir.write_json("manifest.json", {**manifest(self.cfg.seed, self.cfg.digest()),
                                               "engine": self.sites.engine, "run_key": self.run_key,
                                               "devices": self.roster.devices})
+
+    # --- tracking (a mirror: never read back) -----------------------------------------------------
+    def _lr(self, round_: int) -> float:
+        """The learning rate every site trained round ``round_`` with (the schedule of ``train``)."""
+        t = self.cfg.train
+        return round_lr(TrainSettings(lr=t.lr, lr_schedule=t.lr_schedule, lr_min=t.lr_min,
+                                      rounds=self.cfg.fl.rounds), round_)
+
+    def _open_tensorboard(self, fresh: bool) -> None:
+        """Mirror metrics lines into RUN/tensorboard/ from the next round on; a new run also logs its config."""
+        if not self.cfg.track.tensorboard:
+            return
+        board = TensorBoard(self.dir.tensorboard_dir, self.log.note, first_step=0 if fresh else self.round + 1)
+        if fresh:
+            metrics = [f"test/dice/{model}/mean" for model in self.strategy.models]
+            board.config(self.cfg.model_dump(mode="json"), self.cfg.to_yaml(), metrics)
+        self.dir.tensorboard = board
+
+    def _track_selection(self, round_: int) -> None:
+        """The rounds val selection has chosen so far: the global model's, each site's personalised one's."""
+        if self.dir.tensorboard is None:
+            return
+        chosen = []
+        if GLOBAL in self.strategy.models and self.best_global.round:
+            chosen.append(("selection/global", self.best_global.round, round_))
+        if PERSONALIZED in self.strategy.models:
+            chosen += [(f"selection/personalized/{s}", best["round"], round_)
+                       for s, best in self.personal_best.items() if best.get("round")]
+        self.dir.tensorboard.scalars(chosen)
 
     def _save(self) -> None:
         site_tensors, site_state = self.sites.state()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from iopfl.report.gates import write_gates
 from iopfl.report.tables import models_table, regions_table, safeguard_table
 from iopfl.results import GLOBAL, PERSONALIZED, OutsideResults, SafeguardSummary, read_run_results, write_results
 from iopfl.runtime import apply_runtime, describe, resolve_device
+from iopfl.track import TensorBoard, remove_logs
 
 
 @dataclass
@@ -189,6 +191,8 @@ def adapt_cases(run: TrainedRun, cases: list[Case], methods: list[str], out: Pat
                 write_prediction(case, pred, out / name, run.network["num_classes"])
             if method.trace:
                 write_trace(method.trace, out / name / "trace.jsonl")
+                if cfg.track.tensorboard:
+                    mirror_trace(method.trace, out / "tensorboard" / name)
             if isinstance(method, IOPFLRouting):  # what the router did: out/gates.json + gates.png
                 summary = method.gate_summary(run.expert_names())
                 write_gates({**summary, "safeguard": method.fallbacks.summary()} if guarded else summary, out)
@@ -208,6 +212,14 @@ def write_trace(trace: list[dict[str, Any]], path: Path) -> None:
     """One JSON line per batch of the last pass: loss terms and the safeguard's signals."""
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "".join(json.dumps(line) + "\n" for line in trace))
+
+
+def mirror_trace(trace: list[dict[str, Any]], logdir: Path) -> None:
+    """The trace in TensorBoard (step = batch), replacing what an earlier adaptation logged there."""
+    remove_logs(logdir)
+    board = TensorBoard(logdir, logging.getLogger(__name__).warning)
+    board.trace(trace)
+    board.close()
 
 
 def fallback_warning(safeguard: dict[str, SafeguardSummary]) -> str | None:

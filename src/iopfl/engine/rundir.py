@@ -1,7 +1,8 @@
 """The run directory (docs/ARCHITECTURE.md, "Run directory"): where every output of a run lives, written safely.
 
 ``config.yaml``, ``manifest.json``, ``metrics.jsonl``, ``run.log``, ``results.json``, ``checkpoints/``,
-``experts/`` (published personalised models), ``report.md``, ``plots/``. JSON files are replaced atomically; ``metrics.jsonl`` is append-only and
+``experts/`` (published personalised models), ``report.md``, ``plots/``, ``tensorboard/`` (a mirror of the
+metrics, docs/TRACKING.md). JSON files are replaced atomically; ``metrics.jsonl`` is append-only and
 trimmed back to the checkpointed round on resume, so it never holds lines of a round that is re-run.
 """
 
@@ -21,11 +22,13 @@ from typing import Any
 from iopfl.fileio import atomic_write_text
 from iopfl.errors import UserError
 from iopfl.results import METRICS_FILE, RESULTS_FILE, EvalLine, TrainLine, append_metrics, read_metrics, write_metrics
+from iopfl.track import TensorBoard
 
 
 class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.tensorboard: TensorBoard | None = None  # set while a run writes: mirrors every metrics line
 
     @property
     def checkpoint(self) -> Path:
@@ -38,6 +41,10 @@ class RunDir:
     @property
     def results(self) -> Path:
         return self.path / RESULTS_FILE
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / "tensorboard"
 
     @property
     def plots(self) -> Path:
@@ -62,6 +69,8 @@ class RunDir:
 
     def append_metrics(self, lines: Sequence[TrainLine | EvalLine]) -> None:
         append_metrics(self.metrics, lines)
+        if self.tensorboard is not None:
+            self.tensorboard.metrics([line.dump() for line in lines])
 
     def trim_metrics(self, last_round: int) -> None:
         """Keep only lines of rounds ≤ ``last_round`` (those the checkpoint already covers)."""
