@@ -70,6 +70,25 @@ bundle() {  # DEST BASE FOLDER... → DEST/gpu-evidence.tar.gz of BASE/FOLDER...
     echo "gpu_evidence: $* (in $base) bundled into $dest/gpu-evidence.tar.gz"
 }
 
+evidence() {  # [-o K=V]...: gpu_check, then the inside core in the time left, then the bundle
+    local start total=${GPU_EVIDENCE_TOTAL_S:-540} check=${GPU_EVIDENCE_CHECK_S:-300} status=0 left
+    start=$(date +%s)
+    install_wheels || return 2
+    if [ "$check" -gt 0 ]; then
+        echo "== gpu_check.sh (at most $check s)"
+        timeout -k 10 "$check" bash scripts/gpu_check.sh "$PY" || status=1
+    fi
+    left=$((total - ($(date +%s) - start) - 20))  # 20 s for the tables and the bundle
+    echo "== the inside core, $left s"
+    quality "$PACK/polyp-128" "$RESULTS" "${IOPFL_BENCH_WORK:-/tmp/iopfl-bench}/quality-polyp-gpu" "$left" \
+        "$ESTIMATE" 3 3 -o runtime.device=cuda -o "fl.rounds=$ROUNDS" "$@" || status=1
+    if [ -n "${OUT:-}" ]; then
+        bundle "$OUT" . "$RESULTS" $([ -d benchmarks/results/gpu ] && echo benchmarks/results/gpu)
+    fi
+    echo "gpu_evidence: done in $(($(date +%s) - start)) s (status $status)"
+    return $status
+}
+
 case "${1:-}" in
 pack)
     have_source || { echo "gpu_evidence: $SOURCE lacks the polyp site folders (set GPU_EVIDENCE_SOURCE)" >&2; exit 2; }
@@ -80,34 +99,24 @@ pack)
     ;;
 run)
     shift
-    TOTAL=${GPU_EVIDENCE_TOTAL_S:-540} CHECK=${GPU_EVIDENCE_CHECK_S:-300}
-    [ -d "$PACK/polyp-128" ] || { echo "gpu_evidence: no $PACK/polyp-128: run 'scripts/gpu_evidence.sh pack' first" >&2; exit 2; }
+    if [ ! -d "$PACK/polyp-128" ]; then
+        echo "gpu_evidence: no $PACK/polyp-128: run 'scripts/gpu_evidence.sh pack' first" >&2
+        exit 2
+    fi
     LOG=${OUT:-$RESULTS}/gpu-evidence.log
     mkdir -p "$(dirname "$LOG")"
-    exec > >(tee "$LOG") 2>&1
-    install_wheels
-    status=0
-    if [ "$CHECK" -gt 0 ]; then
-        echo "== gpu_check.sh (at most $CHECK s)"
-        timeout -k 10 "$CHECK" scripts/gpu_check.sh "$PY" || status=1
-    fi
-    left=$((TOTAL - SECONDS - 20))  # 20 s for the tables and the bundle
-    echo "== the inside core on the GPU, $left s"
-    quality "$PACK/polyp-128" "$RESULTS" "${IOPFL_BENCH_WORK:-/tmp/iopfl-bench}/quality-polyp-gpu" "$left" \
-        "$ESTIMATE" 3 3 -o runtime.device=cuda -o "fl.rounds=$ROUNDS" "$@" || status=1
-    if [ -n "${OUT:-}" ]; then
-        bundle "$OUT" . "$RESULTS" $([ -d benchmarks/results/gpu ] && echo benchmarks/results/gpu)
-    fi
-    echo "gpu_evidence: done in $SECONDS s (status $status)"
-    exit $status
+    set +e
+    evidence "$@" 2>&1 | tee "$LOG"
+    exit "${PIPESTATUS[0]}"
     ;;
 --smoke)
     DIR=${2:-$(mktemp -d)}
     mkdir -p "$DIR"
     if have_source; then from=(--source "$SOURCE"); else from=(--synthetic); fi
     "$PY" benchmarks/gpu_evidence.py pack "${from[@]}" --dest "$DIR/pack" --size 32 --frames 12
-    quality "$DIR/pack" "$DIR/results/quality-polyp-gpu" "$DIR/work" 120 60 1 1 -o runtime.device=cpu \
-        -o data.image_size=32 -o fl.rounds=2 -o eval.eval_every=2 -o model.width=4 -o eval.overlays=0 -o "data.cache_dir=$DIR/cache"
+    quality "$DIR/pack" "$DIR/results/quality-polyp-gpu" "$DIR/work" 240 60 1 1 -o runtime.device=cpu \
+        -o data.image_size=32 -o fl.rounds=2 -o eval.eval_every=2 -o model.width=4 -o eval.overlays=0 \
+        -o "data.cache_dir=$DIR/cache"
     bundle "$DIR" "$DIR" results
     ;;
 *)
