@@ -183,6 +183,8 @@ def drop_partial_records(out: Path, log: list[dict]) -> None:
 
 def quality(args: argparse.Namespace) -> dict:
     """The budgeted inside core on the pack → records, tables and ``OUT/evidence.json``."""
+    if not (args.pack / "PACK.json").is_file():
+        raise UserError(f"{args.pack / 'PACK.json'}: not found; make the pack with 'scripts/gpu_evidence.sh pack'")
     extra = [f"data.root={args.pack}", *args.override]
     work = args.work or default_work(args.out)
     threads = max(1, (torch.get_num_threads() or 1) // args.jobs)
