@@ -1,4 +1,4 @@
-"""The GPU evidence run's Python half (scripts/gpu_evidence.sh drives it; README, "GPUs").
+"""The GPU evidence run's Python half (scripts/gpu_evidence.sh drives it; docs/GPU.md).
 
 ``pack``: the polyp sites as a compact carry pack — every frame and mask resized to the training grid
 (``data.image_size``, 128 px) with the loader's own resize (bilinear images, nearest masks), frames as
@@ -13,8 +13,8 @@ the device and a wall-clock ``--budget``: a run starts only while its expected t
 runs still going at the budget are stopped (their records are not written; finished ones are kept).
 
     python benchmarks/gpu_evidence.py pack --source ../shared/data --dest .gpu_pack/polyp-128
-    python benchmarks/gpu_evidence.py quality --pack .gpu_pack/polyp-128 --out OUT --budget 300 --jobs 3 \
-        --estimate 150 -o runtime.device=cuda
+    python benchmarks/gpu_evidence.py quality --pack .gpu_pack/polyp-128 --out OUT --budget 210 --jobs 3 \
+        --estimate 90 -o runtime.device=cuda -o fl.rounds=20
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from iopfl.data.images2d import any_channel_foreground, pair_files
 from iopfl.data.io import read_image, read_mask_rgb, resize_images, resize_masks
 from iopfl.errors import UserError
 from iopfl.fileio import atomic_write_text
+from iopfl.fl import STRATEGIES
 from records import default_work, has_record
 
 SUITE = "polyp"
@@ -50,7 +51,8 @@ def polyp_sites() -> list[str]:
 
 
 def resized_frame(image: Path, size: int) -> Image.Image:
-    """The frame on the ``size``² training grid, as the loader resizes it: ``[H, W, 3]`` → ``[size, size, 3]``."""
+    """The frame on the ``size``² training grid with the loader's bilinear resize (before its per-image
+    normalisation, which is linear): ``[H, W, 3]`` → ``[size, size, 3]`` uint8."""
     rgb = read_image(image, "RGB").transpose(2, 0, 1)[None].astype(np.float32)
     small = resize_images(rgb, size)[0].transpose(1, 2, 0)
     return Image.fromarray(np.clip(np.rint(small), 0, 255).astype(np.uint8))
@@ -222,7 +224,7 @@ def run_command() -> None:
     q.add_argument("--pack", type=Path, required=True)
     q.add_argument("--out", type=Path, required=True)
     q.add_argument("--work", type=Path, help="run folders with weights (default: as bench_quality.py)")
-    q.add_argument("--methods", nargs="+", default=["iopfl", "fedbn", "ditto"])
+    q.add_argument("--methods", nargs="+", choices=list(STRATEGIES), default=["iopfl", "fedbn", "ditto"])
     q.add_argument("--seeds", type=int, default=3)
     q.add_argument("--jobs", type=int, default=3, help="runs at a time on the one device")
     q.add_argument("--budget", type=float, required=True, help="seconds; no run is left going past it")

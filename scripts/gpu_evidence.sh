@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU evidence run (README, "GPUs"): scripts/gpu_check.sh, then the inside core of the polyp design
+# The GPU evidence run (docs/GPU.md): scripts/gpu_check.sh, then the inside core of the polyp design
 # (iopfl, fedbn, ditto × seeds 0-2) on one GPU, within one wall-clock budget, as records in
 # benchmarks/bench_quality.py's layout under benchmarks/results/quality-polyp-gpu/.
 #
