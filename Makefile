@@ -10,7 +10,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[flower,test]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[flower,test,export]'
 	touch $(STAMP)
 
 venv: $(STAMP)
