@@ -216,3 +216,13 @@ def test_predict_refuses_run_options_with_a_model_file(exported, tmp_path, monke
     code, err = run_cli(["predict", tmp_path, "--model-file", exported["torchscript", "global"], "--site", "SiteA",
                          "--out", tmp_path / "o"], monkeypatch, capsys)
     assert code == 2 and "--model-file" in err
+
+
+def test_a_missing_onnx_package_names_the_extra(run, tmp_path, monkeypatch):
+    import importlib.util
+
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else find(name, *a))
+    with pytest.raises(UserError, match=r"onnxscript.*\[export\]"):
+        export_run_model(run, "SiteA", "global", "onnx", tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()

@@ -12,6 +12,7 @@ it and onnxruntime come with the ``export`` extra.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import warnings
@@ -96,7 +97,7 @@ def export_run_model(run_dir: Path, site: str, model: str, fmt: str, out: Path,
     if fmt not in FORMATS:
         raise UserError(f"--format: expected {' or '.join(FORMATS)}, got '{fmt}'")
     if fmt == "onnx":
-        require_onnx()
+        require("onnx", "onnxscript")
     check_destination(Path(out))
     run = open_run(run_dir)
     net = load_expert(run.build(), selected_weights(run, site, model, state_dir), 0).eval()
@@ -120,13 +121,12 @@ def check_destination(out: Path) -> None:
         raise UserError(f"{out}: cannot write there, {folder} is a file")
 
 
-def require_onnx() -> None:
-    """ONNX export and inference need the ``export`` extra; say so instead of an ImportError."""
-    try:
-        import onnxruntime  # noqa: F401
-        import onnxscript  # noqa: F401
-    except ImportError as exc:
-        raise UserError(f"ONNX needs the package '{exc.name}': {EXTRA_HINT}") from None
+def require(*modules: str) -> None:
+    """ONNX export (onnx, onnxscript) and inference (onnxruntime) need the ``export`` extra; say so
+    instead of an ImportError."""
+    for name in modules:
+        if importlib.util.find_spec(name) is None:
+            raise UserError(f"ONNX needs the package '{name}': {EXTRA_HINT}")
 
 
 def write_onnx(net: nn.Module, example: torch.Tensor, meta: dict[str, Any], path: Path) -> None:
@@ -206,7 +206,7 @@ def load_exported(path: Path, device: str | None = None) -> tuple[nn.Module, dic
     if device not in (None, "cpu"):
         raise UserError(f"--device {device}: an ONNX model runs on the CPU here (onnxruntime's CPU build); "
                         "export --format torchscript for another device")
-    require_onnx()
+    require("onnxruntime")
     net = OnnxModel(path)
     return net.eval(), parse_metadata(path, net.metadata_map.get(META_KEY))
 
