@@ -111,7 +111,8 @@ def test_metadata_records_preprocessing_and_classes(exported):
     assert (meta["site"], meta["model"], meta["method"], meta["dataset"]) == ("SiteB", "personalized", "iopfl",
                                                                             "synthetic")
     i = meta["input"]
-    assert (i["image_size"], i["channels"], i["stored_channels"], i["context"], i["spatial_multiple"]) == (32, 3, 1, 1, 4)
+    shape = (i["image_size"], i["channels"], i["stored_channels"], i["context"], i["spatial_multiple"])
+    assert shape == (32, 3, 1, 1, 4)
     assert i["preprocessing"]["normalisation"]["clip_percentiles"] == [0.5, 99.5]
     assert "2.5D" in i["preprocessing"]["stacking"]
     assert meta["class_names"] == ["background", "prostate"] and meta["output"]["num_classes"] == 2
@@ -226,3 +227,13 @@ def test_a_missing_onnx_package_names_the_extra(run, tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"onnxscript.*\[export\]"):
         export_run_model(run, "SiteA", "global", "onnx", tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_an_input_of_the_wrong_kind_for_the_model_is_refused(exported, tmp_path):
+    """The volume model (1 channel × 3 slices) given an RGB image: one message naming the file."""
+    from PIL import Image
+
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "photo.png")
+    with pytest.raises(UserError, match=r"photo\.png.*9 input channels.*takes 3"):
+        predict_with_file(exported["torchscript", "global"], [tmp_path / "photo.png"], tmp_path / "o")
+    assert not (tmp_path / "o").exists()

@@ -145,7 +145,8 @@ def predict(paths: Annotated[list[Path], typer.Argument(
                 "--state-dir", help="On a Flower site's own machine: its node config state-dir, for a "
                 "personalised model it did not publish.")] = None,
             device: Annotated[Optional[str], typer.Option(
-                "--device", help="cpu | cuda | cuda:N (default: the run's runtime.device).")] = None,
+                "--device", help="cpu | cuda | cuda:N (default: the run's runtime.device; with --model-file "
+                "the CPU).")] = None,
             model_file: Annotated[Optional[Path], typer.Option(
                 "--model-file", help="A file from `iopfl export` (ONNX or TorchScript) instead of RUN, --site "
                 "and --model.")] = None):

@@ -135,7 +135,7 @@ def write_onnx(net: nn.Module, example: torch.Tensor, meta: dict[str, Any], path
     from torch.export import Dim
 
     step = meta["input"]["spatial_multiple"]
-    shapes = {"x": {0: Dim("batch"), 2: step * Dim("height_blocks"), 3: step * Dim("width_blocks")}}
+    shapes = ({0: Dim("batch"), 2: step * Dim("height_blocks"), 3: step * Dim("width_blocks")},)  # forward's one input
     with quiet_exporter():
         program = torch.onnx.export(net, (example,), dynamo=True, input_names=[INPUT_NAME],
                                     output_names=[OUTPUT_NAME], dynamic_shapes=shapes, verbose=False)
