@@ -13,7 +13,7 @@ export NO_MKDOCS_2_WARNING := 1
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[flower,test,docs]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[flower,test,docs,export]'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -15,7 +15,7 @@ def iopfl(*args, timeout=300):
                           timeout=timeout)
 
 
-@pytest.mark.parametrize("command", ["", "demo", "synth", "train", "adapt", "predict", "report"])
+@pytest.mark.parametrize("command", ["", "demo", "synth", "train", "adapt", "predict", "export", "report"])
 def test_help(command):
     done = iopfl(*([command] if command else []), "--help")
     assert done.returncode == 0 and "Usage" in done.stdout

@@ -134,22 +134,56 @@ def adapt(run: Annotated[Path, typer.Argument(help="A finished training run dire
 
 
 @app.command()
-def predict(run: Annotated[Path, typer.Argument(help="A finished training run directory.")],
-            inputs: Annotated[list[Path], typer.Argument(help="Image files, NIfTI volumes, folders of them, or site folders "
-                                                          "(images/ + masks/); masks come out at each input's size.")],
-            site: Annotated[str, typer.Option("--site", help="Whose personalized model to use.")],
+def predict(paths: Annotated[list[Path], typer.Argument(
+                metavar="[RUN] INPUTS...", help="A finished training run directory (not with --model-file), then "
+                "image files, NIfTI volumes, folders of them, or site folders (images/ + masks/); masks come out "
+                "at each input's size.")],
             out: Annotated[Path, typer.Option("--out", help="Output folder for the masks.")],
-            model: Annotated[str, typer.Option("--model", help=f"{PERSONALIZED} | {GLOBAL}.")] = PERSONALIZED,
+            site: Annotated[Optional[str], typer.Option("--site", help="Whose personalized model to use.")] = None,
+            model: Annotated[Optional[str], typer.Option(
+                "--model", help=f"{PERSONALIZED} | {GLOBAL} (default {PERSONALIZED}).")] = None,
             state_dir: Annotated[Optional[Path], typer.Option(
                 "--state-dir", help="On a Flower site's own machine: its node config state-dir, for a "
                 "personalised model it did not publish.")] = None,
             device: Annotated[Optional[str], typer.Option(
-                "--device", help="cpu | cuda | cuda:N (default: the run's runtime.device).")] = None):
-    """Segment new images or volumes with a site's val-selected model."""
-    from iopfl.engine.outside import run_predict
+                "--device", help="cpu | cuda | cuda:N (default: the run's runtime.device; with --model-file "
+                "the CPU).")] = None,
+            model_file: Annotated[Optional[Path], typer.Option(
+                "--model-file", help="A file from `iopfl export` (ONNX or TorchScript) instead of RUN, --site "
+                "and --model.")] = None):
+    """Segment new images or volumes with a site's val-selected model, or with an exported model file."""
+    if model_file is not None:
+        from iopfl.export import predict_with_file
 
-    written = run_predict(run, site, inputs, out, model, state_dir, device)
+        if site is not None or model is not None or state_dir is not None:
+            raise UserError("--model-file is one exported model: it takes no RUN, --site, --model or --state-dir")
+        written = predict_with_file(model_file, paths, out, device)
+    else:
+        from iopfl.engine.outside import run_predict
+
+        if site is None or len(paths) < 2:
+            raise UserError("predict needs RUN, --site SITE and at least one input (or --model-file FILE and inputs)")
+        written = run_predict(paths[0], site, paths[1:], out, model or PERSONALIZED, state_dir, device)
     console.print(f"wrote {len(written)} masks to {out}")
+
+
+@app.command(name="export")
+def export_model(run: Annotated[Path, typer.Argument(help="A finished training run directory.")],
+                 site: Annotated[str, typer.Option("--site", help="Whose model to export.")],
+                 out: Annotated[Path, typer.Option("--out", help="The file to write.")],
+                 model: Annotated[str, typer.Option("--model", help=f"{PERSONALIZED} | {GLOBAL}.")] = PERSONALIZED,
+                 fmt: Annotated[str, typer.Option("--format", help="onnx | torchscript.")] = "onnx",
+                 state_dir: Annotated[Optional[Path], typer.Option(
+                     "--state-dir", help="On a Flower site's own machine: its node config state-dir, for a "
+                     "personalised model it did not publish.")] = None):
+    """Export a site's val-selected model to ONNX or TorchScript, with its input preprocessing and class
+    names in the file's metadata (docs/EXPORT.md); `iopfl predict --model-file` runs it."""
+    from iopfl.export import export_run_model
+
+    meta = export_run_model(run, site, model, fmt, out, state_dir)
+    console.print(f"wrote {out}: {meta['model']} model of {meta['site']}, input [batch, {meta['input']['channels']}, "
+                  f"height, width] (trained at {meta['input']['image_size']}²), classes "
+                  f"{', '.join(meta['class_names'])}", markup=False, highlight=False)
 
 
 def _print_results(results: dict, run_dir: Path) -> None:

@@ -273,17 +273,32 @@ def run_predict(run_dir: Path, site: str, inputs: list[Path], out: Path, model: 
     run = open_run(run_dir)
     where = resolve_device(device, "--device") if device else resolve_device(run.cfg.runtime.device)
     apply_runtime(run.cfg.runtime, where)
+    net = load_expert(run.build(), selected_weights(run, site, model, state_dir), 0).to(where)
+    return predict_inputs(net, run.network, inputs, out, run.cfg.eval.batch_size)
+
+
+def selected_weights(run: TrainedRun, site: str, model: str, state_dir: Path | None) -> StateDict:
+    """``site``'s val-selected personalised model, or the run's val-selected global one."""
     if model not in (PERSONALIZED, GLOBAL):
         raise UserError(f"--model: expected {PERSONALIZED} or {GLOBAL}, got '{model}'")
     if site not in run.sites:
-        raise UserError(f"--site: '{site}' is not an inside site of {run_dir} (sites: {', '.join(run.sites)})")
-    weights = personal_weights(run, site, state_dir) if model == PERSONALIZED else run.global_weights
-    net = load_expert(run.build(), weights, 0).to(where)
+        raise UserError(f"--site: '{site}' is not an inside site of {run.path} (sites: {', '.join(run.sites)})")
+    return personal_weights(run, site, state_dir) if model == PERSONALIZED else run.global_weights
+
+
+def predict_inputs(net: torch.nn.Module, network: dict[str, Any], inputs: list[Path], out: Path,
+                   batch_size: int) -> list[Path]:
+    """Masks of every file/folder in ``inputs`` written under ``out``, prepared for ``network``
+    (``image_size``, ``context``, ``in_channels``, ``num_classes``): a run's model or an exported one."""
     written = []
     for path in inputs:
-        for case in _input_cases(Path(path), run.network["image_size"]):
-            pred = predict_original(net, case, run.network["context"], run.cfg.eval.batch_size)
-            written.append(write_prediction(case, pred, out, run.network["num_classes"]))
+        for case in _input_cases(Path(path), network["image_size"]):
+            channels = case.image.shape[1] * (2 * network["context"] + 1)
+            if channels != network["in_channels"]:
+                raise UserError(f"{case.source}: gives {channels} input channels, the model takes "
+                                f"{network['in_channels']} (an image for a volume model, or the reverse?)")
+            pred = predict_original(net, case, network["context"], batch_size)
+            written.append(write_prediction(case, pred, out, network["num_classes"]))
     return written
 
 

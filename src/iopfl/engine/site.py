@@ -131,19 +131,25 @@ class SiteClient:
         return self.best.weights if PERSONALIZED in strategy.models else selected_global
 
     def draw_overlay(self, weights: StateDict, out_dir: Path, label: str) -> Path | None:
-        """Middle-slice overlay of this site's first test case predicted by ``weights`` (None: no test case).
-        It is drawn where the site's images are: on a deployment, on the site's own machine."""
-        from iopfl.evaluation.evaluate import predict_case
+        """Middle-slice overlay of this site's first test case predicted by ``weights``, with the case's
+        Dice (None: no test case). It is drawn where the site's images are: on a deployment, on the
+        site's own machine."""
+        from iopfl.data import case_inputs
+        from iopfl.evaluation.evaluate import channel_argmax, labels_on_original_grid, predict_probs, score_case
         from iopfl.report.run_report import save_overlay
 
         if not self.data or not self.data.test:
             return None
         case = self.data.test[0]
-        pred = predict_case(self._model(weights), case, self.spec.context, self.eval_batch)
-        mid = len(case.mask) // 2
+        probs = predict_probs(self._model(weights), case_inputs(case, self.spec.context), self.eval_batch)
+        pred = channel_argmax(probs).numpy()  # the training grid, which the image is drawn on
+        scores = score_case(labels_on_original_grid(probs, case), case, self.spec.regions)["regions"]
+        slices = len(case.mask)
+        mid = slices // 2
+        where = f", slice {mid + 1}/{slices}" if slices > 1 else ""
         path = Path(out_dir) / f"{self.name}_{case.case_id.replace('/', '__')}.png"
         save_overlay(path, case.image[mid].mean(axis=0), case.mask[mid], pred[mid],
-                     f"{self.name} {case.case_id} ({label})")
+                     f"{self.name} · {case.case_id}{where}", label, {r: s["dice"] for r, s in scores.items()})
         return path
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

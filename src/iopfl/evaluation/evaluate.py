@@ -22,9 +22,9 @@ from iopfl.evaluation.metrics import case_metrics, reference_dice, summarize_cas
 @torch.inference_mode()
 def predict_probs(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Softmax probabilities ``[S, K, H, W]`` (on the CPU) for inputs ``[S, C, H, W]``, computed in eval
-    mode on the model's device."""
+    mode on the model's device (the CPU for a model without parameters: an ONNX Runtime session)."""
     model.eval()
-    device = next(model.parameters()).device
+    device = next(model.parameters(), torch.empty(0)).device
     outs = [model(inputs[i : i + batch_size].to(device)).softmax(dim=1).cpu()
             for i in range(0, len(inputs), batch_size)]
     return torch.cat(outs)
