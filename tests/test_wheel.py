@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from iopfl.engine.flower import app_folder
-from iopfl.engine.session import CONFIG_DIR
+from iopfl import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "iopfl"
@@ -38,6 +38,36 @@ def test_one_copy_of_the_configs():
     top = ROOT / "configs"
     assert not top.exists() or top.resolve() == CONFIG_DIR.resolve()
     assert CONFIG_DIR.resolve() == (PACKAGE / "configs").resolve()
+
+
+def iopfl_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "iopfl.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_flower_app_prints_the_packaged_folder_or_copies_it(tmp_path):
+    assert Path(iopfl_cli("flower", "app").stdout.strip()) == app_folder()
+    done = iopfl_cli("flower", "app", tmp_path / "my-app")
+    assert done.returncode == 0 and Path(done.stdout.strip()) == tmp_path / "my-app"
+    copied = {p.name: p.read_bytes() for p in (tmp_path / "my-app").iterdir()}
+    assert copied == {p.name: p.read_bytes() for p in app_folder().iterdir()} and "pyproject.toml" in copied
+    (tmp_path / "my-app" / "pyproject.toml").write_text("edited")
+    again = iopfl_cli("flower", "app", tmp_path / "my-app")
+    assert again.returncode == 2 and "pyproject.toml already exists" in again.stderr
+    assert "Traceback" not in again.stderr and (tmp_path / "my-app" / "pyproject.toml").read_text() == "edited"
+
+
+def test_configs_copy_writes_nothing_when_a_file_exists(tmp_path):
+    assert Path(iopfl_cli("configs").stdout.strip()) == CONFIG_DIR
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "polyp.yaml").write_text("mine")
+    done = iopfl_cli("configs", tmp_path / "c")
+    assert done.returncode == 2 and "polyp.yaml already exists" in done.stderr and "Traceback" not in done.stderr
+    assert [p.name for p in (tmp_path / "c").iterdir()] == ["polyp.yaml"]
+    (tmp_path / "f").write_text("")
+    assert "is a file" in iopfl_cli("configs", tmp_path / "f").stderr
+    assert iopfl_cli("configs", tmp_path / "new").returncode == 0
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == sorted(p.name for p in CONFIG_DIR.iterdir())
 
 
 @pytest.fixture(scope="module")

@@ -124,7 +124,7 @@ def flower_app(dest: CopyTo = None):
 @app.command()
 def configs(dest: CopyTo = None):
     """The YAML configs that ship with iopfl (`configs/`): print their folder, or copy them."""
-    from iopfl.engine.session import CONFIG_DIR
+    from iopfl import CONFIG_DIR
 
     print(_folder_or_copy(CONFIG_DIR, dest))
 

@@ -10,14 +10,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from iopfl import CONFIG_DIR
 from iopfl.config import Config, build_config, read_yaml
 from iopfl.data.synthetic import SITE_NAMES
 from iopfl.engine.inprocess import in_process_run
 from iopfl.engine.rundir import RunDir
 from iopfl.report.run_report import write_run_report
 from iopfl.report.tables import models_table
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 class RichProgress:
