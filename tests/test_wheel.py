@@ -149,6 +149,22 @@ def run_in(venv: Path, work: Path, *args: str, timeout: float = 120) -> subproce
     return done
 
 
+@pytest.fixture(scope="module")
+def demo(venv, tmp_path_factory):
+    """`iopfl demo` in the installed environment, started in the background: it runs while the
+    deployment test's Flower processes mostly wait for each other. Yields (folder, process)."""
+    work = tmp_path_factory.mktemp("demo")
+    synthetic = ["data.synthetic.sites=3", "data.synthetic.cases=3", "data.synthetic.size=32", "data.synthetic.slices=4"]
+    args = [a for o in [*TINY, *synthetic] for a in ("-o", o)]
+    with (work / "demo.log").open("w") as log:
+        proc = subprocess.Popen([str(venv / "bin" / "iopfl"), "demo", "--out", "demo", *args], cwd=work,
+                                env=installed_env(work), stdout=log, stderr=subprocess.STDOUT)
+    yield work, proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.mark.slow
 def test_installed_wheel_is_not_the_checkout(venv, tmp_path):
     where = run_in(venv, tmp_path, "python", "-c", "import iopfl; print(iopfl.__file__)").stdout.strip()
@@ -160,16 +176,6 @@ def test_installed_wheel_is_not_the_checkout(venv, tmp_path):
     assert sorted(p.name for p in configs.glob("*.yaml")) == sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
     run_in(venv, tmp_path, "iopfl", "flower", "app", "my-app")
     assert (tmp_path / "my-app" / "pyproject.toml").read_bytes() == (app / "pyproject.toml").read_bytes()
-
-
-@pytest.mark.slow
-def test_installed_wheel_runs_the_demo(venv, tmp_path):
-    tiny = [a for o in TINY for a in ("-o", o)]
-    synthetic = ["data.synthetic.sites=3", "data.synthetic.cases=3", "data.synthetic.size=32", "data.synthetic.slices=4"]
-    run_in(venv, tmp_path, "iopfl", "demo", "--out", "demo", *tiny, *[a for o in synthetic for a in ("-o", o)])
-    for run in ("fedavg", "iopfl", "iopfl-without-SiteC"):
-        assert json.loads((tmp_path / "demo" / run / "results.json").read_text())["models"]
-    assert "Outside: unseen site SiteC" in (tmp_path / "demo" / "report.md").read_text()
 
 
 # Runs in the installed environment: the wheel's own deploy module (Flower's tools from that
@@ -201,6 +207,7 @@ def stop_leftovers(pids_file: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("demo")  # the demo runs meanwhile
 def test_loopback_deployment_of_the_packaged_app(venv, tmp_path):
     app = Path(run_in(venv, tmp_path, "iopfl", "flower", "app").stdout.strip())
     config = Path(run_in(venv, tmp_path, "iopfl", "configs").stdout.strip()) / "demo.yaml"
@@ -225,3 +232,12 @@ def test_loopback_deployment_of_the_packaged_app(venv, tmp_path):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert set(results["models"]["global"]["sites"]) == set(SITES)
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["engine"] == "flower"
+
+
+@pytest.mark.slow
+def test_installed_wheel_runs_the_demo(demo):
+    work, proc = demo
+    assert proc.wait(timeout=300) == 0, (work / "demo.log").read_text()[-3000:]
+    for run in ("fedavg", "iopfl", "iopfl-without-SiteC"):
+        assert json.loads((work / "demo" / run / "results.json").read_text())["models"]
+    assert "Outside: unseen site SiteC" in (work / "demo" / "report.md").read_text()
