@@ -4,8 +4,8 @@ deployment of the packaged app.
 
 Offline and fast: the wheel is built without build isolation from a copy of the sources (a stale
 ``build/`` folder in the checkout can never leak into it), and the fresh environment borrows the
-dependencies of the running one through a folder of links that leaves iopfl itself out (a ``.pth``
-file names that folder). pip does not write console scripts for borrowed packages, so Flower's
+dependencies of the running one (pip included) through a folder of links that leaves iopfl itself
+out (a ``.pth`` file names that folder). pip does not write console scripts for borrowed packages, so Flower's
 (``flwr``, ``flower-superlink``, ...) are written from its entry points, as pip would.
 ``scripts/wheel_check.sh`` does the same with a real install from the package index.
 """
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from iopfl.engine.flower import app_folder
 from iopfl import CONFIG_DIR
+from iopfl.engine.flower import app_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "iopfl"
@@ -93,7 +93,7 @@ def test_wheel_holds_the_app_configs_and_splits(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = [packaged(p) for p in app_folder().iterdir()] + [packaged(p) for p in CONFIG_DIR.glob("*.yaml")]
     expected.append(packaged(PACKAGE / "data" / "prostate_splits.json"))
-    assert packaged(app_folder() / "pyproject.toml") in expected
+    assert (app_folder() / "pyproject.toml").is_file()
     assert set(expected) <= names, sorted(set(expected) - names)
     assert all(n.startswith(("iopfl/", "iopfl-")) for n in names)  # nothing of tests/, benchmarks/, ...
 
