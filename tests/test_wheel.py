@@ -183,13 +183,17 @@ def test_installed_wheel_is_not_the_checkout(venv, tmp_path):
 DRIVER = """
 import json, signal, sys
 from pathlib import Path
-from iopfl.engine.flower.deploy import APP_DIR, start_local_deployment
+from iopfl.engine.flower.deploy import APP_DIR, Deployment
 
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 home, data, config, run, pids = map(Path, sys.argv[1:6])
 sites, overrides = json.loads(sys.argv[6]), json.loads(sys.argv[7])
-with start_local_deployment(home, sites, data_root=data) as d:
+with Deployment(home) as d:
+    d.start_superlink(timeout=120)
+    for site in sites:
+        d.add_supernode(site, data)
     pids.write_text(json.dumps([p.pid for p in d.procs.values()]))
+    d.wait_for_nodes(len(sites), timeout=180)  # generous: a loaded 2-core machine starts them slowly
     outcome = d.run(config, run, overrides=overrides, nodes=len(sites), timeout=240)
     logs = d.log_text()
 print(json.dumps({"app": str(APP_DIR), "status": outcome.status, "output": outcome.output[-3000:],
