@@ -106,6 +106,48 @@ def report(runs: Annotated[list[Path], typer.Argument(help="Run directories to c
     console.print(f"wrote {out}, {out.with_suffix('.csv')}, {out.with_suffix('.png')}")
 
 
+flower = typer.Typer(help="The Flower app for deployments across machines (README, \"Several machines (Flower)\").",
+                     no_args_is_help=True)
+app.add_typer(flower, name="flower")
+
+CopyTo = Annotated[Optional[Path], typer.Argument(help="Copy the files into this folder (new, or without files of "
+                                                        "the same names); without it, print where they are.")]
+
+
+@flower.command("app")
+def flower_app(dest: CopyTo = None):
+    """The Flower app folder that `flwr run` takes: print its path in the installed package, or copy it."""
+    from iopfl.engine.flower import app_folder
+
+    print(_folder_or_copy(app_folder(), dest))
+
+
+@app.command()
+def configs(dest: CopyTo = None):
+    """The YAML configs that ship with iopfl (`configs/`): print their folder, or copy them."""
+    from iopfl import CONFIG_DIR
+
+    print(_folder_or_copy(CONFIG_DIR, dest))
+
+
+def _folder_or_copy(folder: Path, dest: Path | None) -> Path:
+    """``folder`` itself, or ``dest`` after copying ``folder``'s files into it; an existing file is
+    never overwritten (refused before anything is written)."""
+    if dest is None:
+        return folder
+    if dest.exists() and not dest.is_dir():
+        raise UserError(f"{dest} is a file, not a folder")
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    taken = [dest / p.name for p in files if (dest / p.name).exists()]
+    if taken:
+        raise UserError(f"{taken[0]} already exists; not overwriting it")
+    from iopfl.fileio import atomic_write_bytes
+
+    for path in files:
+        atomic_write_bytes(dest / path.name, path.read_bytes())
+    return dest
+
+
 @app.command()
 def adapt(run: Annotated[Path, typer.Argument(help="A finished training run directory.")],
           target: Annotated[str, typer.Option("--target", help="Held-out site of the run's dataset, a folder of images / NIfTI volumes, "

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from iopfl import CONFIG_DIR
 from iopfl.config import Config, build_config, read_yaml
 from iopfl.data.synthetic import SITE_NAMES
 from iopfl.engine.inprocess import in_process_run
@@ -17,8 +18,6 @@ from iopfl.engine.rundir import RunDir
 from iopfl.report.run_report import write_run_report
 from iopfl.report.tables import models_table
 from iopfl.results import OutsideEntry, read_run_results, write_results
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 class RichProgress:

@@ -9,7 +9,15 @@ this package is the transport:
 - ``wire``: what a message carries; ``state``: a site's own store of its personal state;
 - ``deploy`` and ``env``: start/stop a SuperLink and SuperNodes on this machine and ``flwr run`` the
   app (no ``flwr`` import: they drive Flower's command-line tools);
-- ``app/``: the Flower app folder given to ``flwr run``.
+- ``app/``: the Flower app folder given to ``flwr run`` (package data: ``app_folder()``,
+  ``iopfl flower app``).
 
 See README, "Several machines (Flower)". Importing this package does not import ``flwr``.
 """
+
+from pathlib import Path
+
+
+def app_folder() -> Path:
+    """The Flower app folder inside the installed package (what ``flwr run`` is given)."""
+    return Path(__file__).resolve().parent / "app"

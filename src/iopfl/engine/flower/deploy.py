@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
+from iopfl.engine.flower import app_folder
 from iopfl.engine.flower.env import BIN, CONNECTION, RunOutcome, flower_env, free_port, run_config_arg, \
     strip_ansi, write_flwr_home
 
-APP_DIR = Path(__file__).resolve().parent / "app"
+APP_DIR = app_folder()
 
 
 @dataclass
