@@ -65,6 +65,7 @@ class APFL(Strategy):
     name = "apfl"
     models = ("global", "personalized")
     Params = APFLParams
+    params: APFLParams
 
     def client_round(self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict,
                      generator: torch.Generator) -> ClientReply:

@@ -24,6 +24,7 @@ class Ditto(Strategy):
     name = "ditto"
     models = ("global", "personalized")
     Params = DittoParams
+    params: DittoParams
 
     def client_round(self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict,
                      generator: torch.Generator) -> ClientReply:

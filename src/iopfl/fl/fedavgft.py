@@ -23,6 +23,7 @@ class FedAvgFT(Strategy):
     name = "fedavgft"
     models = ("global", "personalized")
     Params = FedAvgFTParams
+    params: FedAvgFTParams
 
     def personalized_weights(self, trainer: LocalTrainer, global_weights: StateDict,
                              personal: StateDict, generator: torch.Generator) -> StateDict | None:

@@ -30,6 +30,7 @@ class IOPFLInside(Strategy):
     name = "iopfl"
     models = ("global", "personalized")
     Params = IOPFLParams
+    params: IOPFLParams
 
     def client_round(self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict,
                      generator: torch.Generator) -> ClientReply:
