@@ -12,8 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(temp_path)`` and move the result onto ``path`` atomically."""
+def atomic_write(path: Path, write: Callable[[str], object]) -> None:
+    """Call ``write(temp_path)`` (its return value is ignored) and move the result onto ``path`` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

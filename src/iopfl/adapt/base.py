@@ -97,7 +97,6 @@ class TTAMethod:
         params = self.trainable(model)
         steps = self.config.steps_per_batch if params else 0
         optimizer = torch.optim.Adam(params, lr=self.config.lr) if steps else None
-        guarded = bool(steps) and self.config.safeguard
         predictions: list[torch.Tensor] = []
         for pass_ in range(self.config.pass_count if steps else 1):
             # BN-adapt, the reference of the safeguard, the trust region and the trace's signals: fresh
@@ -105,21 +104,14 @@ class TTAMethod:
             reference = BNReference(self) if steps else None
             self.start_pass(model)
             self.trace, self.fallbacks = [], FallbackLog()
-            start = SafeState(model, optimizer) if guarded else None
+            start = SafeState(model, optimizer) if optimizer is not None and self.config.safeguard else None
             start_sums = None
             predictions = []
             for i, batch in enumerate(batches):
                 x = batch.to(self.device)
                 gen = self._generator(pass_, i)
                 ref = reference(x) if reference is not None else None
-                terms: dict[str, torch.Tensor] = {}
-                for _ in range(steps):
-                    model.train()
-                    terms = self.loss_terms(model, x, gen, ref)
-                    loss = sum(terms.values())
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
+                terms = self._steps(model, optimizer, steps, x, gen, ref) if optimizer is not None else {}
                 probs = self.predict(model, x)
                 record: dict[str, Any] = {"pass": pass_, "batch": i, **self.gate_record(model),
                                           **{f"loss_{k}": float(v.detach()) for k, v in terms.items()}}
@@ -135,6 +127,19 @@ class TTAMethod:
                     self.trace.append(record)
                 predictions.append(probs.cpu())
         return predictions
+
+    def _steps(self, model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, x: torch.Tensor,
+               gen: torch.Generator, ref: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """``steps`` Adam steps on the loss of batch ``x [B, C, H, W]``; the last step's loss terms."""
+        terms: dict[str, torch.Tensor] = {}
+        for _ in range(steps):
+            model.train()
+            terms = self.loss_terms(model, x, gen, ref)
+            loss = sum(terms.values(), torch.zeros((), device=x.device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return terms
 
     def _guard(self, model: nn.Module, x: torch.Tensor, probs: torch.Tensor, ref: torch.Tensor,
                signals: BatchSignals, start: SafeState, start_sums: torch.Tensor | None,

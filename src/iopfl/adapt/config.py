@@ -25,13 +25,15 @@ class AdaptConfig(BaseModel):
     lambda_consistency: float = Field(0.1, ge=0.0, description="weight λ_C of the augmentation-consistency term")
     lambda_shape: float = Field(1.0, ge=0.0, description="weight λ_S of the shape (morphological-gradient) term")
     noise_std: float = Field(0.5, ge=0.0, description="consistency noise σ on z-scored intensities")
-    shape_kernel: int | None = Field(None, ge=3, description="morphological-gradient window (None: 21 px at 384 px, scaled)")
+    shape_kernel: int | None = Field(
+        None, ge=3, description="morphological-gradient window (None: 21 px at 384 px, scaled)")
     gate_norm: Literal["softmax", "sigmoid", "sum"] | None = Field(
         None, description="gates from the router's logits: softmax (on the simplex: the routed kernel is a mixture "
                           "of the experts'), sigmoid (the paper: free scale), sum (sigmoid / its sum); None: softmax "
                           "under the online protocol, sigmoid under the published one")
     gate_init: Literal["paper", "global", "uniform"] = Field(
-        "paper", description="routers start at PyTorch's default init (paper), at the global expert, or at the experts' mean")
+        "paper",
+        description="routers start at PyTorch's default init (paper), at the global expert, or at the experts' mean")
     protocol: Literal["online", "published"] = Field(
         "online", description="online: ours; published: the choices of the published test-time script")
     lambda_anchor: float = Field(100.0, ge=0.0, description="weight of the trust region: KL(BN-adapt's prediction ‖ "

@@ -33,9 +33,16 @@ import torch
 from torch import nn
 
 from iopfl.adapt.base import TTAMethod
-from iopfl.adapt.losses import anchor, consistency, entropy, published_entropy, published_shape_term, \
-    shape_kernel, shape_term
-from iopfl.models.routing import norm_affine_parameters, route_experts, routed_layers, routing_parameters
+from iopfl.adapt.losses import (
+    anchor,
+    consistency,
+    entropy,
+    published_entropy,
+    published_shape_term,
+    shape_kernel,
+    shape_term,
+)
+from iopfl.models.routing import last_gates, norm_affine_parameters, route_experts, routed_layers, routing_parameters
 
 
 class IOPFLRouting(TTAMethod):
@@ -84,13 +91,13 @@ class IOPFLRouting(TTAMethod):
     def gate_record(self, model: nn.Module) -> dict[str, list[float]]:
         """Per routed layer, over the last predicted batch: the mean gate sum and the smallest and
         largest gate (the trace's view of whether gates mix or rescale)."""
-        gates = [r.last_gates for _, r in routed_layers(model)]
+        gates = last_gates(model)
         return {"gate_sum": [round(float(g.sum(dim=1).mean()), 4) for g in gates],
                 "gate_min": [round(float(g.min()), 4) for g in gates],
                 "gate_max": [round(float(g.max()), 4) for g in gates]}
 
     def gate_state(self, model: nn.Module) -> tuple[torch.Tensor | None, float | None]:
-        gates = [r.last_gates for _, r in routed_layers(model)]   # each [B, E], of the last forward
+        gates = last_gates(model)   # each [B, E]
         sums = torch.stack([g.sum(dim=1).mean() for g in gates])
         spread = torch.stack([(g.max(dim=1).values - g.min(dim=1).values).mean() for g in gates]).mean()
         return sums, float(spread)
@@ -101,7 +108,7 @@ class IOPFLRouting(TTAMethod):
 
     def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         probs = super().predict(model, x)
-        gates = torch.stack([r.last_gates.sum(dim=0) for _, r in routed_layers(model)])
+        gates = torch.stack([g.sum(dim=0) for g in last_gates(model)])
         self._gate_sums = gates if self._gate_sums is None else self._gate_sums + gates
         self._samples += x.shape[0]
         return probs

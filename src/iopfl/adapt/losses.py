@@ -44,14 +44,14 @@ def draw_transforms(batch: int, generator: torch.Generator) -> tuple[list[bool],
 
 def apply_transforms(x: torch.Tensor, flips: list[bool], turns: list[int]) -> torch.Tensor:
     """T(x) per sample on ``[B, C, H, W]`` (square images): flip, then rotate."""
-    out = [torch.rot90(xi.flip(-1) if f else xi, k, dims=(-2, -1)) for xi, f, k in zip(x, flips, turns)]
+    out = [torch.rot90(xi.flip(-1) if f else xi, k, dims=(-2, -1)) for xi, f, k in zip(x, flips, turns, strict=True)]
     return torch.stack(out)
 
 
 def invert_transforms(y: torch.Tensor, flips: list[bool], turns: list[int]) -> torch.Tensor:
     """T⁻¹(y): rotate back, then un-flip."""
-    out = [torch.rot90(yi, -k, dims=(-2, -1)) for yi, k in zip(y, turns)]
-    return torch.stack([yi.flip(-1) if f else yi for yi, f in zip(out, flips)])
+    out = [torch.rot90(yi, -k, dims=(-2, -1)) for yi, k in zip(y, turns, strict=True)]
+    return torch.stack([yi.flip(-1) if f else yi for yi, f in zip(out, flips, strict=True)])
 
 
 def consistency(model: Model, x: torch.Tensor, probs: torch.Tensor, noise_std: float,

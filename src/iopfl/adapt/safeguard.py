@@ -112,7 +112,7 @@ class SafeState:
 
     @torch.no_grad()
     def restore(self) -> None:
-        for p, saved in zip(self.params, self.tensors):
+        for p, saved in zip(self.params, self.tensors, strict=True):
             p.copy_(saved)
         self.optimizer.load_state_dict(self.moments)
 

@@ -57,7 +57,7 @@ def synthetic_root(cfg: DataConfig) -> Path:
 
 def source_of(name: str) -> Source:
     """The :class:`Source` behind a ``data.source`` name (synthetic data is read as prostate)."""
-    from iopfl.data import fundus, folder, prostate
+    from iopfl.data import folder, fundus, prostate
 
     return {"prostate": prostate.SOURCE, "synthetic": prostate.SOURCE, "fundus": fundus.SOURCE,
             "folder": folder.SOURCE}[name]

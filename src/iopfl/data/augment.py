@@ -134,7 +134,8 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor, settings: AugmentSe
                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``standard`` recipe on a training batch: ``images [B, C, H, W]`` float, ``masks [B, H, W]``
     integer class maps → the same shapes and dtypes, on the input's device."""
-    theta = affine_matrices(len(images), *images.shape[-2:], settings, generator, images.device)
+    height, width = images.shape[-2:]
+    theta = affine_matrices(len(images), height, width, settings, generator, images.device)
     images, masks = warp(images, masks, theta)
     images = intensity(images, settings.intensity, settings.colour, generator)
     return noise_and_blur(images, settings.intensity, generator), masks

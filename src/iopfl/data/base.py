@@ -24,7 +24,8 @@ class PackedMask:
     def pack(cls, mask: np.ndarray) -> PackedMask:
         bits = max(1, int(mask.max(initial=0)).bit_length())
         flat = mask.astype(np.uint8).ravel()
-        return cls(tuple(int(n) for n in mask.shape), np.stack([np.packbits((flat >> b) & 1) for b in range(bits)]))
+        s, h, w = (int(n) for n in mask.shape)
+        return cls((s, h, w), np.stack([np.packbits((flat >> b) & 1) for b in range(bits)]))
 
     def unpack(self) -> np.ndarray:
         """The class map, uint8 ``[S, H, W]``."""
@@ -67,9 +68,15 @@ class Case:
         shape = self.meta.get("shape")
         return (int(shape[0]), int(shape[1])) if shape else tuple(self.image.shape[-2:])
 
-    def truth(self) -> np.ndarray | None:
-        """Labels on the original grid, uint8 ``[S, H0, W0]`` (None when unlabelled)."""
-        return self.original_mask.unpack() if self.original_mask is not None else self.mask
+    def labels(self) -> np.ndarray:
+        """``mask``, uint8 ``[S, H, W]``, of a case that must be labelled (training, scoring)."""
+        if self.mask is None:
+            raise ValueError(f"{self.site}/{self.case_id} is unlabelled")
+        return self.mask
+
+    def truth(self) -> np.ndarray:
+        """Labels on the original grid, uint8 ``[S, H0, W0]``, of a labelled case."""
+        return self.original_mask.unpack() if self.original_mask is not None else self.labels()
 
     def grid_spacing(self) -> tuple[float, float, float]:
         """Voxel size of the original grid: mm for volumes, (1, 1, 1) = pixels for 2D images."""
@@ -142,10 +149,10 @@ class SliceDataset(Dataset):
         lo, hi = s - self.context, s + self.context
         picks = np.clip(np.arange(lo, hi + 1), 0, case.num_slices - 1)
         image = torch.from_numpy(case.image[picks]).flatten(0, 1)
-        return image, torch.from_numpy(case.mask[s].astype(np.int64))
+        return image, torch.from_numpy(case.labels()[s].astype(np.int64))
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All samples stacked once: ``([N, C_in, H, W], [N, H, W])`` for DataLoader-free training."""
         images = torch.cat([case_inputs(c, self.context) for c in self.cases])
-        masks = torch.cat([torch.from_numpy(c.mask.astype(np.int64)) for c in self.cases])
+        masks = torch.cat([torch.from_numpy(c.labels().astype(np.int64)) for c in self.cases])
         return images.contiguous(), masks

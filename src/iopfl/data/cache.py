@@ -70,13 +70,14 @@ def cached_cases(root: Path, key: str, build: Callable[[], list[Case]]) -> list[
         try:
             with np.load(path, allow_pickle=False) as data:
                 return _decode(data)
-        except Exception as exc:  # any damage: rebuild rather than fail
+        except Exception as exc:  # noqa: BLE001 — any damage: rebuild rather than fail
             log.warning("ignoring damaged cache entry %s (%s)", path, type(exc).__name__)
     cases = build()
     try:
         root.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
-        np.savez(buf, **_encode(cases))
+        arrays: dict[str, Any] = _encode(cases)  # np.savez's stub would take a key "allow_pickle" for its flag
+        np.savez(buf, **arrays)
         atomic_write_bytes(path, buf.getvalue())
     except OSError as exc:  # a read-only cache must not stop a run
         log.warning("cannot write cache %s (%s)", path, exc)

@@ -49,7 +49,7 @@ def sequence_groups(site_dir: Path, stems: list[str]) -> dict[str, str] | None:
     return groups
 
 
-def _cases(site: str, pairs: dict, stems: list[str], size: int, prefix: str = "") -> list[Case]:
+def _cases(site: str, pairs: dict[str, tuple[Path, Path]], stems: list[str], size: int, prefix: str = "") -> list[Case]:
     return [image_to_case(site, prefix + s, *pairs[s], size) for s in stems]
 
 

@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from iopfl.data.base import Case, original_labels
-from iopfl.data.io import IMAGE_SUFFIXES, read_image, read_mask_rgb, resize_images, resize_masks, \
-    storage_round, zscore
+from iopfl.data.io import IMAGE_SUFFIXES, read_image, read_mask_rgb, resize_images, resize_masks, storage_round, zscore
 from iopfl.errors import UserError
 
 MaskRule = Callable[[np.ndarray], np.ndarray]  # [H, W, C] uint8 → [H, W] class map
@@ -17,7 +16,7 @@ MaskRule = Callable[[np.ndarray], np.ndarray]  # [H, W, C] uint8 → [H, W] clas
 
 def any_channel_foreground(mask: np.ndarray) -> np.ndarray:
     """Foreground where any channel exceeds 127: white masks, JPEG noise and red/green masks alike."""
-    return (mask > 127).any(axis=-1).astype(np.uint8)
+    return np.asarray((mask > 127).any(axis=-1), dtype=np.uint8)
 
 
 def image_files(folder: Path) -> dict[str, Path]:

@@ -64,6 +64,8 @@ def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
     _check_file(path)
     try:
         img = nib.load(str(path))
+        if not isinstance(img, nib.Nifti1Image):  # NIfTI-2 is a subclass
+            raise UserError(f"{path}: not a NIfTI image ({type(img).__name__})")
         kind = img.get_data_dtype().kind
         if kind not in "biuf":
             raise UserError(f"{path}: unsupported voxel data type {img.get_data_dtype()} (expected integers or floats)")
@@ -72,7 +74,7 @@ def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
         affine = np.asarray(img.affine, dtype=np.float64)
     except UserError:
         raise
-    except Exception as exc:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, ...)
+    except Exception as exc:  # noqa: BLE001 — nibabel raises many types (ImageFileError, EOFError, ...)
         raise UserError(f"{path}: unreadable or truncated NIfTI ({type(exc).__name__})") from None
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]

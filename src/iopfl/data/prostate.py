@@ -15,8 +15,17 @@ import numpy as np
 
 from iopfl.data.base import Case, SiteData, Source, original_labels
 from iopfl.data.config import DataConfig
-from iopfl.data.io import check_finite, check_same_grid, is_nifti, nifti_stem, read_nifti, resize_images, resize_masks, \
-    storage_round, zscore
+from iopfl.data.io import (
+    check_finite,
+    check_same_grid,
+    is_nifti,
+    nifti_stem,
+    read_nifti,
+    resize_images,
+    resize_masks,
+    storage_round,
+    zscore,
+)
 from iopfl.data.splits import Split, check_split, packaged_splits, random_split, read_split_file
 from iopfl.errors import UserError
 
@@ -130,7 +139,7 @@ def load_volume_folder(folder: Path, size: int) -> list[Case]:
     cases = []
     for path in images:
         stem = nifti_stem(path)
-        label = next((p for p in folder.iterdir() if is_nifti(p) and SEGMENTATION.match(nifti_stem(p))
-                      and SEGMENTATION.match(nifti_stem(p))["case"] == stem), None)
+        label = next((p for p in folder.iterdir() if is_nifti(p) and (m := SEGMENTATION.match(nifti_stem(p)))
+                      and m["case"] == stem), None)
         cases.append(volume_to_case(folder.name, stem, path, label, size))
     return cases

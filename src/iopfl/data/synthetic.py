@@ -75,12 +75,12 @@ def site_styles(n: int, seed: int) -> list[SiteStyle]:
 def _smooth_field(rng: np.random.Generator, shape: tuple[int, int, int], grid: int = 4) -> np.ndarray:
     """Low-frequency random field in [-1, 1] of ``shape`` (cubic upsampling of a coarse grid)."""
     coarse = rng.uniform(-1, 1, size=(grid, grid, max(2, grid // 2)))
-    zoom = [s / c for s, c in zip(shape, coarse.shape)]
+    zoom = [s / c for s, c in zip(shape, coarse.shape, strict=True)]
     return ndimage.zoom(coarse, zoom, order=3, mode="nearest")[: shape[0], : shape[1], : shape[2]]
 
 
 def _ellipsoid(grid: tuple[np.ndarray, ...], centre, radii) -> np.ndarray:
-    return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii))
+    return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii, strict=True))
 
 
 def make_case(rng: np.random.Generator, style: SiteStyle, size: int, slices: int) -> tuple[np.ndarray, np.ndarray]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ METRICS = ("dice", "hd95", "assd")
 
 def diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
     """Physical diagonal of a ``[S, H, W]`` case with spacing ``(z, y, x)``; 2D cases drop z."""
-    dims = [(n, s) for n, s in zip(shape, spacing) if n > 1] or [(1, 1.0)]
+    dims = [(n, s) for n, s in zip(shape, spacing, strict=True) if n > 1] or [(1, 1.0)]
     return float(math.sqrt(sum((n * s) ** 2 for n, s in dims)))
 
 
@@ -98,7 +99,7 @@ def reference_dice(pred: np.ndarray, gt: np.ndarray) -> float:
     foreground = any class > 0, and a class empty in both counts as Dice 1. Background counts follow
     from the foreground ones (|P₀| = n − |P|, |P₀ ∩ G₀| = n − |P| − |G| + |P ∩ G|)."""
     scores = []
-    for p, g in zip(pred > 0, gt > 0):
+    for p, g in zip(pred > 0, gt > 0, strict=True):
         n, a, b = p.size, int(np.count_nonzero(p)), int(np.count_nonzero(g))
         both = int(np.count_nonzero(p & g))
         scores.append((_dice_from_counts(n - a, n - b, n - a - b + both) + _dice_from_counts(a, b, both)) / 2)
@@ -118,7 +119,7 @@ def summarize_cases(per_case: list[dict]) -> dict:
     names = list(per_case[0]["regions"])
     regions = {r: {m: float(np.mean([c["regions"][r][m] for c in per_case])) for m in METRICS}
                for r in names}
-    out = {m: float(np.mean([regions[r][m] for r in names])) for m in METRICS}
+    out: dict[str, Any] = {m: float(np.mean([regions[r][m] for r in names])) for m in METRICS}
     out["ref_dice"] = float(np.mean([c["ref_dice"] for c in per_case]))
     out["n"] = n
     out["regions"] = regions
@@ -131,7 +132,7 @@ def summarize_sites(site_summaries: list[dict]) -> dict:
     scored = [s for s in site_summaries if s.get("n", 0) > 0]
     if not scored:
         return {m: math.nan for m in (*METRICS, "ref_dice")}
-    out = {m: float(np.mean([s[m] for s in scored])) for m in (*METRICS, "ref_dice") if m in scored[0]}
+    out: dict[str, Any] = {m: float(np.mean([s[m] for s in scored])) for m in (*METRICS, "ref_dice") if m in scored[0]}
     names = scored[0].get("regions", {})
     out["regions"] = {r: {m: float(np.mean([s["regions"][r][m] for s in scored])) for m in METRICS}
                       for r in names}

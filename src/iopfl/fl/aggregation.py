@@ -37,7 +37,7 @@ def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequ
     out: StateDict = {}
     for key, first in states[0].items():
         acc = torch.zeros_like(first, dtype=torch.float64)
-        for state, w in zip(states, weights):
+        for state, w in zip(states, weights, strict=True):
             acc += state[key].to(torch.float64) * (w / total)
         out[key] = _cast_like(acc, first)
     return out

@@ -66,6 +66,7 @@ class APFL(Strategy):
     name = "apfl"
     models = (GLOBAL, PERSONALIZED)
     Params = APFLParams
+    params: APFLParams
 
     def client_round(self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict,
                      generator: torch.Generator) -> ClientReply:

@@ -8,7 +8,6 @@ two halves and store the personal state on the client side, so personal weights 
 
 from __future__ import annotations
 
-from abc import ABC
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -50,7 +49,7 @@ def split_reply(weights: StateDict, num_samples: int, loss: float, keep: Callabl
     return ClientReply(sent, num_samples, {"loss": loss}, kept)
 
 
-class Strategy(ABC):
+class Strategy:
     """Base class: FedAvg's behaviour (McMahan et al., AISTATS 2017).
 
     Client: θ_k ← local training from θ. Server: θ ← Σ_k n_k θ_k / Σ_k n_k.

@@ -25,6 +25,7 @@ class Ditto(Strategy):
     name = "ditto"
     models = (GLOBAL, PERSONALIZED)
     Params = DittoParams
+    params: DittoParams
 
     def client_round(self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict,
                      generator: torch.Generator) -> ClientReply:

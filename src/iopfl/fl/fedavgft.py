@@ -24,6 +24,7 @@ class FedAvgFT(Strategy):
     name = "fedavgft"
     models = (GLOBAL, PERSONALIZED)
     Params = FedAvgFTParams
+    params: FedAvgFTParams
 
     def personalized_weights(self, trainer: LocalTrainer, global_weights: StateDict,
                              personal: StateDict, generator: torch.Generator) -> StateDict | None:

@@ -19,7 +19,6 @@ from iopfl.fl.base import PartlyLocal
 from iopfl.models.routing import NORM_TYPES
 
 
-
 def norm_state_keys(model: nn.Module) -> set[str]:
     """State-dict keys (parameters and buffers) of every normalisation layer in ``model``."""
     keys = set()

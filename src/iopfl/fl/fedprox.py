@@ -31,7 +31,7 @@ def proximal_term(anchor: StateDict, weight: float):
             if frozen[n].device != p.device:
                 frozen[n] = frozen[n].to(p.device)
             terms.append(((p - frozen[n]) ** 2).sum())
-        return 0.5 * weight * sum(terms)
+        return 0.5 * weight * sum(terms, torch.zeros(()))
 
     return penalty
 
@@ -43,6 +43,7 @@ class FedProxParams(StrategyParams):
 class FedProx(Strategy):
     name = "fedprox"
     Params = FedProxParams
+    params: FedProxParams
 
     def client_round(self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict,
                      generator: torch.Generator) -> ClientReply:

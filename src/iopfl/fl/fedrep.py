@@ -28,8 +28,9 @@ from iopfl.fl.training import LocalTrainer
 def head_prefixes(model: nn.Module) -> tuple[str, ...]:
     """Module prefixes of the local head: the U-Net's last decoder block and output convolution;
     for other networks, their last top-level child that has parameters."""
-    if hasattr(model, "decoders") and hasattr(model, "head"):
-        return (f"decoders.{len(model.decoders) - 1}.", "head.")
+    decoders = getattr(model, "decoders", None)
+    if isinstance(decoders, nn.ModuleList) and hasattr(model, "head"):
+        return (f"decoders.{len(decoders) - 1}.", "head.")
     last = [name for name, child in model.named_children() if any(True for _ in child.parameters())][-1]
     return (f"{last}.",)
 

@@ -31,6 +31,7 @@ class IOPFLInside(Strategy):
     name = "iopfl"
     models = (GLOBAL, PERSONALIZED)
     Params = IOPFLParams
+    params: IOPFLParams
 
     def client_round(self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict,
                      generator: torch.Generator) -> ClientReply:

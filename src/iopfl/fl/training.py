@@ -9,7 +9,7 @@ round is reproducible from (seed, round, client) alone.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -125,7 +125,8 @@ class LocalTrainer:
         self.settings = settings
         self.device = torch.device(settings.device)
         memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
-        self.model = build().to(self.device, memory_format=memory_format)
+        # Module.to takes memory_format (torch's type stub omits it)
+        self.model = build().to(self.device, memory_format=memory_format)  # type: ignore[call-overload]
         self.forward = torch.compile(self.model) if settings.compile else self.model
         self.images_format = memory_format
         self.images, self.masks = resident(images.contiguous(memory_format=memory_format), masks, self.device)
@@ -143,7 +144,7 @@ class LocalTrainer:
     def train(self, weights: StateDict, generator: torch.Generator, epochs: int | None = None,
               penalty: Penalty | None = None, trainable: Callable[[str], bool] | None = None,
               forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
-              extra_params: list[torch.Tensor] = (),
+              extra_params: Sequence[torch.Tensor] = (),
               after_step: Callable[[], None] | None = None) -> TrainResult:
         """Load ``weights``, run the local epochs, return the new weights (a deep copy).
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -44,10 +44,10 @@ class Router(nn.Module):
     def __init__(self, in_channels: int, experts: int, gate_norm: GateNorm = "sigmoid",
                  gate_init: GateInit = "paper"):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_channels, 2 * in_channels), nn.Dropout(0.2),
-                                 nn.Linear(2 * in_channels, experts))
+        last = nn.Linear(2 * in_channels, experts)
+        self.mlp = nn.Sequential(nn.Linear(in_channels, 2 * in_channels), nn.Dropout(0.2), last)
         self.gate_norm = gate_norm
-        init_gates(self.mlp[-1], gate_init, gate_norm)
+        init_gates(last, gate_init, gate_norm)
         self.last_gates: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,13 +93,18 @@ def init_gates(last: nn.Linear, gate_init: GateInit, gate_norm: GateNorm) -> Non
 class _RoutedBase(nn.Module):
     """Holds the stacked expert kernels ``[E, *kernel]`` and biases ``[E, C_out]`` (frozen buffers)."""
 
-    def __init__(self, convs: Sequence[nn.Module], gate_norm: GateNorm, gate_init: GateInit):
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(self, convs: Sequence[nn.Conv2d] | Sequence[nn.ConvTranspose2d], gate_norm: GateNorm,
+                 gate_init: GateInit):
         super().__init__()
         first = convs[0]
         self.register_buffer("weight", torch.stack([c.weight.detach() for c in convs]))
-        bias = None if first.bias is None else torch.stack([c.bias.detach() for c in convs])
+        bias = None if first.bias is None else torch.stack([c.bias.detach() for c in convs if c.bias is not None])
         self.register_buffer("bias", bias)
-        self.stride, self.padding, self.dilation, self.groups = first.stride, first.padding, first.dilation, first.groups
+        self.stride, self.padding = first.stride, first.padding
+        self.dilation, self.groups = first.dilation, first.groups
         self.router = Router(first.in_channels, len(convs), gate_norm, gate_init)
         self.in_channels, self.out_channels = first.in_channels, first.out_channels
 
@@ -143,8 +148,10 @@ class RoutedConvTranspose2d(_RoutedBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
         weight, bias = self.mixed(self.router(x))
+        # a transposed convolution's padding is a tuple (torch types it with Conv2d's "same"/"valid")
+        padding = cast(tuple[int, ...], self.padding)
         out = F.conv_transpose2d(x.reshape(1, -1, h, w), weight.reshape(-1, *weight.shape[2:]),
-                                 None if bias is None else bias.reshape(-1), self.stride, self.padding,
+                                 None if bias is None else bias.reshape(-1), self.stride, padding,
                                  self.output_padding, self.groups * b, self.dilation)
         return out.reshape(b, self.out_channels, *out.shape[2:])
 
@@ -185,10 +192,13 @@ def route_experts(states: Sequence[dict[str, torch.Tensor]], build: Callable[[],
     routed = experts[0]
     for name, module in list(routed.named_modules()):
         if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
-            layers = [e.get_submodule(name) for e in experts]
-            cls = RoutedConvTranspose2d if isinstance(module, nn.ConvTranspose2d) else RoutedConv2d
+            layers = [e.get_submodule(name) for e in experts]  # of module's class in every expert: one build()
+            if isinstance(module, nn.ConvTranspose2d):
+                layer: _RoutedBase = RoutedConvTranspose2d(cast(list[nn.ConvTranspose2d], layers), gate_norm, gate_init)
+            else:
+                layer = RoutedConv2d(cast(list[nn.Conv2d], layers), gate_norm, gate_init)
             parent, _, child = name.rpartition(".")
-            setattr(routed.get_submodule(parent) if parent else routed, child, cls(layers, gate_norm, gate_init))
+            setattr(routed.get_submodule(parent) if parent else routed, child, layer)
     use_batch_statistics(routed, min_batch_stats)
     for p in routed.parameters():
         p.requires_grad_(False)
@@ -200,6 +210,14 @@ def route_experts(states: Sequence[dict[str, torch.Tensor]], build: Callable[[],
 def routed_layers(model: nn.Module) -> list[tuple[str, Router]]:
     """(name of the routed convolution, its router) in module order."""
     return [(name, m.router) for name, m in model.named_modules() if isinstance(m, _RoutedBase)]
+
+
+def last_gates(model: nn.Module) -> list[torch.Tensor]:
+    """Each routed layer's gates ``[B, E]`` of the model's last forward, in module order."""
+    gates = [router.last_gates for _, router in routed_layers(model)]
+    if any(g is None for g in gates):
+        raise RuntimeError("the routed model has not run a forward yet")
+    return [g for g in gates if g is not None]
 
 
 def routers(model: nn.Module) -> list[Router]:

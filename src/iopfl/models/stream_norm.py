@@ -28,15 +28,22 @@ class StreamBatchNorm2d(nn.BatchNorm2d):
     momenta 0.1 and 0.3 follow single slices too closely (5-15 points below batches of 8).
     """
 
+    stream_mean: torch.Tensor  # [C]
+    stream_var: torch.Tensor  # [C]
+    seen: torch.Tensor  # [] images predicted so far
+
     def __init__(self, source: nn.BatchNorm2d, min_batch: int):
+        running_mean, running_var = source.running_mean, source.running_var
+        if running_mean is None or running_var is None:
+            raise ValueError("StreamBatchNorm2d needs a BatchNorm2d that tracks running statistics (the prior)")
         super().__init__(source.num_features, source.eps, affine=source.affine, track_running_stats=False,
-                         device=source.running_mean.device)
+                         device=running_mean.device)
         if source.affine:  # the same Parameter objects: adapting them adapts this layer
             self.weight, self.bias = source.weight, source.bias
         self.min_batch = min_batch
-        self.register_buffer("stream_mean", source.running_mean.detach().clone())
-        self.register_buffer("stream_var", source.running_var.detach().clone())
-        self.register_buffer("seen", torch.zeros((), device=source.running_mean.device))
+        self.register_buffer("stream_mean", running_mean.detach().clone())
+        self.register_buffer("stream_var", running_var.detach().clone())
+        self.register_buffer("seen", torch.zeros((), device=running_mean.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         small = x.shape[0] < self.min_batch

@@ -49,7 +49,7 @@ class UNet(nn.Module):
         self.bottleneck = _block(widths[-2], widths[-1])
         self.upconvs = nn.ModuleList()
         self.decoders = nn.ModuleList()
-        for w_hi, w_lo in zip(reversed(widths[1:]), reversed(widths[:-1])):
+        for w_hi, w_lo in zip(reversed(widths[1:]), reversed(widths[:-1]), strict=True):
             self.upconvs.append(nn.ConvTranspose2d(w_hi, w_lo, 2, stride=2))
             self.decoders.append(_block(2 * w_lo, w_lo))
         self.head = nn.Conv2d(widths[0], num_classes, 1)
@@ -61,7 +61,7 @@ class UNet(nn.Module):
             skips.append(x)
             x = self.pool(x)
         x = self.bottleneck(x)
-        for up, dec, skip in zip(self.upconvs, self.decoders, reversed(skips)):
+        for up, dec, skip in zip(self.upconvs, self.decoders, reversed(skips), strict=True):
             x = dec(torch.cat([up(x), skip], dim=1))
         return self.head(x)
 
