@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from iopfl.config import build_config
-from iopfl.engine.inprocess import in_process_run
+from iopfl.engine.local import in_process_run
 from iopfl.runtime import resolve_device
 
 SETTING = {  # the published model and input size on a small synthetic federation (seconds per round)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _deploy import Deployment, RunOutcome
 from _tiny import tiny_config, tiny_tree
 
 flwr = pytest.importorskip("flwr")
@@ -30,14 +31,14 @@ from flwr.app import Context, Error, Message, MessageType, RecordDict
 from iopfl.engine.checkpoint import load_checkpoint
 from iopfl.engine.flower import client as flower_client
 from iopfl.engine.flower import wire
-from iopfl.engine.flower.deploy import Deployment, RunOutcome
 from iopfl.engine.flower.server import Settings, flower_run
 from iopfl.engine.flower.state import EVALUATE, TRAIN, SiteStateStore
 from iopfl.data import load_dataset
-from iopfl.engine.inprocess import in_process_run
+from iopfl.engine.local import in_process_run
 from iopfl.engine.rounds import initial_weights
 from iopfl.engine.site import make_client
 from iopfl.fl import build_strategy
+from iopfl.runtime import Runtime
 from iopfl.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -330,7 +331,7 @@ def test_a_site_sends_only_shared_weights_count_and_metrics(reference, tmp_path,
     root = reference[0]
     cfg = tiny_config(root / "cache", [*OVERRIDES, f"fl.method={method}"], sites=4)
     spec = load_dataset(cfg.data)
-    site = make_client(cfg, spec, "SiteA", spec.sites["SiteA"], spec.sites["SiteA"].train)
+    site = make_client(cfg, Runtime.resolve(cfg.runtime), spec, "SiteA", spec.sites["SiteA"], spec.sites["SiteA"].train)
     weights = initial_weights(cfg, site.build)
     shared = set(build_strategy(method).client_round(site.trainer, weights, {},
                                                      torch.Generator().manual_seed(0)).weights)

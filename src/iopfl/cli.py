@@ -50,7 +50,7 @@ def train(config: Annotated[Path, typer.Argument(help="YAML config (see configs/
           resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False):
     """Run one federated training run."""
     from iopfl.config import load_config
-    from iopfl.engine.session import train_run
+    from iopfl.commands.train import train_run
 
     cfg = load_config(config, override or [])
     if resume and out is None:
@@ -89,7 +89,7 @@ def inspect(config: Annotated[Path, typer.Argument(help="YAML config whose data 
 def demo(out: Annotated[Path, typer.Option("--out", help="Folder for the demo's runs.")] = Path("runs/demo"),
          override: Overrides = None):
     """Synthetic sites → FedAvg and IOP-FL inside → per-site comparison table."""
-    from iopfl.engine.session import run_demo
+    from iopfl.commands.train import run_demo
 
     run_demo(out, override or [], console=console)
 
@@ -116,7 +116,7 @@ def adapt(run: Annotated[Path, typer.Argument(help="A finished training run dire
 
     Test-time settings are today's defaults plus -o adapt.KEY=VALUE, not the run's own adapt section.
     Adaptive methods (tent, iopfl) run under a label-free safeguard; a warning says when it fell back."""
-    from iopfl.engine.outside import run_adapt
+    from iopfl.commands.adapt import run_adapt
 
     out_dir = out or run / "outside" / Path(target).name
     results = run_adapt(run, target, method, out_dir, override or [])
@@ -124,7 +124,7 @@ def adapt(run: Annotated[Path, typer.Argument(help="A finished training run dire
         from iopfl.report.tables import models_table
 
         print(models_table(results["models"]))
-    from iopfl.engine.outside import fallback_warning
+    from iopfl.commands.adapt import fallback_warning
 
     warning = fallback_warning(results["safeguard"])
     if warning:
@@ -145,14 +145,14 @@ def predict(run: Annotated[Path, typer.Argument(help="A finished training run di
             device: Annotated[Optional[str], typer.Option(
                 "--device", help="cpu | cuda | cuda:N (default: the run's runtime.device).")] = None):
     """Segment new images or volumes with a site's val-selected model."""
-    from iopfl.engine.outside import run_predict
+    from iopfl.commands.predict import run_predict
 
     written = run_predict(run, site, inputs, out, model, state_dir, device)
     console.print(f"wrote {len(written)} masks to {out}")
 
 
 def _print_results(results: dict, run_dir: Path) -> None:
-    from iopfl.engine.session import results_table
+    from iopfl.commands.terminal import results_table
 
     Console().print(results_table(results))
     console.print(f"run directory: {run_dir}")
