@@ -316,6 +316,24 @@ def test_simulation_runtime_matches_in_process(reference, deployments):
 
 # --- what a site sends (unit level: the ClientApp's handlers with a Message and a Context) ------
 
+def test_a_config_error_ends_the_server_app_in_one_line(tmp_path):
+    """A moved config key on a deployment: the run ends as failed with the CLI's one-line message in
+    Flower's run log — no traceback, no "unhandled exception" — and no run directory is written."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_tree(tmp_path / "cache")))
+    with deployment(tmp_path / "home") as d:  # stopped by PID, also when an assertion fails
+        d.start_superlink()
+        outcome = d.run(config, tmp_path / "run", overrides=["train.precision=bf16"], timeout=300)
+        logs = d.log_text()
+    message = "config key 'train.precision': moved: use runtime.precision"
+    assert outcome.status == "finished:failed", outcome.output[-3000:]
+    lines = [line for line in outcome.output.splitlines() if message in line]
+    assert len(lines) == 1 and "[iopfl] error:" in lines[0], outcome.output[-3000:]
+    for text in (outcome.output, logs):
+        assert "Traceback" not in text and "unhandled exception" not in text.lower(), text[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.fixture
 def task_identity(monkeypatch):
     """What a ClientApp process has set when Flower runs it (replies take their metadata from it)."""
