@@ -224,8 +224,10 @@ class Deployment:
 
     # --- runs ----------------------------------------------------------------------------------
     def run(self, config: Path, run_dir: Path, overrides: Iterable[str] = (), nodes: int = 0,
-            supernodes: int | None = None, timeout: float = 900, **run_config: object) -> RunOutcome:
-        """``flwr run`` the iopfl app and wait for it; the outcome carries Flower's final run status.
+            supernodes: int | None = None, timeout: float = 900, app: Path = APP_DIR,
+            **run_config: object) -> RunOutcome:
+        """``flwr run`` the iopfl app (or another app folder, ``app``) and wait for it; the outcome
+        carries Flower's final run status.
 
         ``supernodes``: the simulation's number of virtual SuperNodes (simulation runtime only).
         Extra keyword arguments become run-config keys (``reply_timeout=60`` → ``reply-timeout=60``).
@@ -233,7 +235,7 @@ class Deployment:
         rc = {"config": str(Path(config).resolve()), "run-dir": str(Path(run_dir).resolve()),
               "overrides": ";".join(overrides), "nodes": nodes,
               **{k.replace("_", "-"): v for k, v in run_config.items()}}
-        args = ["run", str(APP_DIR), CONNECTION, "--stream", "--run-config", run_config_arg(rc)]
+        args = ["run", str(app), CONNECTION, "--stream", "--run-config", run_config_arg(rc)]
         if supernodes is not None:
             args += ["--federation-config", f"num-supernodes={supernodes}"]
         done = self.flwr(*args, timeout=timeout)

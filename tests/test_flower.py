@@ -22,6 +22,7 @@ import pytest
 import torch
 import yaml
 from _deploy import Deployment, RunOutcome
+from _faulty_client import fail_if_asked, faulty_app
 from _tiny import tiny_config, tiny_tree
 
 flwr = pytest.importorskip("flwr")
@@ -31,6 +32,7 @@ from flwr.app import Context, Error, Message, MessageType, RecordDict
 from iopfl.engine.checkpoint import load_checkpoint
 from iopfl.engine.flower import client as flower_client
 from iopfl.engine.flower import wire
+from iopfl.engine.federation import Federation
 from iopfl.engine.flower.server import Settings, flower_run
 from iopfl.engine.flower.state import EVALUATE, TRAIN, SiteStateStore
 from iopfl.data import load_dataset
@@ -108,13 +110,14 @@ def plain_job(root: Path, config: Path) -> Job:
 
 
 def failing_job(root: Path, config: Path) -> Job:
-    """SiteB's SuperNode has the TESTING ONLY node-config hook ``fail-at-round=2``."""
+    """The tests' ClientApp (``_faulty_client``): SiteB's SuperNode says ``fail-at-round=2``."""
+    app = faulty_app(root / "faulty-app")
     with deployment(root / "home-fail") as d:
         d.start_superlink()
         for site in SITES:
             d.add_supernode(site, **({"fail-at-round": 2} if site == "SiteB" else {}))
         d.wait_for_nodes(len(SITES))
-        job = Job(deploy_run(d, config, root / "run-fail"))
+        job = Job(d.run(config, root / "run-fail", overrides=OVERRIDES, nodes=len(SITES), timeout=300, app=app))
         job.logs = d.log_text()
     return job
 
@@ -314,8 +317,6 @@ def test_simulation_runtime_matches_in_process(reference, deployments):
     assert_same_metrics(json.loads((root / "run-sim" / "results.json").read_text()), expected)
 
 
-# --- what a site sends (unit level: the ClientApp's handlers with a Message and a Context) ------
-
 def test_a_config_error_ends_the_server_app_in_one_line(tmp_path):
     """A moved config key on a deployment: the run ends as failed with the CLI's one-line message in
     Flower's run log — no traceback, no "unhandled exception" — and no run directory is written."""
@@ -333,6 +334,8 @@ def test_a_config_error_ends_the_server_app_in_one_line(tmp_path):
         assert "Traceback" not in text and "unhandled exception" not in text.lower(), text[-3000:]
     assert not (tmp_path / "run").exists()
 
+
+# --- what a site sends (unit level: the ClientApp's handlers with a Message and a Context) ------
 
 @pytest.fixture
 def task_identity(monkeypatch):
@@ -431,7 +434,8 @@ class LocalGrid:
     """A stand-in for Flower's Grid: messages go straight to the ClientApp's handlers, in-process.
 
     ``offline``: nodes that have left; ``silent``: nodes that never answer; ``crash``: (kind, round)
-    at which pushing raises, as a server dying at that point would.
+    at which pushing raises, as a server dying at that point would; a node config ``fail-at-round=N``
+    makes that node's ClientApp raise in round N's training (as ``_faulty_client`` does on a deployment).
     """
 
     def __init__(self, node_configs: dict[int, dict], crash: tuple[str, int] | None = None):
@@ -468,6 +472,8 @@ class LocalGrid:
                 ids.append(msg.metadata.message_id)
                 continue
             try:
+                if msg.metadata.message_type == MessageType.TRAIN:
+                    fail_if_asked(self.contexts[node], round_)
                 reply = flower_client.handle(msg, self.contexts[node])
             except Exception as exc:  # noqa: BLE001 — what flwr-clientapp does with any exception
                 reply = Message(Error(code=0, reason=f"{type(exc)}:<'{exc}'>"), reply_to=msg)
@@ -544,10 +550,20 @@ def test_a_server_that_dies_mid_round_resumes_exactly(reference, tmp_path, task_
     assert_same_metric_lines(tmp_path / "run", root / "inprocess")
 
 
-def test_stop_after_round_then_resume(reference, tmp_path, task_identity):
+def test_stop_after_round_then_resume(reference, tmp_path, task_identity, monkeypatch):
+    """The server stops, as a crash would, right after checkpointing round 1; run again, it resumes."""
     root, config, expected = reference
-    with pytest.raises(RuntimeError, match="stop-after-round=1"):
-        grid_run(root, config, tmp_path / "run", local_grid(root, tmp_path), stop_after_round=1)
+    save = Federation._save
+
+    def save_then_stop(self):
+        save(self)
+        if self.round == 1:
+            raise RuntimeError("stopped after checkpointing round 1")
+
+    monkeypatch.setattr(Federation, "_save", save_then_stop)
+    with pytest.raises(RuntimeError, match="after checkpointing round 1"):
+        grid_run(root, config, tmp_path / "run", local_grid(root, tmp_path))
+    monkeypatch.setattr(Federation, "_save", save)
     assert_same_metrics(grid_run(root, config, tmp_path / "run", local_grid(root, tmp_path)), expected)
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +38,9 @@ class Federation:
     published experts, results, report)."""
 
     def __init__(self, cfg: Config, run_dir: Path, sites: Sites, progress: Progress | None = None,
-                 runlog: RunLog | None = None, on_checkpoint: Callable[[int], None] | None = None):
+                 runlog: RunLog | None = None):
         self.cfg, self.dir, self.sites, self.progress = cfg, RunDir(run_dir), sites, progress
         self.log = runlog or RunLog(self.dir, logging.getLogger(__name__))
-        self.on_checkpoint = on_checkpoint
         self.strategy = sites.strategy  # one per run: the transport's
         self.round = 0
         self.global_weights: StateDict = {}
@@ -84,8 +82,6 @@ class Federation:
             # where the time goes, for choosing eval.eval_every, workers, devices
             self.log.info(f"round {round_}: trained in {trained - started:.1f} s, evaluated and "
                           f"checkpointed in {time.perf_counter() - trained:.1f} s")
-            if self.on_checkpoint:
-                self.on_checkpoint(round_)
         return self._finish()
 
     def _train_round(self, round_: int) -> None:

@@ -14,7 +14,6 @@ Node config (``flower-supernode --node-config "site='BIDMC' data-root='/data/SAM
   there too (``<state-dir>/<run-key>-<site>/overlays``): the site's images never leave its machine.
 - ``publish-personal``: ``'true'`` to send the site's val-selected personalised model to the
   coordinator at the end of training (outside personalization needs it); default ``'false'``.
-- ``fail-at-round``: TESTING ONLY — the node raises in that round's training (the failure test).
 
 Each message runs in a fresh ``flwr-clientapp`` process: the site's data comes from iopfl's on-disk
 cache (and a per-process cache where the runtime keeps processes, as the simulation does), the
@@ -109,12 +108,6 @@ def _opted_in(node_config: dict) -> bool:
     return value == "true"
 
 
-def _fail_if_asked(context: Context, round_: int) -> None:
-    """TESTING ONLY: ``fail-at-round=N`` in the node config makes this node raise in round N's training."""
-    if int(context.node_config.get("fail-at-round", -1)) == round_:
-        raise RuntimeError(f"injected failure at round {round_} (node config fail-at-round)")
-
-
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Which site this node serves, its sample count, and the network the data needs."""
@@ -129,7 +122,6 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """The strategy's client half from the sent global weights; personal state stays in the store."""
     node = SiteNode(msg, context)
-    _fail_if_asked(context, node.round)
     node.restore(TRAIN)
     reply = node.client.fit(node.strategy, node.global_weights, node.cfg.seed, node.round)
     node.save(TRAIN)

@@ -11,8 +11,6 @@ written once, in ``app/pyproject.toml``):
   ``fl.min_clients``); ``join-timeout``: how long to wait for them (s, default 300).
 - ``reply-timeout``: how long a round waits for its replies (s, default 600); a site silent for
   that long is left out of the round. ``poll-interval``: seconds between reply polls (default 0.25).
-- ``stop-after-round``: TESTING ONLY — the ServerApp stops (raises) right after checkpointing that
-  round, as a crash would; running again with the same run-dir resumes.
 
 Messages: ``query`` (which site a node serves), ``train``, ``evaluate`` and, at the end,
 ``query.publish``: a site answers it with its val-selected personalised model only when its node
@@ -66,7 +64,6 @@ class Settings:
     join_timeout: float = float(DEFAULTS["join-timeout"])
     reply_timeout: float = float(DEFAULTS["reply-timeout"])
     poll_interval: float = float(DEFAULTS["poll-interval"])
-    stop_after_round: int = int(DEFAULTS["stop-after-round"])
 
     @classmethod
     def from_run_config(cls, given: dict[str, Any]) -> Settings:
@@ -77,8 +74,7 @@ class Settings:
         return cls(Path(str(rc["config"])).expanduser(), Path(str(rc["run-dir"])).expanduser(),
                    [x.strip() for x in raw.split(";") if x.strip()],
                    nodes=int(rc["nodes"]), join_timeout=float(rc["join-timeout"]),
-                   reply_timeout=float(rc["reply-timeout"]), poll_interval=float(rc["poll-interval"]),
-                   stop_after_round=int(rc["stop-after-round"]))
+                   reply_timeout=float(rc["reply-timeout"]), poll_interval=float(rc["poll-interval"]))
 
 
 class FlowerSites:
@@ -171,14 +167,7 @@ def flower_run(cfg: Config, settings: Settings, grid: Grid) -> Federation:
         raise UserError(f"fl.method={cfg.fl.method} pools every site's data in one place: not a "
                         "federated method, so it has no Flower deployment (use `iopfl train`)")
     runlog = RunLog(RunDir(settings.run_dir), log)
-    stop = settings.stop_after_round
-
-    def stop_as_a_crash_would(round_: int) -> None:
-        if round_ == stop:
-            raise RuntimeError(f"stop-after-round={round_}: stopping as a crash would (testing)")
-
-    return Federation(cfg, settings.run_dir, FlowerSites(cfg, settings, grid, runlog), runlog=runlog,
-                      on_checkpoint=stop_as_a_crash_would if stop else None)
+    return Federation(cfg, settings.run_dir, FlowerSites(cfg, settings, grid, runlog), runlog=runlog)
 
 
 @app.main()
