@@ -50,7 +50,8 @@ def measure(out: Path, sites: list[str], rounds: int) -> dict:
         run, row = open_run(run_dir), {}
         cases = target_cases(run, site)
         run_cfg = load_config(run_dir / "config.yaml")
-        row["global"] = adapt_cases(run, cases, ["global"], None, run_cfg, adapt_runtime(run_cfg))["global"]["mean"]["dice"]
+        models = adapt_cases(run, cases, ["global"], None, run_cfg, adapt_runtime(run_cfg))
+        row["global"] = models["global"]["mean"]["dice"]
         for name, (batch, overrides) in SETTINGS.items():
             cfg = load_config(run_dir / "config.yaml", [f"adapt.batch_size={batch}", *overrides])
             t0 = time.perf_counter()

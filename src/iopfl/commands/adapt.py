@@ -117,8 +117,8 @@ def adapt_cases(run: TrainedRun, cases: list[Case], methods: list[str], out: Pat
                 safeguard: dict[str, dict] | None = None,
                 subsets: dict[str, set[str]] | None = None,
                 traces: dict[str, list[dict]] | None = None) -> dict[str, Any]:
-    """Each method online over the same batches, on ``runtime``'s device; masks and the per-batch trace under ``out/<method>``;
-    metrics with labels, on the cases whose ids are in ``scored`` (default: every case; adaptation
+    """Each method online over the same batches, on ``runtime``'s device; masks and the per-batch
+    trace under ``out/<method>``; metrics with labels, on the cases whose ids are in ``scored`` (default: every case; adaptation
     always sees them all), and under ``"subsets"`` on each of ``subsets``' case sets (benchmarks: the
     cases a setting is chosen on, apart from those it is reported on). ``safeguard`` receives each
     adaptive method's fallback summary, ``traces`` its per-batch trace."""
