@@ -279,9 +279,13 @@ def test_2d_images_are_packed_into_batches_volumes_are_not():
 
 
 def test_adapt_applies_the_runtime_section(holdout_run, tmp_path):
+    """`iopfl adapt` resolves and applies its runtime once: one thread computes, in fp32 (adaptation has
+    no mixed precision, whatever runtime.precision says), as its results record."""
     cfg, root = holdout_run
     done = subprocess.run([sys.executable, "-m", "iopfl.cli", "adapt", str(root / "run"), "--target", "SiteC",
-                           "--method", "bn", "--out", str(tmp_path / "o"), "-o", "runtime.threads=1"],
+                           "--method", "bn", "--out", str(tmp_path / "o"), "-o", "runtime.threads=1",
+                           "-o", "runtime.precision=bf16"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert json.loads((tmp_path / "o" / "results.json").read_text())["compute"]["threads"] == 1
+    compute = json.loads((tmp_path / "o" / "results.json").read_text())["compute"]
+    assert compute["threads"] == 1 and compute["precision"] == "fp32" and compute["device"] == "cpu"
