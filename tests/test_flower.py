@@ -337,6 +337,15 @@ def test_a_config_error_ends_the_server_app_in_one_line(tmp_path):
 
 # --- what a site sends (unit level: the ClientApp's handlers with a Message and a Context) ------
 
+HANDLERS = {"query": flower_client.query, "query.publish": flower_client.publish, "train": flower_client.train,
+            "evaluate": flower_client.evaluate}
+
+
+def handle(msg: Message, context: Context) -> Message:
+    """One message to the ClientApp's handler for it, as the ClientApp dispatches it."""
+    return HANDLERS[msg.metadata.message_type](msg, context)
+
+
 @pytest.fixture
 def task_identity(monkeypatch):
     """What a ClientApp process has set when Flower runs it (replies take their metadata from it)."""
@@ -363,7 +372,7 @@ def test_a_site_sends_only_shared_weights_count_and_metrics(reference, tmp_path,
     for round_ in (1, 2):
         msg = Message(wire.instruction(config_json, round_, "run-key", weights), dst_node_id=1,
                       message_type=MessageType.TRAIN)
-        reply = flower_client.handle(msg, context)
+        reply = handle(msg, context)
         assert set(reply.content.keys()) == {"arrays", "metrics", "info"}
         assert set(reply.content["arrays"].keys()) == {"index", "data"}
         names = wire.record_weight_names(reply.content["arrays"])
@@ -388,7 +397,7 @@ def test_a_site_sends_only_shared_weights_count_and_metrics(reference, tmp_path,
 
     evaluate = Message(wire.instruction(config_json, 2, "run-key", weights), dst_node_id=1,
                        message_type=MessageType.EVALUATE)
-    reply = flower_client.handle(evaluate, context)
+    reply = handle(evaluate, context)
     assert set(reply.content.keys()) == {"info"}
     info = wire.read_info(reply.content)
     assert set(info) == {"site", "scores", "best"}
@@ -474,7 +483,7 @@ class LocalGrid:
             try:
                 if msg.metadata.message_type == MessageType.TRAIN:
                     fail_if_asked(self.contexts[node], round_)
-                reply = flower_client.handle(msg, self.contexts[node])
+                reply = handle(msg, self.contexts[node])
             except Exception as exc:  # noqa: BLE001 — what flwr-clientapp does with any exception
                 reply = Message(Error(code=0, reason=f"{type(exc)}:<'{exc}'>"), reply_to=msg)
             self.outbox[msg.metadata.message_id] = reply

@@ -151,12 +151,3 @@ def publish(msg: Message, context: Context) -> Message:
                             label)
     personal = client.best.weights if node.publishes and "personalized" in node.strategy.models else None
     return Message(wire.publish_reply(node.site, personal or None), reply_to=msg)
-
-
-HANDLERS = {"query": query, "query.publish": publish, "train": train, "evaluate": evaluate}
-
-
-def handle(msg: Message, context: Context) -> Message:
-    """Dispatch one message as the ClientApp would (used by tests that inspect replies)."""
-    return HANDLERS[msg.metadata.message_type](msg, context)
-
