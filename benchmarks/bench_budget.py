@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 from iopfl.config import build_config, read_yaml
-from iopfl.engine.inprocess import in_process_run
+from iopfl.engine.local import in_process_run
 from iopfl.engine.rundir import RunDir
-from iopfl.engine.session import CONFIG_DIR
+from iopfl.config import CONFIG_DIR
 from iopfl.report.tables import markdown_table
 from iopfl.results import GLOBAL, read_run_results
 

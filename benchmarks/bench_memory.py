@@ -19,8 +19,8 @@ from pathlib import Path
 import psutil
 
 from iopfl.config import build_config, read_yaml
-from iopfl.engine.inprocess import in_process_run
-from iopfl.engine.session import CONFIG_DIR
+from iopfl.engine.local import in_process_run
+from iopfl.config import CONFIG_DIR
 
 OUT = Path(__file__).resolve().parent / "results"
 

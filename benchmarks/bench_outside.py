@@ -37,7 +37,8 @@ import numpy as np
 
 from bench_quality import SUITES, outside_config, run_all, suite_config
 from iopfl.data import load_dataset
-from iopfl.engine.outside import adapt_cases, open_run, target_cases, test_case_ids
+from iopfl.commands.adapt import adapt_cases, adapt_runtime, target_cases, test_case_ids
+from iopfl.commands.runs import open_run
 from iopfl.report.compare import cell
 from iopfl.report.tables import markdown_table
 from records import default_work, ensure_record, has_weights
@@ -93,7 +94,7 @@ def study_one(suite: str, target: str, seed: int, out: Path, work: Path, availab
         t0 = time.perf_counter()
         safeguard: dict[str, dict] = {}
         traces: dict[str, list[dict]] = {}
-        entry = adapt_cases(run, cases, [method], None, cfg, scored=test, safeguard=safeguard,
+        entry = adapt_cases(run, cases, [method], None, cfg, adapt_runtime(cfg), scored=test, safeguard=safeguard,
                             subsets={"dev": dev}, traces=traces)[method]
         done[setting] = {"method": method, "overrides": overrides, "test": entry["mean"]["dice"],
                          "dev": entry["subsets"]["dev"]["dice"], "seconds": round(time.perf_counter() - t0, 1),

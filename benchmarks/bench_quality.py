@@ -31,10 +31,11 @@ import torch
 
 from iopfl.config import Config, build_config, read_yaml
 from iopfl.data import load_dataset
-from iopfl.engine.outside import adapt_cases, method_names, open_run, target_cases, test_case_ids
-from iopfl.engine.inprocess import in_process_run
+from iopfl.commands.adapt import adapt_cases, adapt_runtime, method_names, target_cases, test_case_ids
+from iopfl.commands.runs import open_run
+from iopfl.engine.local import in_process_run
 from iopfl.engine.rundir import RunDir
-from iopfl.engine.session import CONFIG_DIR
+from iopfl.config import CONFIG_DIR
 from iopfl.fl import STRATEGIES
 from iopfl.report.compare import cell, compare_runs
 from iopfl.report.tables import markdown_table
@@ -98,7 +99,7 @@ def outside_job(suite: str, target: str, seed: int, out: Path, work: Path, extra
     if not train_only and not result_file.exists():
         run = open_run(run_dir)
         safeguard: dict[str, dict] = {}
-        models = adapt_cases(run, target_cases(run, target), method_names("all"), None, cfg,
+        models = adapt_cases(run, target_cases(run, target), method_names("all"), None, cfg, adapt_runtime(cfg),
                              scored=test_case_ids(cfg, target), safeguard=safeguard)  # the oracle's cases too
         for method, summary in safeguard.items():
             models[method]["safeguard"] = summary

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from iopfl.config import build_config, read_yaml
-from iopfl.engine.inprocess import in_process_run
-from iopfl.engine.session import CONFIG_DIR
+from iopfl.engine.local import in_process_run
+from iopfl.config import CONFIG_DIR
 
 OUT = Path(__file__).resolve().parent / "results"
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 
 from iopfl.config import load_config
-from iopfl.engine.outside import adapt_cases, open_run, target_cases
+from iopfl.commands.adapt import adapt_cases, adapt_runtime, target_cases
+from iopfl.commands.runs import open_run
 from iopfl.engine.rundir import RunDir
-from iopfl.engine.inprocess import in_process_run
+from iopfl.engine.local import in_process_run
 from iopfl.report.tables import markdown_table
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -48,11 +49,13 @@ def measure(out: Path, sites: list[str], rounds: int) -> dict:
         run_dir = hold_out_run(out, site, rounds)
         run, row = open_run(run_dir), {}
         cases = target_cases(run, site)
-        row["global"] = adapt_cases(run, cases, ["global"], None, load_config(run_dir / "config.yaml"))["global"]["mean"]["dice"]
+        run_cfg = load_config(run_dir / "config.yaml")
+        models = adapt_cases(run, cases, ["global"], None, run_cfg, adapt_runtime(run_cfg))
+        row["global"] = models["global"]["mean"]["dice"]
         for name, (batch, overrides) in SETTINGS.items():
             cfg = load_config(run_dir / "config.yaml", [f"adapt.batch_size={batch}", *overrides])
             t0 = time.perf_counter()
-            models = adapt_cases(run, cases, METHODS, None, cfg)
+            models = adapt_cases(run, cases, METHODS, None, cfg, adapt_runtime(cfg))
             row[name] = {m: models[m]["mean"]["dice"] for m in METHODS}
             print(f"{site} {name}: " + ", ".join(f"{m} {100 * d:.2f}" for m, d in row[name].items())
                   + f" ({time.perf_counter() - t0:.0f} s)", flush=True)

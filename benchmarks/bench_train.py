@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from iopfl.fl.training import LocalTrainer, TrainSettings
 from iopfl.models import build_model
 from iopfl.models.losses import segmentation_loss
-from iopfl.runtime import describe, resolve_device, resolve_precision
+from iopfl.runtime import Runtime, resolve_device, resolve_precision
 from iopfl.seeding import derive_generator
 
 OUT = Path(__file__).resolve().parent / "results"
@@ -134,7 +134,7 @@ def bench_size(name: str, rounds: int, device: torch.device) -> dict:
     best = {k: min(v) for k, v in times.items()}
     return {
         "size": name, "width": width, "depth": depth, "image": size, "batch": batch, "samples": n,
-        "rounds": rounds, "device": str(device), "device_name": describe(device, "fp32")["device_name"],
+        "rounds": rounds, "device": str(device), "device_name": Runtime(device, "fp32").describe()["device_name"],
         "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "samples_per_s": {k: n / t for k, t in best.items()},
         "speedup_vs_plain": {k: best["plain"] / t for k, t in best.items()},

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from iopfl.config import build_config
-from iopfl.engine.inprocess import in_process_run
+from iopfl.engine.local import in_process_run
 from iopfl.engine.rundir import RunDir
 from iopfl.results import TrainLine, read_metrics
 from iopfl.runtime import resolve_device

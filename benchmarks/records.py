@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from iopfl.config import Config, build_config
-from iopfl.engine.inprocess import in_process_run
+from iopfl.engine.local import in_process_run
 from iopfl.engine.rundir import RunDir
 from iopfl.errors import UserError
 

@@ -55,7 +55,7 @@ echo "== loopback Flower deployment of the packaged app"
 APP=$(iopfl flower app)
 CONFIG=$(iopfl configs)/demo.yaml
 iopfl synth "$WORK/data/synth2" --sites 2 --cases 3 --size 32 --slices 4
-PORT=$(venv/bin/python -c "from iopfl.engine.flower.env import free_port; print(free_port())")
+PORT=$(venv/bin/python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 mkdir -p "$FLWR_HOME"
 cat > "$FLWR_HOME/config.toml" <<TOML
 [superlink]
@@ -81,7 +81,7 @@ PIDS=$!
 i=0
 for s in SiteA SiteB; do
   i=$((i + 1))
-  NODE_PORT=$(venv/bin/python -c "from iopfl.engine.flower.env import free_port; print(free_port())")
+  NODE_PORT=$(venv/bin/python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
   setsid flower-supernode --insecure --superlink "127.0.0.1:$PORT" --host 127.0.0.1 --port "$NODE_PORT" \
     --node-config "site='$s' data-root='$WORK/data/synth2' state-dir='$FLWR_HOME/state-$s'" \
     > "supernode-$s.log" 2>&1 &

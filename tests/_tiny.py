@@ -10,7 +10,7 @@ import pytest
 
 from iopfl.config import Config, build_config
 from iopfl.engine.federation import Federation
-from iopfl.engine.inprocess import in_process_run
+from iopfl.engine.local import in_process_run
 
 
 def tiny_tree(cache: Path, method: str = "iopfl", rounds: int = 3, sites: int = 3) -> dict:

@@ -163,7 +163,7 @@ def test_round_and_schedule_reach_the_optimizer():
 
 @pytest.mark.slow
 def test_a_round_with_augment_standard_is_reproducible(tmp_path):
-    from iopfl.engine.inprocess import in_process_run
+    from iopfl.engine.local import in_process_run
 
     overrides = ["train.augment=standard", "train.lr_schedule=cosine", "train.weight_decay=1e-4",
                  "fl.rounds=2"]
@@ -177,14 +177,16 @@ def test_a_round_with_augment_standard_is_reproducible(tmp_path):
 def test_config_keys_and_their_checks(tmp_path):
     from iopfl.config import build_config
     from iopfl.errors import UserError
+    from iopfl.runtime import Runtime
 
     cfg = tiny_config(tmp_path, ["train.augment=standard", "train.aug_rotate=10", "train.lr_schedule=cosine"])
-    settings = cfg.train_settings()
+    cpu = Runtime(torch.device("cpu"), "fp32")
+    settings = cfg.train_settings(cpu)
     assert settings.augment == AugmentSettings(rotate=10.0, colour=False)  # synthetic: 2.5D slices
     assert settings.rounds == cfg.fl.rounds and settings.lr_schedule == "cosine"
-    assert tiny_config(tmp_path).train_settings().augment is None
+    assert tiny_config(tmp_path).train_settings(cpu).augment is None
     polyp = build_config({"data": {"source": "folder", "root": "x"}, "train": {"augment": "standard"}})
-    assert polyp.train_settings().augment.colour  # 2D sources: channels are colours
+    assert polyp.train_settings(cpu).augment.colour  # 2D sources: channels are colours
     with pytest.raises(UserError, match="lr_min"):
         tiny_config(tmp_path, ["train.lr_min=1"])
     with pytest.raises(UserError, match="train.augment"):

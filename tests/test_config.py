@@ -3,7 +3,7 @@
 import pytest
 
 from iopfl.config import load_config, parse_overrides
-from iopfl.engine.session import CONFIG_DIR
+from iopfl.config import CONFIG_DIR
 from iopfl.errors import UserError
 
 
@@ -82,9 +82,14 @@ def test_auto_precision_uses_bf16_only_where_the_cpu_has_bf16_kernels(monkeypatc
     import torch
 
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    cpu = ["runtime.device=cpu"]
-    assert load_config(CONFIG_DIR / "demo.yaml", cpu).train_settings().precision == expected
-    assert load_config(CONFIG_DIR / "demo.yaml", [*cpu, "runtime.precision=bf16"]).train_settings().precision == "bf16"
+    from iopfl.runtime import Runtime
+
+    def precision(overrides: list[str]) -> str:
+        cfg = load_config(CONFIG_DIR / "demo.yaml", ["runtime.device=cpu", *overrides])
+        return cfg.train_settings(Runtime.resolve(cfg.runtime)).precision
+
+    assert precision([]) == expected
+    assert precision(["runtime.precision=bf16"]) == "bf16"
 
 
 @pytest.mark.parametrize("old", ["precision=bf16", "channels_last=true", "threads=1"])

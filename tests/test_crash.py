@@ -14,7 +14,7 @@ import yaml
 from _events import assert_events_match_metrics
 from _tiny import tiny_config, tiny_tree
 from iopfl.engine.checkpoint import load_checkpoint
-from iopfl.engine.inprocess import in_process_run
+from iopfl.engine.local import in_process_run
 
 pytestmark = pytest.mark.slow
 KILLS = 5

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from _tiny import interrupt_then_resume, tiny_config
-from iopfl.engine.inprocess import in_process_run
+from iopfl.engine.local import in_process_run
 from iopfl.fl.training import LocalTrainer, TrainSettings
 from iopfl.models import build_model
 from iopfl.seeding import derive_generator
@@ -116,7 +116,7 @@ def test_routed_convolution_equals_the_per_sample_loop_on_each_device(device):
 
 @pytest.mark.slow
 def test_evaluation_and_predict_on_each_device(device, tmp_path):
-    from iopfl.engine.outside import run_predict
+    from iopfl.commands.predict import run_predict
 
     cfg = tiny_config(tmp_path / "cache", ["fl.rounds=1", "runtime.device=cpu"])
     cpu = in_process_run(cfg, tmp_path / "run").run()

@@ -18,10 +18,11 @@ from _tiny import tiny_config
 from iopfl import cli
 from iopfl.data import case_inputs, load_dataset
 from iopfl.data.images2d import image_to_case
-from iopfl.engine.inprocess import in_process_run
-from iopfl.engine.outside import open_run, run_predict, selected_weights
+from iopfl.engine.local import in_process_run
+from iopfl.commands.predict import run_predict, selected_weights
+from iopfl.commands.runs import open_run
 from iopfl.errors import UserError
-from iopfl.export import class_names, export_run_model, load_exported, predict_with_file
+from iopfl.commands.export import class_names, export_run_model, load_exported, predict_with_file
 from iopfl.models.routing import load_expert
 
 pytestmark = pytest.mark.slow

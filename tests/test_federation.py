@@ -11,6 +11,7 @@ from iopfl.engine.rounds import check_reply, check_weights
 from iopfl.engine.rundir import RunDir
 from iopfl.fl import ClientReply
 from iopfl.fl.aggregation import weighted_average
+from iopfl.runtime import Runtime
 
 MODEL = {"conv.weight": torch.zeros(2, 3), "bn.num_batches_tracked": torch.tensor(0)}
 
@@ -54,7 +55,7 @@ def test_an_invalid_reply_is_left_out_and_logged(tmp_path, monkeypatch):
         aggregated.append({k: v.clone() for k, v in self.global_weights.items()})
 
     monkeypatch.setattr(Federation, "_train_round", spy)
-    sites = CorruptSiteB(cfg, RunDir(tmp_path / "run").plots / "overlays")
+    sites = CorruptSiteB(cfg, Runtime.resolve(cfg.runtime), RunDir(tmp_path / "run").plots / "overlays")
     seen = {}
     fit = sites.fit
 

@@ -22,6 +22,8 @@ import pytest
 import torch
 import yaml
 from _events import assert_events_match_metrics
+from _deploy import Deployment, RunOutcome
+from _faulty_client import fail_if_asked, faulty_app
 from _tiny import tiny_config, tiny_tree
 
 flwr = pytest.importorskip("flwr")
@@ -31,14 +33,15 @@ from flwr.app import Context, Error, Message, MessageType, RecordDict
 from iopfl.engine.checkpoint import load_checkpoint
 from iopfl.engine.flower import client as flower_client
 from iopfl.engine.flower import wire
-from iopfl.engine.flower.deploy import Deployment, RunOutcome
+from iopfl.engine.federation import Federation
 from iopfl.engine.flower.server import Settings, flower_run
 from iopfl.engine.flower.state import EVALUATE, TRAIN, SiteStateStore
 from iopfl.data import load_dataset
-from iopfl.engine.inprocess import in_process_run
+from iopfl.engine.local import in_process_run
 from iopfl.engine.rounds import initial_weights
 from iopfl.engine.site import make_client
 from iopfl.fl import build_strategy
+from iopfl.runtime import Runtime
 from iopfl.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,13 +111,14 @@ def plain_job(root: Path, config: Path) -> Job:
 
 
 def failing_job(root: Path, config: Path) -> Job:
-    """SiteB's SuperNode has the TESTING ONLY node-config hook ``fail-at-round=2``."""
+    """The tests' ClientApp (``_faulty_client``): SiteB's SuperNode says ``fail-at-round=2``."""
+    app = faulty_app(root / "faulty-app")
     with deployment(root / "home-fail") as d:
         d.start_superlink()
         for site in SITES:
             d.add_supernode(site, **({"fail-at-round": 2} if site == "SiteB" else {}))
         d.wait_for_nodes(len(SITES))
-        job = Job(deploy_run(d, config, root / "run-fail"))
+        job = Job(d.run(config, root / "run-fail", overrides=OVERRIDES, nodes=len(SITES), timeout=300, app=app))
         job.logs = d.log_text()
     return job
 
@@ -314,7 +318,34 @@ def test_simulation_runtime_matches_in_process(reference, deployments):
     assert_same_metrics(json.loads((root / "run-sim" / "results.json").read_text()), expected)
 
 
+def test_a_config_error_ends_the_server_app_in_one_line(tmp_path):
+    """A moved config key on a deployment: the run ends as failed with the CLI's one-line message in
+    Flower's run log — no traceback, no "unhandled exception" — and no run directory is written."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_tree(tmp_path / "cache")))
+    with deployment(tmp_path / "home") as d:  # stopped by PID, also when an assertion fails
+        d.start_superlink()
+        outcome = d.run(config, tmp_path / "run", overrides=["train.precision=bf16"], timeout=300)
+        logs = d.log_text()
+    message = "config key 'train.precision': moved: use runtime.precision"
+    assert outcome.status == "finished:failed", outcome.output[-3000:]
+    lines = [line for line in outcome.output.splitlines() if message in line]
+    assert len(lines) == 1 and "[iopfl] error:" in lines[0], outcome.output[-3000:]
+    for text in (outcome.output, logs):
+        assert "Traceback" not in text and "unhandled exception" not in text.lower(), text[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
 # --- what a site sends (unit level: the ClientApp's handlers with a Message and a Context) ------
+
+HANDLERS = {"query": flower_client.query, "query.publish": flower_client.publish, "train": flower_client.train,
+            "evaluate": flower_client.evaluate}
+
+
+def handle(msg: Message, context: Context) -> Message:
+    """One message to the ClientApp's handler for it, as the ClientApp dispatches it."""
+    return HANDLERS[msg.metadata.message_type](msg, context)
+
 
 @pytest.fixture
 def task_identity(monkeypatch):
@@ -331,7 +362,7 @@ def test_a_site_sends_only_shared_weights_count_and_metrics(reference, tmp_path,
     root = reference[0]
     cfg = tiny_config(root / "cache", [*OVERRIDES, f"fl.method={method}"], sites=4)
     spec = load_dataset(cfg.data)
-    site = make_client(cfg, spec, "SiteA", spec.sites["SiteA"], spec.sites["SiteA"].train)
+    site = make_client(cfg, Runtime.resolve(cfg.runtime), spec, "SiteA", spec.sites["SiteA"], spec.sites["SiteA"].train)
     weights = initial_weights(cfg, site.build)
     shared = set(build_strategy(method).client_round(site.trainer, weights, {},
                                                      torch.Generator().manual_seed(0)).weights)
@@ -342,7 +373,7 @@ def test_a_site_sends_only_shared_weights_count_and_metrics(reference, tmp_path,
     for round_ in (1, 2):
         msg = Message(wire.instruction(config_json, round_, "run-key", weights), dst_node_id=1,
                       message_type=MessageType.TRAIN)
-        reply = flower_client.handle(msg, context)
+        reply = handle(msg, context)
         assert set(reply.content.keys()) == {"arrays", "metrics", "info"}
         assert set(reply.content["arrays"].keys()) == {"index", "data"}
         names = wire.record_weight_names(reply.content["arrays"])
@@ -367,7 +398,7 @@ def test_a_site_sends_only_shared_weights_count_and_metrics(reference, tmp_path,
 
     evaluate = Message(wire.instruction(config_json, 2, "run-key", weights), dst_node_id=1,
                        message_type=MessageType.EVALUATE)
-    reply = flower_client.handle(evaluate, context)
+    reply = handle(evaluate, context)
     assert set(reply.content.keys()) == {"info"}
     info = wire.read_info(reply.content)
     assert set(info) == {"site", "scores", "best"}
@@ -413,7 +444,8 @@ class LocalGrid:
     """A stand-in for Flower's Grid: messages go straight to the ClientApp's handlers, in-process.
 
     ``offline``: nodes that have left; ``silent``: nodes that never answer; ``crash``: (kind, round)
-    at which pushing raises, as a server dying at that point would.
+    at which pushing raises, as a server dying at that point would; a node config ``fail-at-round=N``
+    makes that node's ClientApp raise in round N's training (as ``_faulty_client`` does on a deployment).
     """
 
     def __init__(self, node_configs: dict[int, dict], crash: tuple[str, int] | None = None):
@@ -450,7 +482,9 @@ class LocalGrid:
                 ids.append(msg.metadata.message_id)
                 continue
             try:
-                reply = flower_client.handle(msg, self.contexts[node])
+                if msg.metadata.message_type == MessageType.TRAIN:
+                    fail_if_asked(self.contexts[node], round_)
+                reply = handle(msg, self.contexts[node])
             except Exception as exc:  # noqa: BLE001 — what flwr-clientapp does with any exception
                 reply = Message(Error(code=0, reason=f"{type(exc)}:<'{exc}'>"), reply_to=msg)
             self.outbox[msg.metadata.message_id] = reply
@@ -527,10 +561,20 @@ def test_a_server_that_dies_mid_round_resumes_exactly(reference, tmp_path, task_
     assert_events_match_metrics(tmp_path / "run")  # the server's TensorBoard: round 2 once
 
 
-def test_stop_after_round_then_resume(reference, tmp_path, task_identity):
+def test_stop_after_round_then_resume(reference, tmp_path, task_identity, monkeypatch):
+    """The server stops, as a crash would, right after checkpointing round 1; run again, it resumes."""
     root, config, expected = reference
-    with pytest.raises(RuntimeError, match="stop-after-round=1"):
-        grid_run(root, config, tmp_path / "run", local_grid(root, tmp_path), stop_after_round=1)
+    save = Federation._save
+
+    def save_then_stop(self):
+        save(self)
+        if self.round == 1:
+            raise RuntimeError("stopped after checkpointing round 1")
+
+    monkeypatch.setattr(Federation, "_save", save_then_stop)
+    with pytest.raises(RuntimeError, match="after checkpointing round 1"):
+        grid_run(root, config, tmp_path / "run", local_grid(root, tmp_path))
+    monkeypatch.setattr(Federation, "_save", save)
     assert_same_metrics(grid_run(root, config, tmp_path / "run", local_grid(root, tmp_path)), expected)
 
 

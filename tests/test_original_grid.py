@@ -153,7 +153,7 @@ def disc_site(root: Path, name: str, n: int, seed: int) -> Path:
 @pytest.fixture(scope="module")
 def folder_run(tmp_path_factory):
     from iopfl.config import build_config
-    from iopfl.engine.inprocess import in_process_run
+    from iopfl.engine.local import in_process_run
 
     root = tmp_path_factory.mktemp("grid")
     for k, name in enumerate(("A", "B", "C")):
@@ -172,7 +172,7 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.mark.slow
 def test_predicted_masks_have_each_inputs_size_and_the_reported_dice(folder_run, tmp_path):
-    from iopfl.engine.outside import run_predict
+    from iopfl.commands.predict import run_predict
 
     cfg, root, results = folder_run
     assert results["grid"] == "original"
@@ -192,7 +192,7 @@ def test_predicted_masks_have_each_inputs_size_and_the_reported_dice(folder_run,
 
 @pytest.mark.slow
 def test_adapt_to_a_site_folder_scores_every_method(folder_run, tmp_path):
-    from iopfl.engine.outside import run_adapt
+    from iopfl.commands.adapt import run_adapt
 
     cfg, root, _ = folder_run
     results = run_adapt(root / "run", str(root / "data" / "C"), "all", tmp_path / "out", [])

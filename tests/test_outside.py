@@ -15,8 +15,10 @@ from _tiny import tiny_config
 from iopfl.adapt import METHODS, build_method
 from iopfl.config import load_config
 from iopfl.data import load_dataset
-from iopfl.engine.inprocess import in_process_run
-from iopfl.engine.outside import adapt_cases, assemble, batches_of, open_run, run_adapt, run_predict
+from iopfl.commands.adapt import adapt_cases, adapt_runtime, assemble, batches_of, run_adapt
+from iopfl.commands.predict import run_predict
+from iopfl.commands.runs import open_run
+from iopfl.engine.local import in_process_run
 from iopfl.evaluation.evaluate import score_case
 from iopfl.evaluation.metrics import summarize_cases
 from iopfl.errors import UserError
@@ -70,7 +72,7 @@ def test_no_method_reads_labels(holdout_run, tmp_path):
                 case.mask = rng.integers(0, 2, size=case.mask.shape).astype(np.uint8)
             elif labels == "none":
                 case.mask = None
-        scores = adapt_cases(run, cases, methods, tmp_path / labels, cfg)
+        scores = adapt_cases(run, cases, methods, tmp_path / labels, cfg, adapt_runtime(cfg))
         assert set(scores) == (set() if labels == "none" else set(methods))
         # masks, per-batch traces (losses, safeguard signals and fallbacks) and gates
         outputs[labels] = {p.relative_to(tmp_path / labels): p.read_bytes()
@@ -249,7 +251,7 @@ def test_adapt_uses_todays_test_time_defaults_not_the_runs_recorded_ones(holdout
     """A run trained before outside safety recorded unguarded sigmoid gates in its adapt section."""
     from types import SimpleNamespace
 
-    from iopfl.engine.outside import adapt_config
+    from iopfl.commands.adapt import adapt_config
 
     cfg, root = holdout_run
     old = tmp_path / "run"
@@ -277,9 +279,13 @@ def test_2d_images_are_packed_into_batches_volumes_are_not():
 
 
 def test_adapt_applies_the_runtime_section(holdout_run, tmp_path):
+    """`iopfl adapt` resolves and applies its runtime once: one thread computes, in fp32 (adaptation has
+    no mixed precision, whatever runtime.precision says), as its results record."""
     cfg, root = holdout_run
     done = subprocess.run([sys.executable, "-m", "iopfl.cli", "adapt", str(root / "run"), "--target", "SiteC",
-                           "--method", "bn", "--out", str(tmp_path / "o"), "-o", "runtime.threads=1"],
+                           "--method", "bn", "--out", str(tmp_path / "o"), "-o", "runtime.threads=1",
+                           "-o", "runtime.precision=bf16"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert json.loads((tmp_path / "o" / "results.json").read_text())["compute"]["threads"] == 1
+    compute = json.loads((tmp_path / "o" / "results.json").read_text())["compute"]
+    assert compute["threads"] == 1 and compute["precision"] == "fp32" and compute["device"] == "cpu"

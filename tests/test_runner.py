@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from _tiny import interrupt_then_resume, tiny_config, tiny_tree
-from iopfl.engine.inprocess import in_process_run
+from iopfl.engine.local import in_process_run
 from iopfl.errors import UserError
 
 pytestmark = pytest.mark.slow

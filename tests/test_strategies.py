@@ -365,7 +365,7 @@ def test_fedper_trains_body_and_head_jointly_and_keeps_the_head():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_every_strategy_runs_end_to_end(tmp_path_factory, name):
-    from iopfl.engine.inprocess import in_process_run
+    from iopfl.engine.local import in_process_run
 
     cache = tmp_path_factory.getbasetemp() / "strategy-cache"
     results = in_process_run(tiny_config(cache, [f"fl.method={name}", "fl.rounds=2", "model.width=4"]),
@@ -382,7 +382,7 @@ def test_a_new_strategy_needs_only_its_class_and_a_registry_entry(tmp_path, monk
     own parameter: declared next to its rule, validated as ``fl.<param>`` for that method only."""
     from pydantic import Field
 
-    from iopfl.engine.inprocess import in_process_run
+    from iopfl.engine.local import in_process_run
     from iopfl.errors import UserError
     from iopfl.fl.base import Strategy, StrategyParams
 

@@ -10,8 +10,8 @@ from _events import assert_events_match_metrics, read_events, scalar_series
 from _tiny import tiny_config
 from iopfl.config import build_config
 from iopfl.engine.federation import Federation
-from iopfl.engine.inprocess import in_process_run
-from iopfl.engine.outside import run_adapt
+from iopfl.engine.local import in_process_run
+from iopfl.commands.adapt import run_adapt
 from iopfl.errors import UserError
 from iopfl.track import TensorBoard
 

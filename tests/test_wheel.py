@@ -178,12 +178,14 @@ def test_installed_wheel_is_not_the_checkout(venv, tmp_path):
     assert (tmp_path / "my-app" / "pyproject.toml").read_bytes() == (app / "pyproject.toml").read_bytes()
 
 
-# Runs in the installed environment: the wheel's own deploy module (Flower's tools from that
-# environment's bin/, the app folder from the installed package), stopped by PID when done or on SIGTERM.
+# Runs in the installed environment: the tests' deployment driver (tests/_deploy.py) over the installed
+# package (Flower's tools from that environment's bin/, the app folder from the installed package),
+# stopped by PID when done or on SIGTERM.
 DRIVER = """
 import json, signal, sys
 from pathlib import Path
-from iopfl.engine.flower.deploy import APP_DIR, Deployment
+sys.path.insert(0, TESTS)
+from _deploy import APP_DIR, Deployment
 
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 home, data, config, run, pids = map(Path, sys.argv[1:6])
@@ -198,7 +200,7 @@ with Deployment(home) as d:
     logs = d.log_text()
 print(json.dumps({"app": str(APP_DIR), "status": outcome.status, "output": outcome.output[-3000:],
                   "logs": logs[-3000:]}))
-"""
+""".replace("TESTS", repr(str(Path(__file__).resolve().parent)))
 
 
 def stop_leftovers(pids_file: Path) -> None:

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from _tiny import interrupt_then_resume, tiny_config, tiny_tree
-from iopfl.engine.inprocess import in_process_run
+from iopfl.engine.local import in_process_run
 from iopfl.engine.workers import WorkerSites
 from iopfl.errors import UserError
 

@@ -51,7 +51,7 @@ def train(config: Annotated[Path, typer.Argument(help="YAML config (see configs/
           resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False):
     """Run one federated training run."""
     from iopfl.config import load_config
-    from iopfl.engine.session import train_run
+    from iopfl.commands.train import train_run
 
     cfg = load_config(config, override or [])
     if resume and out is None:
@@ -90,7 +90,7 @@ def inspect(config: Annotated[Path, typer.Argument(help="YAML config whose data 
 def demo(out: Annotated[Path, typer.Option("--out", help="Folder for the demo's runs.")] = Path("runs/demo"),
          override: Overrides = None):
     """Synthetic sites → FedAvg and IOP-FL inside → per-site comparison table."""
-    from iopfl.engine.session import run_demo
+    from iopfl.commands.train import run_demo
 
     run_demo(out, override or [], console=console)
 
@@ -159,7 +159,7 @@ def adapt(run: Annotated[Path, typer.Argument(help="A finished training run dire
 
     Test-time settings are today's defaults plus -o adapt.KEY=VALUE, not the run's own adapt section.
     Adaptive methods (tent, iopfl) run under a label-free safeguard; a warning says when it fell back."""
-    from iopfl.engine.outside import run_adapt
+    from iopfl.commands.adapt import run_adapt
 
     out_dir = out or run / "outside" / Path(target).name
     results = run_adapt(run, target, method, out_dir, override or [])
@@ -167,7 +167,7 @@ def adapt(run: Annotated[Path, typer.Argument(help="A finished training run dire
         from iopfl.report.tables import models_table
 
         print(models_table(results.models))
-    from iopfl.engine.outside import fallback_warning
+    from iopfl.commands.adapt import fallback_warning
 
     warning = fallback_warning(results.safeguard)
     if warning:
@@ -195,13 +195,13 @@ def predict(paths: Annotated[list[Path], typer.Argument(
                 "and --model.")] = None):
     """Segment new images or volumes with a site's val-selected model, or with an exported model file."""
     if model_file is not None:
-        from iopfl.export import predict_with_file
+        from iopfl.commands.export import predict_with_file
 
         if site is not None or model is not None or state_dir is not None:
             raise UserError("--model-file is one exported model: it takes no RUN, --site, --model or --state-dir")
         written = predict_with_file(model_file, paths, out, device)
     else:
-        from iopfl.engine.outside import run_predict
+        from iopfl.commands.predict import run_predict
 
         if site is None or len(paths) < 2:
             raise UserError("predict needs RUN, --site SITE and at least one input (or --model-file FILE and inputs)")
@@ -220,7 +220,7 @@ def export_model(run: Annotated[Path, typer.Argument(help="A finished training r
                      "personalised model it did not publish.")] = None):
     """Export a site's val-selected model to ONNX or TorchScript, with its input preprocessing and class
     names in the file's metadata (docs/EXPORT.md); `iopfl predict --model-file` runs it."""
-    from iopfl.export import export_run_model
+    from iopfl.commands.export import export_run_model
 
     meta = export_run_model(run, site, model, fmt, out, state_dir)
     console.print(f"wrote {out}: {meta['model']} model of {meta['site']}, input [batch, {meta['input']['channels']}, "
@@ -229,7 +229,7 @@ def export_model(run: Annotated[Path, typer.Argument(help="A finished training r
 
 
 def _print_results(results: dict, run_dir: Path) -> None:
-    from iopfl.engine.session import results_table
+    from iopfl.commands.terminal import results_table
 
     Console().print(results_table(results))
     console.print(f"run directory: {run_dir}")

@@ -21,7 +21,9 @@ from iopfl.data.config import DataConfig
 from iopfl.errors import UserError
 from iopfl.fl import STRATEGIES, StrategyParams
 from iopfl.fl.training import TrainSettings
-from iopfl.runtime import RuntimeConfig, resolve_device, resolve_precision
+from iopfl.runtime import Runtime, RuntimeConfig
+
+from iopfl import CONFIG_DIR as CONFIG_DIR  # defined once, in the package root (no heavy imports)
 
 
 class _Section(BaseModel):
@@ -143,13 +145,14 @@ class Config(_Section):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     track: TrackConfig = Field(default_factory=TrackConfig)
 
-    def train_settings(self) -> TrainSettings:
-        t, device = self.train, resolve_device(self.runtime.device)
+    def train_settings(self, runtime: Runtime) -> TrainSettings:
+        """The local recipe, computed where ``runtime`` (this config's ``runtime`` section, resolved) says."""
+        t = self.train
         return TrainSettings(epochs=self.fl.local_epochs, batch_size=t.batch_size, lr=t.lr, amsgrad=t.amsgrad,
-                             ce_weight=t.ce_weight, channels_last=self.runtime.channels_last,
-                             precision=resolve_precision(self.runtime.precision, device), augment=self.augment_settings(),
+                             ce_weight=t.ce_weight, channels_last=runtime.channels_last,
+                             precision=runtime.precision, augment=self.augment_settings(),
                              lr_schedule=t.lr_schedule, lr_min=t.lr_min, weight_decay=t.weight_decay,
-                             rounds=self.fl.rounds, device=str(device), compile=self.runtime.compile)
+                             rounds=self.fl.rounds, device=str(runtime.device), compile=runtime.compile)
 
     def augment_settings(self) -> AugmentSettings | None:
         """The training augmentation, or None; colour jitter only where channels are colours (2D
@@ -161,6 +164,13 @@ class Config(_Section):
 
         return AugmentSettings(scale=t.aug_scale, rotate=t.aug_rotate, intensity=t.aug_intensity,
                                colour=source_of(self.data.source).context == 0)
+
+    def for_sites(self, sites: list[str] | None, root: str | None = None) -> Config:
+        """A site's (or a worker's) view of this config: only ``sites`` (None: every site of the
+        dataset), nothing held out, and its own data ``root`` when given; validated like a file."""
+        tree = self.model_dump(mode="json")
+        tree["data"].update(sites=sites, holdout=None, **({"root": root} if root is not None else {}))
+        return build_config(tree, origin="config of sites " + ", ".join(sites or ["(all)"]))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

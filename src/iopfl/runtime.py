@@ -1,7 +1,9 @@
 """Where and how tensors are computed (the ``runtime.`` config section): device, precision, memory
 format, threads, determinism, compilation and parallel sites.
 
-One place decides these for every engine and command; the manifest records what was resolved.
+One place decides these for every engine and command: each entry point (``iopfl train``, ``adapt``,
+``predict``, each Flower app, each worker process) resolves one :class:`Runtime` on its machine, applies
+it, and hands it to everything below; the manifest records what was resolved.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import os
 import platform
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -100,28 +103,50 @@ def autocast(device: torch.device, precision: str) -> Iterator[None]:
         yield
 
 
-def apply_runtime(runtime: RuntimeConfig, device: torch.device) -> None:
-    """Process-wide settings: threads, and deterministic (or fastest) kernels."""
-    if runtime.threads_per_process():
-        torch.set_num_threads(runtime.threads_per_process())
-    if device.type == "cuda":
-        # cuBLAS is deterministic only with a fixed workspace, set before its first use
-        if runtime.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.deterministic = runtime.deterministic
-        torch.backends.cudnn.benchmark = not runtime.deterministic
-        torch.backends.cuda.matmul.allow_tf32 = not runtime.deterministic
-        torch.backends.cudnn.allow_tf32 = not runtime.deterministic
+@dataclass(frozen=True)
+class Runtime:
+    """The ``runtime`` section resolved on this machine: where and how this process computes."""
 
+    device: torch.device
+    precision: str                  # resolved: fp32 | bf16 | fp16
+    channels_last: bool = False
+    threads: int | None = None      # torch threads of this process (None: torch's own default)
+    deterministic: bool = True
+    compile: bool = False
 
-def describe(device: torch.device, precision: str) -> dict[str, Any]:
-    """What the manifest records about where a run computed."""
-    info: dict[str, Any] = {"device": str(device), "precision": precision, "torch": torch.__version__,
-                            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-                            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                            "threads": torch.get_num_threads()}
-    if device.type == "cuda":
-        info["device_name"] = torch.cuda.get_device_name(device)
-    else:
-        info["device_name"] = platform.processor() or platform.machine()
-    return info
+    @classmethod
+    def resolve(cls, config: RuntimeConfig, device: str | None = None, key: str = "") -> Runtime:
+        """``config`` on this machine; ``device`` (named by ``key`` in errors) replaces ``config.device``
+        when given (a node's own hardware, ``--device``, a worker's entry of ``runtime.devices``)."""
+        where = resolve_device(config.device) if device is None else resolve_device(device, key)
+        return cls(where, resolve_precision(config.precision, where), config.channels_last,
+                   config.threads_per_process(), config.deterministic, config.compile)
+
+    def apply(self) -> None:
+        """Process-wide settings: threads, and deterministic (or fastest) kernels."""
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        if self.device.type == "cuda":
+            # cuBLAS is deterministic only with a fixed workspace, set before its first use
+            if self.deterministic:
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.backends.cudnn.deterministic = self.deterministic
+            torch.backends.cudnn.benchmark = not self.deterministic
+            torch.backends.cuda.matmul.allow_tf32 = not self.deterministic
+            torch.backends.cudnn.allow_tf32 = not self.deterministic
+
+    def in_fp32(self) -> Runtime:
+        """The same runtime computing in fp32 (test-time adaptation has no mixed precision)."""
+        return replace(self, precision="fp32")
+
+    def describe(self) -> dict[str, Any]:
+        """What the manifest records about where a run computed."""
+        info: dict[str, Any] = {"device": str(self.device), "precision": self.precision, "torch": torch.__version__,
+                                "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+                                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                                "threads": torch.get_num_threads()}
+        if self.device.type == "cuda":
+            info["device_name"] = torch.cuda.get_device_name(self.device)
+        else:
+            info["device_name"] = platform.processor() or platform.machine()
+        return info

@@ -23,10 +23,9 @@ from torch import nn
 
 from iopfl.adapt.config import AdaptConfig
 from iopfl.adapt.safeguard import BatchSignals, FallbackLog, SafeState, batch_signals, collapse_reason
+from iopfl.models.factory import StateDict
 from iopfl.models.routing import load_expert, use_batch_statistics
 from iopfl.seeding import derive_generator, derive_seed
-
-StateDict = dict[str, torch.Tensor]
 
 
 class TTAMethod:

@@ -122,15 +122,19 @@ class Source:
     context: int
 
 
+def neighbours(num_slices: int, context: int) -> torch.Tensor:
+    """2.5D stacking: the indices ``[S, 2·context+1]`` of each slice and its ``context`` neighbours on
+    either side, in order, edges replicated."""
+    offsets = torch.arange(-context, context + 1)
+    return (torch.arange(num_slices)[:, None] + offsets).clamp_(0, num_slices - 1)
+
+
 def case_inputs(case: Case, context: int) -> torch.Tensor:
     """Network inputs ``[S, C·(2·context+1), H, W]``: each slice with its neighbours, edges replicated."""
     image = torch.from_numpy(case.image)
     if context == 0:
         return image
-    s = image.shape[0]
-    offsets = range(-context, context + 1)
-    idx = torch.stack([torch.arange(s) + o for o in offsets], dim=1).clamp_(0, s - 1)  # [S, 2c+1]
-    return image[idx].flatten(1, 2)  # [S, 2c+1, C, H, W] → [S, (2c+1)·C, H, W]
+    return image[neighbours(len(image), context)].flatten(1, 2)  # [S, 2c+1, C, H, W] → [S, (2c+1)·C, H, W]
 
 
 class SliceDataset(Dataset):
@@ -146,8 +150,7 @@ class SliceDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         c, s = self.index[i]
         case = self.cases[c]
-        lo, hi = s - self.context, s + self.context
-        picks = np.clip(np.arange(lo, hi + 1), 0, case.num_slices - 1)
+        picks = neighbours(case.num_slices, self.context)[s].numpy()
         image = torch.from_numpy(case.image[picks]).flatten(0, 1)
         return image, torch.from_numpy(case.labels()[s].astype(np.int64))
 

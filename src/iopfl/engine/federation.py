@@ -15,10 +15,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -27,60 +25,15 @@ from iopfl.engine.checkpoint import pack, read_run_checkpoint, save_checkpoint, 
 from iopfl.engine.rounds import check_reply, check_weights, initial_weights, is_eval_round, metric_lines, results_json, \
     sample_clients, val_dice_by_site
 from iopfl.engine.rundir import RunDir, RunLog, manifest
-from iopfl.engine.site import Scores, Selected, network_builder, val_dice
+from iopfl.engine.site import Scores, Selected, val_dice
+from iopfl.engine.transport import Progress, Roster, Sites
 from iopfl.errors import UserError
 from iopfl.fileio import atomic_write_text
-from iopfl.fl import ClientReply, build_strategy
-from iopfl.fl.aggregation import StateDict
-from iopfl.results import GLOBAL, LOCAL, PERSONALIZED, TrainLine, write_results
+from iopfl.fl import ClientReply
+from iopfl.models import StateDict, network_builder
 from iopfl.fl.training import TrainSettings, round_lr
+from iopfl.results import GLOBAL, LOCAL, PERSONALIZED, TrainLine, write_results
 from iopfl.track import TensorBoard, remove_logs
-
-
-@dataclass
-class Roster:
-    """Who takes part: the inside sites (evaluated, in order), the names that train (the sites, or one
-    pooled client for centralised training), the network their data needs, and where each site
-    computes (device, precision, versions: recorded in the manifest)."""
-
-    sites: list[str]
-    trainers: list[str]
-    network: dict[str, Any]
-    devices: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-
-@dataclass
-class EvalReply:
-    """A site's evaluation: its scores (model → split → summary) and the summary of its val-selected
-    personalised model (the model itself stays at the site)."""
-
-    scores: Scores
-    best: dict[str, Any]
-
-
-Reply = ClientReply | str  # a site's result, or why it has none this time
-
-
-class Sites(Protocol):
-    """The transport: how the federation reaches its sites."""
-
-    engine: str
-
-    def connect(self, run_key: str, known_sites: list[str] | None) -> Roster: ...
-    def fit(self, round_: int, names: list[str], weights: StateDict) -> Iterator[tuple[str, Reply]]: ...
-    def evaluate(self, round_: int, sites: list[str], weights: StateDict) -> dict[str, EvalReply | str]: ...
-    def publish(self, selected_global: StateDict, overlay_sites: list[str]) -> dict[str, StateDict | None]: ...
-    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]: ...
-    def load_state(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None: ...
-    def close(self) -> None: ...
-
-
-class Progress(Protocol):
-    """What the core reports while it works (the CLI draws it with rich)."""
-
-    def start(self, total_rounds: int, first_round: int, trainers_per_round: int) -> None: ...
-    def client_done(self, round_: int, site: str, loss: float) -> None: ...
-    def round_done(self, round_: int, val_dice: dict[str, float]) -> None: ...
 
 
 class Federation:
@@ -88,11 +41,10 @@ class Federation:
     published experts, results, report)."""
 
     def __init__(self, cfg: Config, run_dir: Path, sites: Sites, progress: Progress | None = None,
-                 runlog: RunLog | None = None, on_checkpoint: Callable[[int], None] | None = None):
+                 runlog: RunLog | None = None):
         self.cfg, self.dir, self.sites, self.progress = cfg, RunDir(run_dir), sites, progress
         self.log = runlog or RunLog(self.dir, logging.getLogger(__name__))
-        self.on_checkpoint = on_checkpoint
-        self.strategy = build_strategy(cfg.fl.method, cfg.fl.strategy_params())
+        self.strategy = sites.strategy  # one per run: the transport's
         self.round = 0
         self.global_weights: StateDict = {}
         self.best_global = Selected()
@@ -136,8 +88,6 @@ class Federation:
             # where the time goes, for choosing eval.eval_every, workers, devices
             self.log.info(f"round {round_}: trained in {trained - started:.1f} s, evaluated and "
                           f"checkpointed in {time.perf_counter() - trained:.1f} s")
-            if self.on_checkpoint:
-                self.on_checkpoint(round_)
         return self._finish()
 
     def _train_round(self, round_: int) -> None:

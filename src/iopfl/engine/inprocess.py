@@ -12,14 +12,12 @@ import torch
 
 from iopfl.config import Config
 from iopfl.data import load_dataset
-from iopfl.engine.federation import EvalReply, Federation, Progress, Reply, Roster
-from iopfl.engine.rundir import RunDir
-from iopfl.engine.site import SiteClient, SiteFailure, compute_description, make_client, network_description, \
-    training_sites
-from iopfl.fl import STRATEGIES, build_strategy
-from iopfl.fl.aggregation import StateDict
+from iopfl.engine.site import SiteClient, SiteFailure, make_client, network_description, training_sites
+from iopfl.engine.transport import EvalReply, Reply, Roster
+from iopfl.fl import build_strategy
+from iopfl.models import StateDict
+from iopfl.runtime import Runtime
 from iopfl.results import GLOBAL, PERSONALIZED
-from iopfl.runtime import apply_runtime, resolve_device
 
 POOLED = "pooled"
 
@@ -27,31 +25,31 @@ POOLED = "pooled"
 class InProcessSites:
     """The sites as objects in this process; their personal state goes into the run's checkpoint.
 
-    ``overlay_dir``: where the sites draw their overlays (the run's plots: their images are here).
+    ``runtime``: where they compute (resolved and applied by the entry point); ``overlay_dir``: where
+    the sites draw their overlays (the run's plots: their images are here).
     """
 
     engine = "inprocess"
 
-    def __init__(self, cfg: Config, overlay_dir: Path):
-        self.cfg, self.overlay_dir = cfg, overlay_dir
+    def __init__(self, cfg: Config, runtime: Runtime, overlay_dir: Path):
+        self.cfg, self.runtime, self.overlay_dir = cfg, runtime, overlay_dir
         self.strategy = build_strategy(cfg.fl.method, cfg.fl.strategy_params())
         self.clients: dict[str, SiteClient] = {}      # the evaluated sites
         self.trainers: dict[str, SiteClient] = {}     # who trains: the same objects unless pooled
-        apply_runtime(cfg.runtime, resolve_device(cfg.runtime.device))
 
     def connect(self, run_key: str, known_sites: list[str] | None) -> Roster:
-        cfg = self.cfg
+        cfg, runtime = self.cfg, self.runtime
         spec = load_dataset(cfg.data)
         sites = training_sites(cfg, spec)
         if self.strategy.pooled:
             pooled = [c for s in sites for c in spec.sites[s].train]
-            self.clients = {s: make_client(cfg, spec, s, spec.sites[s], None) for s in sites}
-            self.trainers = {POOLED: make_client(cfg, spec, POOLED, None, pooled)}
+            self.clients = {s: make_client(cfg, runtime, spec, s, spec.sites[s], None) for s in sites}
+            self.trainers = {POOLED: make_client(cfg, runtime, spec, POOLED, None, pooled)}
         else:
-            self.clients = {s: make_client(cfg, spec, s, spec.sites[s], spec.sites[s].train) for s in sites}
+            self.clients = {s: make_client(cfg, runtime, spec, s, spec.sites[s], spec.sites[s].train) for s in sites}
             self.trainers = self.clients
         return Roster(sites, list(self.trainers), network_description(cfg, spec),
-                      dict.fromkeys(sites, compute_description(cfg)))
+                      dict.fromkeys(sites, runtime.describe()))
 
     def fit(self, round_: int, names: list[str], weights: StateDict) -> Iterator[tuple[str, Reply]]:
         for name in names:
@@ -92,16 +90,3 @@ class InProcessSites:
 
     def close(self) -> None:
         pass
-
-
-def in_process_run(cfg: Config, run_dir: Path, progress: Progress | None = None) -> Federation:
-    """An in-process federated run over the sites of ``cfg.data``, writing ``run_dir``; with
-    ``runtime.workers`` > 1 the sites are spread over worker processes."""
-    overlays = RunDir(run_dir).plots / "overlays"
-    if cfg.runtime.workers > 1 and not STRATEGIES[cfg.fl.method].pooled:
-        from iopfl.engine.workers import WorkerSites
-
-        sites = WorkerSites(cfg, overlays, cfg.runtime.workers)
-    else:
-        sites = InProcessSites(cfg, overlays)
-    return Federation(cfg, run_dir, sites, progress)

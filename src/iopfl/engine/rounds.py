@@ -5,19 +5,30 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
 from iopfl.config import Config
-from iopfl.engine.site import Scores, val_dice
-from iopfl.fl import ClientReply
-from iopfl.fl.aggregation import StateDict, clone_state
+from iopfl.engine.site import Scores, Selected, val_dice
+from iopfl.engine.transport import Roster, Sites
+from iopfl.fl import ClientReply, Strategy
+from iopfl.fl.aggregation import clone_state
+from iopfl.models import StateDict
 from iopfl.results import GLOBAL, PERSONALIZED, EvalLine, LastRound, ModelEntry, RunResults
 from iopfl.seeding import derive_generator, derive_seed
 
-if TYPE_CHECKING:
-    from iopfl.engine.federation import Federation
+
+class FinishedRun(Protocol):
+    """What results.json is made of (a :class:`~iopfl.engine.federation.Federation` at its end)."""
+
+    cfg: Config
+    sites: Sites
+    strategy: Strategy
+    roster: Roster
+    best_global: Selected
+    personal_best: dict[str, dict[str, Any]]
+    last_eval: dict[str, Any]
 
 
 def initial_weights(cfg: Config, build: Callable[[], torch.nn.Module]) -> StateDict:
@@ -96,7 +107,7 @@ def model_entry(sites: dict[str, dict]) -> ModelEntry:
     return ModelEntry.model_validate({"sites": sites, "mean": summarize_sites(list(sites.values()))})
 
 
-def results_json(run: Federation, published: list[str]) -> RunResults:
+def results_json(run: FinishedRun, published: list[str]) -> RunResults:
     """results.json (docs/ARCHITECTURE.md, "run directory"): val-selected models under ``models``, the
     last round under ``last_round``, the sites whose personalised models were published."""
     cfg, sites, models = run.cfg, run.roster.sites, run.strategy.models

@@ -20,11 +20,11 @@ from iopfl.data import Case, DatasetSpec, SiteData, SliceDataset
 from iopfl.engine.checkpoint import pack, unpack
 from iopfl.errors import UserError
 from iopfl.fl import ClientReply, Strategy
-from iopfl.fl.aggregation import StateDict, clone_state
+from iopfl.fl.aggregation import clone_state
 from iopfl.fl.training import LocalTrainer
-from iopfl.models import build_model
+from iopfl.models import StateDict, network_builder
+from iopfl.runtime import Runtime
 from iopfl.results import GLOBAL, PERSONALIZED
-from iopfl.runtime import describe, resolve_device, resolve_precision
 from iopfl.seeding import derive_generator
 
 SPLITS = ("val", "test")
@@ -167,18 +167,6 @@ class SiteClient:
 
 # --- set-up shared by every engine ---------------------------------------------------------------
 
-def network_builder(network: dict[str, Any]) -> Callable[[], torch.nn.Module]:
-    """A factory for the U-Net a :func:`network_description` describes."""
-    n = network
-    return lambda: build_model(n["in_channels"], n["num_classes"], n["width"], n["depth"])
-
-
-def compute_description(cfg: Config) -> dict[str, Any]:
-    """Where this process computes a site's models: device, resolved precision, versions."""
-    device = resolve_device(cfg.runtime.device)
-    return describe(device, resolve_precision(cfg.runtime.precision, device))
-
-
 def network_description(cfg: Config, spec: DatasetSpec) -> dict[str, Any]:
     """What a checkpoint's reader needs to rebuild the network and prepare inputs for it."""
     return {"in_channels": spec.in_channels, "num_classes": spec.num_classes, "context": spec.context,
@@ -196,14 +184,15 @@ def training_sites(cfg: Config, spec: DatasetSpec) -> list[str]:
     return sites
 
 
-def make_client(cfg: Config, spec: DatasetSpec, name: str, data: SiteData | None,
+def make_client(cfg: Config, runtime: Runtime, spec: DatasetSpec, name: str, data: SiteData | None,
                 train: list[Case] | None) -> SiteClient:
-    """A site's client, training on the cases ``train`` (None: a site that only evaluates)."""
+    """A site's client computing where ``runtime`` says, training on the cases ``train`` (None: a
+    site that only evaluates)."""
     build = network_builder(network_description(cfg, spec))
     trainer = None
     if train is not None:
         if not train:
             raise UserError(f"site '{name}': no training cases")
         images, masks = SliceDataset(train, spec.context).tensors()
-        trainer = LocalTrainer(build, images, masks, cfg.train_settings())
-    return SiteClient(name, trainer, data, spec, build, cfg.eval.batch_size, resolve_device(cfg.runtime.device))
+        trainer = LocalTrainer(build, images, masks, cfg.train_settings(runtime))
+    return SiteClient(name, trainer, data, spec, build, cfg.eval.batch_size, runtime.device)

@@ -20,7 +20,7 @@ import ctypes
 import multiprocessing
 import signal
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
@@ -30,12 +30,13 @@ import torch.multiprocessing
 
 from iopfl.config import Config
 from iopfl.data import load_dataset
-from iopfl.engine.federation import EvalReply, Reply, Roster
 from iopfl.engine.inprocess import InProcessSites
-from iopfl.engine.site import compute_description, network_description, training_sites
+from iopfl.engine.site import network_description, training_sites
+from iopfl.engine.transport import EvalReply, Reply, Roster
 from iopfl.errors import UserError
-from iopfl.fl.aggregation import StateDict
-from iopfl.runtime import resolve_device
+from iopfl.fl import build_strategy
+from iopfl.models import StateDict
+from iopfl.runtime import Runtime
 
 PR_SET_PDEATHSIG = 1
 # tensors sent over a pipe travel as named shared-memory segments (torch's reductions): no file
@@ -50,15 +51,44 @@ def _die_with_parent() -> None:
         pass  # not Linux: the closed pipe ends the worker instead
 
 
-def _serve(conn: Connection, cfg_json: str, sites: list[str], overlay_dir: str) -> None:
-    """A worker: serve ``sites`` until told to stop or the parent is gone."""
+def _start(cfg_json: str, sites: list[str], device: str | None, overlay_dir: str) -> InProcessSites:
+    """The worker's sites, loaded, on its own runtime (``device``: its entry of ``runtime.devices``)."""
+    cfg = Config.model_validate_json(cfg_json).for_sites(sites)
+    runtime = Runtime.resolve(cfg.runtime, device, "runtime.devices")
+    runtime.apply()
+    local = InProcessSites(cfg, runtime, Path(overlay_dir))
+    local.connect("", sites)
+    return local
+
+
+def _answer(conn: Connection, call: Callable[[], Any]) -> Any:
+    """Run ``call``; a failure goes to the parent, which raises it once (None is returned then)."""
+    try:
+        return call()
+    except UserError as exc:
+        conn.send(("user-error", str(exc)))
+    except Exception as exc:  # noqa: BLE001 — reported to the parent, which raises it once
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        conn.send(("error", f"{type(exc).__name__}: {exc} ({Path(where.filename).name}:{where.lineno})"))
+    return None
+
+
+def _fit(conn: Connection, local: InProcessSites, args: tuple) -> None:
+    """Stream each site's reply as soon as it is done."""
+    for name, reply in local.fit(*args):
+        conn.send(("reply", (name, reply)))
+    conn.send(("done", None))
+
+
+def _serve(conn: Connection, cfg_json: str, sites: list[str], device: str | None, overlay_dir: str) -> None:
+    """A worker: load ``sites``, say where they compute, serve them until told to stop or the parent is gone."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
     torch.multiprocessing.set_sharing_strategy(SHARING)
-    cfg = Config.model_validate_json(cfg_json)
-    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"sites": sites, "holdout": None})})
-    local = InProcessSites(cfg, Path(overlay_dir))
-    local.connect("", sites)
+    local = _answer(conn, lambda: _start(cfg_json, sites, device, overlay_dir))
+    if local is None:
+        return
+    conn.send(("done", {site: local.runtime.describe() for site in sites}))
     while True:
         try:
             op, args = conn.recv()
@@ -66,18 +96,10 @@ def _serve(conn: Connection, cfg_json: str, sites: list[str], overlay_dir: str) 
             return
         if op == "stop":
             return
-        try:
-            if op == "fit":  # stream each site's reply as soon as it is done
-                for name, reply in local.fit(*args):
-                    conn.send(("reply", (name, reply)))
-                conn.send(("done", None))
-            else:
-                conn.send(("done", getattr(local, op)(*args)))
-        except UserError as exc:
-            conn.send(("user-error", str(exc)))
-        except Exception as exc:  # noqa: BLE001 — reported to the parent, which raises it once
-            where = traceback.extract_tb(exc.__traceback__)[-1]
-            conn.send(("error", f"{type(exc).__name__}: {exc} ({Path(where.filename).name}:{where.lineno})"))
+        if op == "fit":
+            _answer(conn, lambda: _fit(conn, local, args))
+        else:
+            _answer(conn, lambda: conn.send(("done", getattr(local, op)(*args))))
 
 
 def assign(sites: list[str], loads: dict[str, int], workers: int) -> dict[str, int]:
@@ -98,6 +120,7 @@ class WorkerSites:
 
     def __init__(self, cfg: Config, overlay_dir: Path, workers: int):
         self.cfg, self.overlay_dir, self.workers = cfg, overlay_dir, workers
+        self.strategy = build_strategy(cfg.fl.method, cfg.fl.strategy_params())
         self.conns: list[Connection] = []
         self.procs: list[multiprocessing.Process] = []
         self.home: dict[str, int] = {}  # site -> index of the worker serving it
@@ -114,25 +137,22 @@ class WorkerSites:
         for i in range(max(self.home.values()) + 1):
             mine = [s for s in sites if self.home[s] == i]
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_serve, args=(child, self._worker_config(i).model_dump_json(), mine,
+            proc = ctx.Process(target=_serve, args=(child, self.cfg.model_dump_json(), mine, self._device(i),
                                                     str(self.overlay_dir)),
                                name=f"iopfl-worker-{i}", daemon=True)
             proc.start()
             child.close()
             self.conns.append(parent)
             self.procs.append(proc)
-        devices = {s: compute_description(self._worker_config(self.home[s])) for s in sites}
-        return Roster(sites, list(sites), network, devices)
+        devices: dict[str, dict[str, Any]] = {}
+        for _, _, described in self._collect(range(len(self.conns))):  # each worker, once its sites are loaded
+            devices.update(described)
+        return Roster(sites, list(sites), network, {s: devices[s] for s in sites})
 
-    def _worker_config(self, worker: int) -> Config:
-        """The run's config, on this worker's device when ``runtime.devices`` lists several."""
+    def _device(self, worker: int) -> str | None:
+        """This worker's entry of ``runtime.devices`` (None: the run's ``runtime.device``)."""
         devices = self.cfg.runtime.devices
-        if not devices:
-            return self.cfg
-        for device in devices:
-            resolve_device(device, "runtime.devices")
-        runtime = self.cfg.runtime.model_copy(update={"device": devices[worker % len(devices)]})
-        return self.cfg.model_copy(update={"runtime": runtime})
+        return devices[worker % len(devices)] if devices else None
 
     def _ask(self, calls: dict[int, tuple[str, tuple]]) -> Iterator[tuple[int, str, Any]]:
         """Send each worker its call; yield (worker, kind, value) as the answers arrive."""
@@ -141,7 +161,11 @@ class WorkerSites:
                 self.conns[i].send(call)
             except OSError:  # a worker killed between two calls: its pipe is broken
                 raise self._died(i) from None
-        pending = {self.conns[i]: i for i in calls}
+        yield from self._collect(calls)
+
+    def _collect(self, workers: Iterable[int]) -> Iterator[tuple[int, str, Any]]:
+        """(worker, kind, value) as the workers' answers arrive, until each has said it is done."""
+        pending = {self.conns[i]: i for i in workers}
         while pending:
             for conn in wait(list(pending)):
                 i = pending[conn]

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-StateDict = dict[str, torch.Tensor]
+from iopfl.models.factory import StateDict
 
 
 def clone_state(state: Mapping[str, torch.Tensor]) -> StateDict:

@@ -7,10 +7,9 @@ this package is the transport:
   SuperNode serves which site; ``client.app``: the ClientApp (one site: its data, its personal state,
   its opt-in to publish its personalised model);
 - ``wire``: what a message carries; ``state``: a site's own store of its personal state;
-- ``deploy`` and ``env``: start/stop a SuperLink and SuperNodes on this machine and ``flwr run`` the
-  app (no ``flwr`` import: they drive Flower's command-line tools);
-- ``app/``: the Flower app folder given to ``flwr run`` (package data: ``app_folder()``,
-  ``iopfl flower app``).
+- ``errors``: a user's mistake ends an app in one line, as on the command line;
+- ``app/``: the Flower app folder given to ``flwr run`` (package data: ``app_folder()``, ``iopfl flower
+  app``; its pyproject.toml holds the run-config defaults).
 
 See README, "Several machines (Flower)". Importing this package does not import ``flwr``.
 """

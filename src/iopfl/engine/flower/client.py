@@ -14,7 +14,6 @@ Node config (``flower-supernode --node-config "site='BIDMC' data-root='/data/SAM
   there too (``<state-dir>/<run-key>-<site>/overlays``): the site's images never leave its machine.
 - ``publish-personal``: ``'true'`` to send the site's val-selected personalised model to the
   coordinator at the end of training (outside personalization needs it); default ``'false'``.
-- ``fail-at-round``: TESTING ONLY — the node raises in that round's training (the failure test).
 
 Each message runs in a fresh ``flwr-clientapp`` process: the site's data comes from iopfl's on-disk
 cache (and a per-process cache where the runtime keeps processes, as the simulation does), the
@@ -34,14 +33,16 @@ from flwr.clientapp import ClientApp
 from iopfl.config import Config, build_config
 from iopfl.data import DatasetSpec, load_dataset
 from iopfl.engine.flower import wire
+from iopfl.engine.flower.errors import log_user_errors_in_one_line
 from iopfl.engine.flower.state import EVALUATE, PUBLISH, TRAIN, SiteStateStore
-from iopfl.engine.site import compute_description, make_client, network_description, training_sites
+from iopfl.engine.site import make_client, network_description, training_sites
 from iopfl.errors import UserError
 from iopfl.fl import Strategy, build_strategy
+from iopfl.runtime import Runtime
 from iopfl.results import GLOBAL, PERSONALIZED
-from iopfl.runtime import apply_runtime, resolve_device
 
 app = ClientApp()
+log_user_errors_in_one_line()  # a user's mistake (e.g. a bad node config) is one line in the SuperNode's log
 _SPECS: dict[str, DatasetSpec] = {}  # per-process dataset cache, keyed by the data settings
 
 
@@ -53,13 +54,12 @@ def _dataset(cfg: Config) -> DatasetSpec:
     return _SPECS[key]
 
 
-def _resolve_site(tree: dict, node_config: dict) -> str:
+def _resolve_site(cfg: Config, node_config: dict) -> str:
     """This node's site: ``site`` from the node config, or the simulation's ``partition-id``."""
     if "site" in node_config:
         return str(node_config["site"])
     if "partition-id" not in node_config:
         raise UserError("node config: 'site' is required (flower-supernode --node-config \"site='...'\")")
-    cfg = build_config(tree, [], origin="config from the server")
     sites = training_sites(cfg, _dataset(cfg))
     pid, parts = int(node_config["partition-id"]), int(node_config.get("num-partitions", len(sites)))
     if parts != len(sites):
@@ -74,18 +74,16 @@ class SiteNode:
     def __init__(self, msg: Message, context: Context):
         tree, self.round, run_key, self.global_weights = wire.read_instruction(msg.content)
         nc = context.node_config
-        self.site = _resolve_site(tree, nc)
-        if "data-root" in nc:
-            tree["data"]["root"] = str(nc["data-root"])
-        if "device" in nc:  # each hospital computes on its own hardware
-            tree.setdefault("runtime", {})["device"] = str(resolve_device(str(nc["device"]), "node config 'device'"))
-        tree["data"]["sites"] = [self.site]
-        tree["data"]["holdout"] = None
-        self.cfg: Config = build_config(tree, [], origin="config from the server")
-        apply_runtime(self.cfg.runtime, resolve_device(self.cfg.runtime.device))
+        run_cfg = build_config(tree, [], origin="config from the server")
+        self.site = _resolve_site(run_cfg, nc)
+        self.cfg: Config = run_cfg.for_sites([self.site], str(nc["data-root"]) if "data-root" in nc else None)
+        # each hospital computes on its own hardware (node config 'device', else the run's runtime.device)
+        self.runtime = Runtime.resolve(self.cfg.runtime, str(nc["device"]) if "device" in nc else None,
+                                       "node config 'device'")
+        self.runtime.apply()
         self.spec = _dataset(self.cfg)
         data = self.spec.sites[self.site]
-        self.client = make_client(self.cfg, self.spec, self.site, data, data.train)
+        self.client = make_client(self.cfg, self.runtime, self.spec, self.site, data, data.train)
         self.strategy: Strategy = build_strategy(self.cfg.fl.method, self.cfg.fl.strategy_params())
         self.publishes = _opted_in(nc)
         home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
@@ -111,19 +109,13 @@ def _opted_in(node_config: dict) -> bool:
     return value == "true"
 
 
-def _fail_if_asked(context: Context, round_: int) -> None:
-    """TESTING ONLY: ``fail-at-round=N`` in the node config makes this node raise in round N's training."""
-    if int(context.node_config.get("fail-at-round", -1)) == round_:
-        raise RuntimeError(f"injected failure at round {round_} (node config fail-at-round)")
-
-
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Which site this node serves, its sample count, and the network the data needs."""
     node = SiteNode(msg, context)
     body = wire.info_reply(node.site, **{"num-examples": node.client.trainer.num_samples,
                                          "network": network_description(node.cfg, node.spec),
-                                         "device": compute_description(node.cfg)})
+                                         "device": node.runtime.describe()})
     return Message(body, reply_to=msg)
 
 
@@ -131,7 +123,6 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """The strategy's client half from the sent global weights; personal state stays in the store."""
     node = SiteNode(msg, context)
-    _fail_if_asked(context, node.round)
     node.restore(TRAIN)
     reply = node.client.fit(node.strategy, node.global_weights, node.cfg.seed, node.round)
     node.save(TRAIN)
@@ -161,12 +152,3 @@ def publish(msg: Message, context: Context) -> Message:
                             label)
     personal = client.best.weights if node.publishes and PERSONALIZED in node.strategy.models else None
     return Message(wire.publish_reply(node.site, personal or None), reply_to=msg)
-
-
-HANDLERS = {"query": query, "query.publish": publish, "train": train, "evaluate": evaluate}
-
-
-def handle(msg: Message, context: Context) -> Message:
-    """Dispatch one message as the ClientApp would (used by tests that inspect replies)."""
-    return HANDLERS[msg.metadata.message_type](msg, context)
-

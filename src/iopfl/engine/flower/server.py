@@ -1,8 +1,8 @@
 """The ServerApp: the coordinator's side of a Flower deployment — the federation core
 (:mod:`iopfl.engine.federation`) over a transport that sends Flower messages (:class:`FlowerSites`).
 
-Run config (``flwr run APP CONNECTION --run-config "config='...' run-dir='...'"``; defaults in
-``app/pyproject.toml``):
+Run config (``flwr run APP CONNECTION --run-config "config='...' run-dir='...'"``; the defaults are
+written once, in ``app/pyproject.toml``):
 
 - ``config``: the iopfl YAML on the server machine; ``overrides``: ``;``-separated ``key=value``.
 - ``run-dir``: the run directory (same layout as ``iopfl train``). If it holds a checkpoint of a
@@ -11,8 +11,6 @@ Run config (``flwr run APP CONNECTION --run-config "config='...' run-dir='...'"`
   ``fl.min_clients``); ``join-timeout``: how long to wait for them (s, default 300).
 - ``reply-timeout``: how long a round waits for its replies (s, default 600); a site silent for
   that long is left out of the round. ``poll-interval``: seconds between reply polls (default 0.25).
-- ``stop-after-round``: TESTING ONLY — the ServerApp stops (raises) right after checkpointing that
-  round, as a crash would; running again with the same run-dir resumes.
 
 Messages: ``query`` (which site a node serves), ``train``, ``evaluate`` and, at the end,
 ``query.publish``: a site answers it with its val-selected personalised model only when its node
@@ -26,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,44 +34,48 @@ from flwr.app import Context, Message, MessageType
 from flwr.serverapp import Grid, ServerApp
 
 from iopfl.config import Config, load_config
-from iopfl.engine.federation import EvalReply, Federation, Reply, Roster
+from iopfl.engine.federation import Federation
 from iopfl.engine.flower import wire
+from iopfl.engine.flower.errors import ending_the_run, log_user_errors_in_one_line
 from iopfl.engine.flower.nodes import Messenger, NodeDirectory
 from iopfl.engine.rundir import RunDir, RunLog
+from iopfl.engine.transport import EvalReply, Reply, Roster
 from iopfl.errors import UserError
-from iopfl.fl import STRATEGIES, ClientReply
-from iopfl.fl.aggregation import StateDict
+from iopfl.fl import STRATEGIES, ClientReply, build_strategy
+from iopfl.models import StateDict
 from iopfl.results import PERSONALIZED
 
 app = ServerApp()
+APP_DIR = Path(__file__).resolve().parent / "app"  # the Flower app folder given to `flwr run`
+# the run-config keys and their defaults, written once: in the app's pyproject.toml
+DEFAULTS: dict[str, Any] = tomllib.loads((APP_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
 log = logging.getLogger("flwr")  # Flower's logger: shown by `flwr run --stream` and in `flwr log`
+log_user_errors_in_one_line()
 PUBLISH = f"{MessageType.QUERY}.publish"
 
 
 @dataclass
 class Settings:
-    """The ServerApp's run config."""
+    """The ServerApp's run config (defaults: the app's pyproject.toml)."""
 
     config: Path
     run_dir: Path
     overrides: list[str]
-    nodes: int = 0
-    join_timeout: float = 300.0
-    reply_timeout: float = 600.0
-    poll_interval: float = 0.25
-    stop_after_round: int = 0
+    nodes: int = int(DEFAULTS["nodes"])
+    join_timeout: float = float(DEFAULTS["join-timeout"])
+    reply_timeout: float = float(DEFAULTS["reply-timeout"])
+    poll_interval: float = float(DEFAULTS["poll-interval"])
 
     @classmethod
-    def from_run_config(cls, rc: dict[str, Any]) -> Settings:
-        if not str(rc.get("config", "")).strip() or not str(rc.get("run-dir", "")).strip():
+    def from_run_config(cls, given: dict[str, Any]) -> Settings:
+        rc = {**DEFAULTS, **given}
+        if not str(rc["config"]).strip() or not str(rc["run-dir"]).strip():
             raise UserError("run config needs config='<iopfl yaml>' and run-dir='<run directory>'")
-        raw = str(rc.get("overrides", "")).strip()
+        raw = str(rc["overrides"]).strip()
         return cls(Path(str(rc["config"])).expanduser(), Path(str(rc["run-dir"])).expanduser(),
                    [x.strip() for x in raw.split(";") if x.strip()],
-                   nodes=int(rc.get("nodes", 0)), join_timeout=float(rc.get("join-timeout", 300)),
-                   reply_timeout=float(rc.get("reply-timeout", 600)),
-                   poll_interval=float(rc.get("poll-interval", 0.25)),
-                   stop_after_round=int(rc.get("stop-after-round", 0)))
+                   nodes=int(rc["nodes"]), join_timeout=float(rc["join-timeout"]),
+                   reply_timeout=float(rc["reply-timeout"]), poll_interval=float(rc["poll-interval"]))
 
 
 class FlowerSites:
@@ -82,6 +85,7 @@ class FlowerSites:
 
     def __init__(self, cfg: Config, settings: Settings, grid: Grid, runlog: RunLog):
         self.cfg, self.settings, self.log = cfg, settings, runlog
+        self.strategy = build_strategy(cfg.fl.method, cfg.fl.strategy_params())
         self.messenger = Messenger(grid, json.dumps(cfg.model_dump(mode="json")), settings.reply_timeout,
                                    settings.poll_interval)
         self.directory = NodeDirectory(grid, cfg, self.messenger, runlog.note, runlog.info)
@@ -144,7 +148,7 @@ class FlowerSites:
             out[site] = None if isinstance(reply, str) else wire.read_publish_reply(reply.content)
             if isinstance(reply, str):
                 self.log.note(f"site {site} could not be asked to publish: {reply}")
-            elif out[site] is None and PERSONALIZED in STRATEGIES[self.cfg.fl.method].models:
+            elif out[site] is None and PERSONALIZED in self.strategy.models:
                 self.log.info(f"site {site} did not opt in to publish its personalised model")
         return out
 
@@ -164,22 +168,13 @@ def flower_run(cfg: Config, settings: Settings, grid: Grid) -> Federation:
         raise UserError(f"fl.method={cfg.fl.method} pools every site's data in one place: not a "
                         "federated method, so it has no Flower deployment (use `iopfl train`)")
     runlog = RunLog(RunDir(settings.run_dir), log)
-    stop = settings.stop_after_round
-
-    def stop_as_a_crash_would(round_: int) -> None:
-        if round_ == stop:
-            raise RuntimeError(f"stop-after-round={round_}: stopping as a crash would (testing)")
-
-    return Federation(cfg, settings.run_dir, FlowerSites(cfg, settings, grid, runlog), runlog=runlog,
-                      on_checkpoint=stop_as_a_crash_would if stop else None)
+    return Federation(cfg, settings.run_dir, FlowerSites(cfg, settings, grid, runlog), runlog=runlog)
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    settings = Settings.from_run_config(dict(context.run_config))
-    cfg = load_config(settings.config, settings.overrides)
-    try:
+    """The entry point of the coordinator: a user's mistake ends the run as failed, in one line."""
+    with ending_the_run():
+        settings = Settings.from_run_config(dict(context.run_config))
+        cfg = load_config(settings.config, settings.overrides)
         flower_run(cfg, settings, grid).run(resume=True)  # a restarted server continues its run
-    except UserError as err:
-        log.error("[iopfl] %s", err)
-        raise

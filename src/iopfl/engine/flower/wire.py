@@ -41,7 +41,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-StateDict = dict[str, torch.Tensor]
+from iopfl.models.factory import StateDict
+
 NUM_EXAMPLES = "num-examples"
 
 

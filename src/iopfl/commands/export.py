@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from iopfl import __version__
-from iopfl.engine.outside import TrainedRun, open_run, predict_inputs, selected_weights
+from iopfl.commands.predict import predict_inputs, selected_weights
+from iopfl.commands.runs import TrainedRun, open_run
 from iopfl.errors import UserError
 from iopfl.fileio import atomic_write
 from iopfl.models.routing import load_expert

@@ -1,8 +1,8 @@
-"""Start and stop Flower processes for iopfl on this machine, and run the iopfl app on them.
-
-Used by the tests and usable from Python (or a CLI command) for a one-machine deployment: a SuperLink,
-one SuperNode per site, ``flwr run`` of ``app/``. For several machines run the same commands on each
-host (README, "Several machines (Flower)"). This module does not import ``flwr``: it drives Flower's command-line tools.
+"""Start and stop Flower processes for iopfl on this machine, and run the iopfl app on them (the tests'
+deployments): a SuperLink, one SuperNode per site, ``flwr run`` of the app folder. For several
+machines run the same commands on each host (README, "Several machines (Flower)"). It drives Flower's
+command-line tools: every process's environment, ``$FLWR_HOME/config.toml``, arguments, and what
+``flwr run`` reports.
 
 Every process gets ``FLWR_TELEMETRY_ENABLED=0``, ``FLWR_DISABLE_UPDATE_CHECK=1`` and a ``FLWR_HOME`` we
 own; the SuperLink never installs dependencies at run time; everything binds to 127.0.0.1; processes
@@ -15,8 +15,10 @@ import json
 import os
 import re
 import signal
+import socket
 import ssl
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterable, Mapping
@@ -24,11 +26,64 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
-from iopfl.engine.flower import app_folder
-from iopfl.engine.flower.env import BIN, CONNECTION, RunOutcome, flower_env, free_port, run_config_arg, \
-    strip_ansi, write_flwr_home
+from iopfl.engine.flower.server import APP_DIR
 
-APP_DIR = app_folder()
+BIN = Path(sys.executable).parent
+CONNECTION = "iopfl"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flower_env(home: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of every Flower process: no telemetry, no update check, our FLWR_HOME."""
+    env = dict(os.environ if base is None else base)
+    # the SuperLink and SuperNodes spawn flower-superexec / flwr-serverapp / flwr-clientapp from PATH
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", FLWR_HOME=str(home),
+               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    # SuperExec looks for new tasks every second by default; half of that shortens every phase
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.5")
+    return env
+
+
+def write_flwr_home(home: Path, address: str, tls_ca: Path | None = None, name: str = CONNECTION) -> Path:
+    """Write ``$FLWR_HOME/config.toml`` with one SuperLink connection ``name`` (the default).
+
+    Always write it yourself: without it, ``flwr`` creates a default whose ``local`` connection starts
+    a separate simulation SuperLink instead of using your deployment.
+    """
+    home = Path(home)
+    home.mkdir(parents=True, exist_ok=True)
+    security = f'root-certificates = "{Path(tls_ca).resolve()}"' if tls_ca else "insecure = true"
+    path = home / "config.toml"
+    path.write_text(f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n{security}\n')
+    return path
+
+
+def run_config_arg(values: Mapping[str, object]) -> str:
+    """``--run-config`` text: strings quoted (TOML), numbers as they are."""
+    return " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in values.items())
+
+
+def strip_ansi(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+@dataclass
+class RunOutcome:
+    """What ``flwr run`` did: the run id, Flower's final status of the run, and the streamed log."""
+
+    run_id: str | None
+    status: str            # e.g. "finished:completed", "finished:failed" (``flwr ls``)
+    output: str
+
+    @property
+    def completed(self) -> bool:
+        return self.status == "finished:completed"
 
 
 @dataclass
@@ -169,8 +224,10 @@ class Deployment:
 
     # --- runs ----------------------------------------------------------------------------------
     def run(self, config: Path, run_dir: Path, overrides: Iterable[str] = (), nodes: int = 0,
-            supernodes: int | None = None, timeout: float = 900, **run_config: object) -> RunOutcome:
-        """``flwr run`` the iopfl app and wait for it; the outcome carries Flower's final run status.
+            supernodes: int | None = None, timeout: float = 900, app: Path = APP_DIR,
+            **run_config: object) -> RunOutcome:
+        """``flwr run`` the iopfl app (or another app folder, ``app``) and wait for it; the outcome
+        carries Flower's final run status.
 
         ``supernodes``: the simulation's number of virtual SuperNodes (simulation runtime only).
         Extra keyword arguments become run-config keys (``reply_timeout=60`` → ``reply-timeout=60``).
@@ -178,7 +235,7 @@ class Deployment:
         rc = {"config": str(Path(config).resolve()), "run-dir": str(Path(run_dir).resolve()),
               "overrides": ";".join(overrides), "nodes": nodes,
               **{k.replace("_", "-"): v for k, v in run_config.items()}}
-        args = ["run", str(APP_DIR), CONNECTION, "--stream", "--run-config", run_config_arg(rc)]
+        args = ["run", str(app), CONNECTION, "--stream", "--run-config", run_config_arg(rc)]
         if supernodes is not None:
             args += ["--federation-config", f"num-supernodes={supernodes}"]
         done = self.flwr(*args, timeout=timeout)
