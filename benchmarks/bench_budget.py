@@ -15,10 +15,9 @@ import json
 import time
 from pathlib import Path
 
-from iopfl.config import build_config, read_yaml
+from iopfl.config import CONFIG_DIR, build_config, read_yaml
 from iopfl.engine.local import in_process_run
 from iopfl.engine.rundir import RunDir
-from iopfl.config import CONFIG_DIR
 from iopfl.report.tables import markdown_table
 from iopfl.results import GLOBAL, read_run_results
 
@@ -34,23 +33,43 @@ BUDGETS: dict[str, list[str]] = {  # name: overrides of configs/polyp.yaml (FedA
     "128px-w16-20r": [*STANDARD, *ONE_PROCESS, "data.image_size=128", "fl.rounds=20", "eval.eval_every=4"],
     "128px-w16-30r": [*STANDARD, *ONE_PROCESS, "data.image_size=128", "fl.rounds=30", "eval.eval_every=5"],
     "160px-w16-20r": [*STANDARD, *ONE_PROCESS, "data.image_size=160", "fl.rounds=20", "eval.eval_every=4"],
-    "128px-w24-20r": [*STANDARD, *ONE_PROCESS, "data.image_size=128", "model.width=24", "fl.rounds=20",
-                      "eval.eval_every=4"],
+    "128px-w24-20r": [
+        *STANDARD,
+        *ONE_PROCESS,
+        "data.image_size=128",
+        "model.width=24",
+        "fl.rounds=20",
+        "eval.eval_every=4",
+    ],
     "128px-w16-30r-noaug": [*NO_AUG, *ONE_PROCESS, "data.image_size=128", "fl.rounds=30", "eval.eval_every=10"],
-    "128px-w16-50r-noaug-2w": [*NO_AUG, "runtime.workers=2", "runtime.channels_last=false", "data.image_size=128",
-                               "fl.rounds=50", "eval.eval_every=10"],
-    "128px-w16-50r-flips-2w-cl": [*FLIPS, *TWO_WORKERS_CL, "data.image_size=128", "fl.rounds=50",
-                                  "eval.eval_every=10"],
-    "160px-w16-36r-flips-2w-cl": [*FLIPS, *TWO_WORKERS_CL, "data.image_size=160", "fl.rounds=36",
-                                  "eval.eval_every=12"],
-    "128px-w16-20r-noaug": [*NO_AUG, *ONE_PROCESS, "data.image_size=128", "fl.rounds=20", "eval.eval_every=4",
-                            "train.lr_schedule=constant", "train.ce_weight=0"],
+    "128px-w16-50r-noaug-2w": [
+        *NO_AUG,
+        "runtime.workers=2",
+        "runtime.channels_last=false",
+        "data.image_size=128",
+        "fl.rounds=50",
+        "eval.eval_every=10",
+    ],
+    "128px-w16-50r-flips-2w-cl": [*FLIPS, *TWO_WORKERS_CL, "data.image_size=128", "fl.rounds=50", "eval.eval_every=10"],
+    "160px-w16-36r-flips-2w-cl": [*FLIPS, *TWO_WORKERS_CL, "data.image_size=160", "fl.rounds=36", "eval.eval_every=12"],
+    "128px-w16-20r-noaug": [
+        *NO_AUG,
+        *ONE_PROCESS,
+        "data.image_size=128",
+        "fl.rounds=20",
+        "eval.eval_every=4",
+        "train.lr_schedule=constant",
+        "train.ce_weight=0",
+    ],
 }
 
 
 def run_budget(name: str, out: Path, extra: list[str], times: dict[str, float]) -> dict:
-    cfg = build_config(read_yaml(CONFIG_DIR / "polyp.yaml"),
-                       [f"data.root={SHARED}", "fl.method=fedavg", *BUDGETS[name], *extra], origin="polyp.yaml")
+    cfg = build_config(
+        read_yaml(CONFIG_DIR / "polyp.yaml"),
+        [f"data.root={SHARED}", "fl.method=fedavg", *BUDGETS[name], *extra],
+        origin="polyp.yaml",
+    )
     run_dir = out / "budget" / name
     if not RunDir(run_dir).results.exists():
         t0 = time.perf_counter()
@@ -61,10 +80,14 @@ def run_budget(name: str, out: Path, extra: list[str], times: dict[str, float]) 
             (out / "budget-times.json").write_text(json.dumps(times, indent=1))
     results = read_run_results(RunDir(run_dir).results)
     entry = results.models[GLOBAL]
-    return {"overrides": BUDGETS[name] + extra, "minutes": times.get(name, float("nan")) / 60,
-            "selected_round": results.selection[GLOBAL],
-            "test_dice": {s: v.dice for s, v in entry.sites.items()}, "mean_dice": entry.mean.dice,
-            "last_round_mean_dice": results.last_round.models[GLOBAL].mean.dice}
+    return {
+        "overrides": BUDGETS[name] + extra,
+        "minutes": times.get(name, float("nan")) / 60,
+        "selected_round": results.selection[GLOBAL],
+        "test_dice": {s: v.dice for s, v in entry.sites.items()},
+        "mean_dice": entry.mean.dice,
+        "last_round_mean_dice": results.last_round.models[GLOBAL].mean.dice,
+    }
 
 
 def main() -> None:
@@ -82,11 +105,21 @@ def main() -> None:
         print(f"{name}: {100 * rows[name]['mean_dice']:.2f} % in {rows[name]['minutes']:.1f} min", flush=True)
     (args.out / "budget.json").write_text(json.dumps(rows, indent=1))
     sites = list(next(iter(rows.values()))["test_dice"])
-    table = [[name, *(f"{100 * r['test_dice'][s]:.2f}" for s in sites), f"{100 * r['mean_dice']:.2f}",
-              f"{100 * r['last_round_mean_dice']:.2f}", str(r["selected_round"]), f"{r['minutes']:.1f}"]
-             for name, r in rows.items()]
-    text = ("# FedAvg on the polyp sites: test Dice % (original grid) of the val-selected global model\n\n"
-            + markdown_table(["budget", *sites, "mean", "last round mean", "selected round", "minutes"], table))
+    table = [
+        [
+            name,
+            *(f"{100 * r['test_dice'][s]:.2f}" for s in sites),
+            f"{100 * r['mean_dice']:.2f}",
+            f"{100 * r['last_round_mean_dice']:.2f}",
+            str(r["selected_round"]),
+            f"{r['minutes']:.1f}",
+        ]
+        for name, r in rows.items()
+    ]
+    text = (
+        "# FedAvg on the polyp sites: test Dice % (original grid) of the val-selected global model\n\n"
+        + markdown_table(["budget", *sites, "mean", "last round mean", "selected round", "minutes"], table)
+    )
     (args.out / "budget.md").write_text(text)
     print(text)
 

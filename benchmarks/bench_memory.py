@@ -18,9 +18,8 @@ from pathlib import Path
 
 import psutil
 
-from iopfl.config import build_config, read_yaml
+from iopfl.config import CONFIG_DIR, build_config, read_yaml
 from iopfl.engine.local import in_process_run
-from iopfl.config import CONFIG_DIR
 
 OUT = Path(__file__).resolve().parent / "results"
 
@@ -39,8 +38,13 @@ class MemoryProbe:
     def client_done(self, round_: int, site: str, loss: float) -> None:
         self.done += 1
         if self.done % self.per_round == 0:  # the round's last client has trained
-            self.rows.append({"round": round_, "rss_mb": self.process.memory_info().rss / 2**20,
-                              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+            self.rows.append(
+                {
+                    "round": round_,
+                    "rss_mb": self.process.memory_info().rss / 2**20,
+                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                }
+            )
 
     def round_done(self, round_: int, val_dice: dict[str, float]) -> None: ...
 
@@ -57,11 +61,18 @@ def main() -> None:
     r5, last = by_round[5], by_round[args.rounds]
     growth = last["peak_rss_mb"] / r5["peak_rss_mb"] - 1
     OUT.mkdir(exist_ok=True)
-    (OUT / "bench_memory.json").write_text(json.dumps({"rounds": probe.rows, "peak_growth_5_to_last": growth}, indent=1))
-    table = ("| round | RSS (MB) | peak RSS (MB) |\n|---:|---:|---:|\n"
-             + "".join(f"| {r['round']} | {r['rss_mb']:.0f} | {r['peak_rss_mb']:.0f} |\n"
-                       for r in probe.rows if r["round"] in (1, 5, 10, 20, 30, 40, args.rounds))
-             + f"\nPeak RSS growth from round 5 to round {args.rounds}: {100 * growth:+.2f} %\n")
+    (OUT / "bench_memory.json").write_text(
+        json.dumps({"rounds": probe.rows, "peak_growth_5_to_last": growth}, indent=1)
+    )
+    table = (
+        "| round | RSS (MB) | peak RSS (MB) |\n|---:|---:|---:|\n"
+        + "".join(
+            f"| {r['round']} | {r['rss_mb']:.0f} | {r['peak_rss_mb']:.0f} |\n"
+            for r in probe.rows
+            if r["round"] in (1, 5, 10, 20, 30, 40, args.rounds)
+        )
+        + f"\nPeak RSS growth from round 5 to round {args.rounds}: {100 * growth:+.2f} %\n"
+    )
     (OUT / "bench_memory.md").write_text(table)
     print(table)
     sys.exit(0 if growth <= 0.05 else 1)

@@ -34,14 +34,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from bench_quality import SUITES, outside_config, run_all, suite_config
-from iopfl.data import load_dataset
+from records import default_work, ensure_record, has_weights
+
 from iopfl.commands.adapt import adapt_cases, adapt_runtime, target_cases, test_case_ids
 from iopfl.commands.runs import open_run
+from iopfl.data import load_dataset
 from iopfl.report.compare import cell
 from iopfl.report.tables import markdown_table
-from records import default_work, ensure_record, has_weights
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BEFORE = ["adapt.gate_norm=sigmoid", "adapt.gate_init=paper", "adapt.lambda_anchor=0", "adapt.safeguard=false"]
@@ -94,17 +94,36 @@ def study_one(suite: str, target: str, seed: int, out: Path, work: Path, availab
         t0 = time.perf_counter()
         safeguard: dict[str, dict] = {}
         traces: dict[str, list[dict]] = {}
-        entry = adapt_cases(run, cases, [method], None, cfg, adapt_runtime(cfg), scored=test, safeguard=safeguard,
-                            subsets={"dev": dev}, traces=traces)[method]
-        done[setting] = {"method": method, "overrides": overrides, "test": entry["mean"]["dice"],
-                         "dev": entry["subsets"]["dev"]["dice"], "seconds": round(time.perf_counter() - t0, 1),
-                         "safeguard": safeguard.get(method)}
+        entry = adapt_cases(
+            run,
+            cases,
+            [method],
+            None,
+            cfg,
+            adapt_runtime(cfg),
+            scored=test,
+            safeguard=safeguard,
+            subsets={"dev": dev},
+            traces=traces,
+        )[method]
+        done[setting] = {
+            "method": method,
+            "overrides": overrides,
+            "test": entry["mean"]["dice"],
+            "dev": entry["subsets"]["dev"]["dice"],
+            "seconds": round(time.perf_counter() - t0, 1),
+            "safeguard": safeguard.get(method),
+        }
         if seed == 0 and method in traces:
             (record / f"trace-{slug(setting)}.jsonl").write_text(
-                "".join(json.dumps(line) + "\n" for line in traces[method]))
-        study_file.write_text(json.dumps(done, indent=1) + "\n")   # after every setting: resumable
-        print(f"{name} {setting}: test {100 * done[setting]['test']:.2f}, dev {100 * done[setting]['dev']:.2f} "
-              f"({done[setting]['seconds']:.0f} s)", flush=True)
+                "".join(json.dumps(line) + "\n" for line in traces[method])
+            )
+        study_file.write_text(json.dumps(done, indent=1) + "\n")  # after every setting: resumable
+        print(
+            f"{name} {setting}: test {100 * done[setting]['test']:.2f}, dev {100 * done[setting]['dev']:.2f} "
+            f"({done[setting]['seconds']:.0f} s)",
+            flush=True,
+        )
     return study_file
 
 
@@ -133,19 +152,26 @@ def shortfalls(runs: dict[str, dict], setting: str, split: str = "dev") -> list[
 
 def choose(runs: dict[str, dict]) -> tuple[str | None, str]:
     """The rule of the module docstring on the development cases: (chosen setting or None, why)."""
-    candidates = [n for n, (m, o) in SETTINGS.items() if m == "iopfl" and "adapt.safeguard=false" not in o
-                  and all(n in s for s in runs.values())]   # judged only where every hold-out has it
+    candidates = [
+        n
+        for n, (m, o) in SETTINGS.items()
+        if m == "iopfl" and "adapt.safeguard=false" not in o and all(n in s for s in runs.values())
+    ]  # judged only where every hold-out has it
     mean = {n: float(np.mean([s[n]["dev"] for s in runs.values()])) for n in candidates}
     worst = {n: max(shortfalls(runs, n)) for n in candidates}
     safe = [n for n in candidates if worst[n] <= 0.01]
     if safe:
         best = max(safe, key=mean.get)
-        return best, (f"best mean development Dice ({100 * mean[best]:.2f}) among the settings never more than "
-                      f"1 point below BN-adapt (worst: {100 * worst[best]:+.2f} below)")
+        return best, (
+            f"best mean development Dice ({100 * mean[best]:.2f}) among the settings never more than "
+            f"1 point below BN-adapt (worst: {100 * worst[best]:+.2f} below)"
+        )
     least = min(candidates, key=worst.get)
-    return None, (f"no setting stays within 1 point of BN-adapt on every hold-out and seed; the smallest "
-                  f"worst-case shortfall is {100 * worst[least]:.2f} points ({least}): the default method "
-                  f"becomes bn")
+    return None, (
+        f"no setting stays within 1 point of BN-adapt on every hold-out and seed; the smallest "
+        f"worst-case shortfall is {100 * worst[least]:.2f} points ({least}): the default method "
+        f"becomes bn"
+    )
 
 
 def table(runs: dict[str, dict], split: str) -> str:
@@ -156,24 +182,36 @@ def table(runs: dict[str, dict], split: str) -> str:
         if not scores:
             continue
         falls = shortfalls(runs, setting, split)
-        fb = [s[setting]["safeguard"]["fallbacks"] / s[setting]["safeguard"]["batches"]
-              for s in runs.values() if setting in s and s[setting].get("safeguard")]
+        fb = [
+            s[setting]["safeguard"]["fallbacks"] / s[setting]["safeguard"]["batches"]
+            for s in runs.values()
+            if setting in s and s[setting].get("safeguard")
+        ]
         means = [np.mean(scores[t]) for t in targets if t in scores]
-        rows.append([setting, *[cell(scores.get(t, []), 100) for t in targets], f"{100 * np.mean(means):.2f}",
-                     f"{100 * max(falls):+.2f}" if falls else "—", f"{100 * np.mean(fb):.1f}" if fb else "—"])
-    return markdown_table(["setting", *targets, "mean", "worst vs bn (points below)", "fell back % of batches"],
-                          rows)
+        rows.append(
+            [
+                setting,
+                *[cell(scores.get(t, []), 100) for t in targets],
+                f"{100 * np.mean(means):.2f}",
+                f"{100 * max(falls):+.2f}" if falls else "—",
+                f"{100 * np.mean(fb):.1f}" if fb else "—",
+            ]
+        )
+    return markdown_table(["setting", *targets, "mean", "worst vs bn (points below)", "fell back % of batches"], rows)
 
 
 def write_tables(out: Path, runs: dict[str, dict], suites: list[str]) -> str:
     chosen, why = choose(runs)
     seeds = sorted({int(RUN_NAME.match(n)[2]) for n in runs})
-    text = (f"# Outside settings study: {', '.join(suites)}, {len(runs)} hold-out runs (seeds {seeds})\n\n"
-            "Dice % of each held-out site (mean ± std over seeds). Chosen on the development cases (train + "
-            "val splits of the held-out site), reported on its test split; adaptation sees all images.\n\n"
-            "## Development cases (the choice)\n\n" + table(runs, "dev")
-            + f"\nChosen by the rule fixed in advance (benchmarks/bench_outside.py): **{chosen or 'bn'}** — {why}.\n\n"
-            "## Test split (reported)\n\n" + table(runs, "test"))
+    text = (
+        f"# Outside settings study: {', '.join(suites)}, {len(runs)} hold-out runs (seeds {seeds})\n\n"
+        "Dice % of each held-out site (mean ± std over seeds). Chosen on the development cases (train + "
+        "val splits of the held-out site), reported on its test split; adaptation sees all images.\n\n"
+        "## Development cases (the choice)\n\n"
+        + table(runs, "dev")
+        + f"\nChosen by the rule fixed in advance (benchmarks/bench_outside.py): **{chosen or 'bn'}** — {why}.\n\n"
+        "## Test split (reported)\n\n" + table(runs, "test")
+    )
     (out / "outside-study.md").write_text(text)
     (out / "outside-study.json").write_text(json.dumps({"chosen": chosen, "why": why, "runs": runs}, indent=1) + "\n")
     return text
@@ -228,8 +266,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=1, help="hold-out runs adapted at a time")
     parser.add_argument("--out", type=Path, help="where the combined table goes (default: the first suite's folder)")
-    parser.add_argument("--available", action="store_true",
-                        help="study only hold-out runs whose weights exist (while bench_quality.py trains the rest)")
+    parser.add_argument(
+        "--available",
+        action="store_true",
+        help="study only hold-out runs whose weights exist (while bench_quality.py trains the rest)",
+    )
     parser.add_argument("--target", action="append", help="only these held-out sites (default: all)")
     parser.add_argument("--tables-only", action="store_true", help="build the tables from the records only")
     args = parser.parse_args()
@@ -238,10 +279,14 @@ def main() -> None:
         out = RESULTS / f"quality-{suite}"
         if not args.tables_only:
             sites = list(load_dataset(suite_config(suite, []).data).sites)
-            jobs = [(suite, t, s, out, default_work(out), args.available) for s in range(args.seeds) for t in sites
-                    if not args.target or t in args.target]
+            jobs = [
+                (suite, t, s, out, default_work(out), args.available)
+                for s in range(args.seeds)
+                for t in sites
+                if not args.target or t in args.target
+            ]
             run_all(study_one, jobs, args.jobs)
-        runs.update(collect(out, args.seeds))   # run names carry their site, which no two suites share
+        runs.update(collect(out, args.seeds))  # run names carry their site, which no two suites share
         plot_traces(out)
     print(write_tables(args.out or RESULTS / f"quality-{args.suite[0]}", runs, args.suite))
 

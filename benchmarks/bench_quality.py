@@ -28,26 +28,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from records import default_work, ensure_record
 
-from iopfl.config import Config, build_config, read_yaml
-from iopfl.data import load_dataset
 from iopfl.commands.adapt import adapt_cases, adapt_runtime, method_names, target_cases, test_case_ids
 from iopfl.commands.runs import open_run
+from iopfl.config import CONFIG_DIR, Config, build_config, read_yaml
+from iopfl.data import load_dataset
 from iopfl.engine.local import in_process_run
 from iopfl.engine.rundir import RunDir
-from iopfl.config import CONFIG_DIR
 from iopfl.fl import STRATEGIES
 from iopfl.report.compare import cell, compare_runs
 from iopfl.report.tables import markdown_table
 from iopfl.results import PERSONALIZED, read_run_results
-from records import default_work, ensure_record
 
 SUITES: dict[str, tuple[str, list[str], bool]] = {
     # name: (config file, overrides, has outside hold-outs)
     # the demo's six sites with 10 cases each; 16 rounds, evaluated every 4, channels-last (1.1x on an
     # AVX2 CPU): all 48 runs of --seeds 3 fit in an hour on 2 cores
-    "synthetic": ("demo.yaml", ["data.synthetic.cases=10", "fl.rounds=16", "eval.eval_every=4",
-                                "runtime.channels_last=true"], True),
+    "synthetic": (
+        "demo.yaml",
+        ["data.synthetic.cases=10", "fl.rounds=16", "eval.eval_every=4", "runtime.channels_last=true"],
+        True,
+    ),
     # configs/polyp.yaml's budget, chosen for FedAvg by bench_budget.py, for every method; one process
     # per run, as --jobs runs them side by side (one thread each: the numbers of the yaml's 2 workers)
     "polyp": ("polyp.yaml", ["runtime.workers=1"], True),
@@ -80,12 +82,14 @@ def inside_job(suite: str, method: str, seed: int, out: Path, work: Path, extra:
 
 
 def outside_config(suite: str, target: str, seed: int, extra: list[str]) -> Config:
-    return suite_config(suite, ["fl.method=iopfl", f"seed={seed}", f"data.holdout={target}",
-                                f"adapt.seed={seed}", *extra])
+    return suite_config(
+        suite, ["fl.method=iopfl", f"seed={seed}", f"data.holdout={target}", f"adapt.seed={seed}", *extra]
+    )
 
 
-def outside_job(suite: str, target: str, seed: int, out: Path, work: Path, extra: list[str],
-                train_only: bool = False) -> Path:
+def outside_job(
+    suite: str, target: str, seed: int, out: Path, work: Path, extra: list[str], train_only: bool = False
+) -> Path:
     """IOP-FL trained without ``target`` (record under ``out``, weights under ``work``), then every
     adaptation method on it → the record's ``outside.json``."""
     name = f"without-{target}-s{seed}"
@@ -99,8 +103,16 @@ def outside_job(suite: str, target: str, seed: int, out: Path, work: Path, extra
     if not train_only and not result_file.exists():
         run = open_run(run_dir)
         safeguard: dict[str, dict] = {}
-        models = adapt_cases(run, target_cases(run, target), method_names("all"), None, cfg, adapt_runtime(cfg),
-                             scored=test_case_ids(cfg, target), safeguard=safeguard)  # the oracle's cases too
+        models = adapt_cases(
+            run,
+            target_cases(run, target),
+            method_names("all"),
+            None,
+            cfg,
+            adapt_runtime(cfg),
+            scored=test_case_ids(cfg, target),
+            safeguard=safeguard,
+        )  # the oracle's cases too
         for method, summary in safeguard.items():
             models[method]["safeguard"] = summary
         result_file.write_text(json.dumps(models, indent=1))
@@ -113,8 +125,9 @@ def run_all(job, args: list[tuple], jobs: int) -> list[Path]:
     if jobs == 1:
         return [job(*a) for a in args]
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+    with ProcessPoolExecutor(
+        jobs, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads, initargs=(threads,)
+    ) as pool:
         return list(pool.map(job, *zip(*args)))
 
 
@@ -124,8 +137,9 @@ def inside_design(methods: list[str], seeds: int, rest: list[str], rest_seeds: i
     return [(m, s) for s in range(seeds) for m in methods] + [(m, s) for s in range(rest_seeds) for m in rest]
 
 
-def run_inside(suite: str, design: list[tuple[str, int]], out: Path, work: Path, extra: list[str],
-               jobs: int = 1) -> list[Path]:
+def run_inside(
+    suite: str, design: list[tuple[str, int]], out: Path, work: Path, extra: list[str], jobs: int = 1
+) -> list[Path]:
     """Every (method, seed) of ``design``; the tables from every record under ``out/inside``."""
     run_all(inside_job, [(suite, m, s, out, work, extra) for m, s in design], jobs)
     return write_inside_tables(out)
@@ -182,18 +196,27 @@ def write_paired(pairs: dict, path: Path) -> None:
     rows = []
     for name, row in pairs.items():
         per_seed = ", ".join(f"{d:+.2f}" for d in row["mean"])
-        rows.append([name, per_seed, f"{np.mean(row['mean']):+.2f}",
-                     *[f"{np.mean(row[s]):+.2f}" for s in sites], verdict(row["mean"])])
+        rows.append(
+            [
+                name,
+                per_seed,
+                f"{np.mean(row['mean']):+.2f}",
+                *[f"{np.mean(row[s]):+.2f}" for s in sites],
+                verdict(row["mean"]),
+            ]
+        )
     path.with_suffix(".md").write_text(
         "# Inside: paired differences to the FedAvg global model (Dice points, test split)\n\n"
         "Each run minus the global model of the `iopfl` run with the same seed (IOP-FL's global model is "
         "FedAvg's). Per-seed values are the mean over sites; site columns are means over seeds.\n\n"
-        + markdown_table(["method/model", "per seed", "mean", *sites, "verdict"], rows))
+        + markdown_table(["method/model", "per seed", "mean", *sites, "verdict"], rows)
+    )
     path.with_suffix(".json").write_text(json.dumps(pairs, indent=1))
 
 
-def run_outside(suite: str, seeds: list[int], out: Path, work: Path, extra: list[str], jobs: int = 1,
-                train_only: bool = False) -> dict:
+def run_outside(
+    suite: str, seeds: list[int], out: Path, work: Path, extra: list[str], jobs: int = 1, train_only: bool = False
+) -> dict:
     sites = list(load_dataset(suite_config(suite, extra).data).sites)
     pairs = [(t, s) for s in seeds for t in sites]  # seed-major: every hold-out of seed 0 finishes first
     files = run_all(outside_job, [(suite, t, s, out, work, extra, train_only) for t, s in pairs], jobs)
@@ -219,9 +242,11 @@ def oracle_scores(out: Path, sites: list[str], seeds: list[int]) -> dict[str, li
 
 
 ORACLE = "oracle (own labels)"
-ORACLE_NOTE = (f"\n`{ORACLE}`: the site's own model trained on its labelled train split (the inside `local` "
-               "run). Every row is scored on the held-out site's test split; the test-time methods adapt "
-               "online over all of its images, unlabelled.\n")
+ORACLE_NOTE = (
+    f"\n`{ORACLE}`: the site's own model trained on its labelled train split (the inside `local` "
+    "run). Every row is scored on the held-out site's test split; the test-time methods adapt "
+    "online over all of its images, unlabelled.\n"
+)
 
 
 def write_outside_table(scores: dict, sites: list[str], path: Path) -> None:
@@ -229,8 +254,11 @@ def write_outside_table(scores: dict, sites: list[str], path: Path) -> None:
     for method, by_site in scores.items():
         means = [np.mean(by_site[s]) for s in sites]
         rows.append([method, *[cell(by_site[s], 100) for s in sites], f"{100 * np.mean(means):.2f}"])
-    path.write_text("# Outside: Dice % on each held-out site (experts trained on the others)\n\n"
-                    + markdown_table(["method", *sites, "mean"], rows) + ORACLE_NOTE)
+    path.write_text(
+        "# Outside: Dice % on each held-out site (experts trained on the others)\n\n"
+        + markdown_table(["method", *sites, "mean"], rows)
+        + ORACLE_NOTE
+    )
 
 
 def main() -> None:
@@ -240,33 +268,59 @@ def main() -> None:
     parser.add_argument("--outside-seeds", type=int, help="seeds for the outside part (default: --seeds)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("-o", "--override", action="append", default=[], help="config key=value for every run")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="runs at a time, each with cores/jobs torch threads (2 × 1 thread: ~1.6× the "
-                             "throughput of 1 × 2 threads for these small models)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at a time, each with cores/jobs torch threads (2 × 1 thread: ~1.6× the "
+        "throughput of 1 × 2 threads for these small models)",
+    )
     parser.add_argument("--parts", nargs="+", choices=["inside", "outside"], default=["inside", "outside"])
-    parser.add_argument("--methods", nargs="+", choices=list(STRATEGIES),
-                        help="inside methods that get --seeds seeds (default: all)")
-    parser.add_argument("--rest", nargs="+", choices=list(STRATEGIES), default=[],
-                        help="inside methods run after --methods, with --rest-seeds seeds")
+    parser.add_argument(
+        "--methods", nargs="+", choices=list(STRATEGIES), help="inside methods that get --seeds seeds (default: all)"
+    )
+    parser.add_argument(
+        "--rest",
+        nargs="+",
+        choices=list(STRATEGIES),
+        default=[],
+        help="inside methods run after --methods, with --rest-seeds seeds",
+    )
     parser.add_argument("--rest-seeds", type=int, default=1)
-    parser.add_argument("--tables-only", action="store_true",
-                        help="run nothing: rewrite the inside tables from the records under --out")
-    parser.add_argument("--work", type=Path, help="run folders with their weights, outside the repository "
-                        "(default: $IOPFL_BENCH_WORK/<out's name> or ~/.cache/iopfl/bench/<out's name>)")
-    parser.add_argument("--train-only", action="store_true",
-                        help="outside part: train and record the hold-out runs, adapt nothing")
+    parser.add_argument(
+        "--tables-only", action="store_true", help="run nothing: rewrite the inside tables from the records under --out"
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        help="run folders with their weights, outside the repository "
+        "(default: $IOPFL_BENCH_WORK/<out's name> or ~/.cache/iopfl/bench/<out's name>)",
+    )
+    parser.add_argument(
+        "--train-only", action="store_true", help="outside part: train and record the hold-out runs, adapt nothing"
+    )
     args = parser.parse_args()
     out = args.out or Path(__file__).resolve().parent / "results" / f"quality-{args.suite}"
     work = args.work or default_work(out)
     t0 = time.perf_counter()
     if "inside" in args.parts:
-        design = [] if args.tables_only else inside_design(args.methods or list(STRATEGIES), args.seeds,
-                                                            args.rest, args.rest_seeds)
+        design = (
+            []
+            if args.tables_only
+            else inside_design(args.methods or list(STRATEGIES), args.seeds, args.rest, args.rest_seeds)
+        )
         if run_inside(args.suite, design, out, work, args.override, args.jobs):
             print((out / "inside-paired.md").read_text())
     if "outside" in args.parts and SUITES[args.suite][2]:
-        run_outside(args.suite, list(range(args.outside_seeds or args.seeds)), out, work, args.override,
-                    args.jobs, args.train_only)
+        run_outside(
+            args.suite,
+            list(range(args.outside_seeds or args.seeds)),
+            out,
+            work,
+            args.override,
+            args.jobs,
+            args.train_only,
+        )
         if not args.train_only:
             print((out / "outside.md").read_text())
     print(f"total {time.perf_counter() - t0:.0f} s")

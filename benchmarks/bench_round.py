@@ -22,9 +22,8 @@ from pathlib import Path
 
 import torch
 
-from iopfl.config import build_config, read_yaml
+from iopfl.config import CONFIG_DIR, build_config, read_yaml
 from iopfl.engine.local import in_process_run
-from iopfl.config import CONFIG_DIR
 
 OUT = Path(__file__).resolve().parent / "results"
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -58,24 +57,33 @@ class RoundClock:
 
 def time_variant(config: str, overrides: list[str], rounds: int) -> dict:
     name, base = CONFIGS[config]
-    cfg = build_config(read_yaml(CONFIG_DIR / name), [*base, *overrides, f"fl.rounds={rounds}", "eval.eval_every=1",
-                                                       "eval.overlays=0"], origin=name)
+    cfg = build_config(
+        read_yaml(CONFIG_DIR / name),
+        [*base, *overrides, f"fl.rounds={rounds}", "eval.eval_every=1", "eval.overlays=0"],
+        origin=name,
+    )
     clock = RoundClock()
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         in_process_run(cfg, Path(tmp) / "run", clock).run()
         total = time.perf_counter() - t0
     steady = clock.rounds[1:]
-    return {"round_s": sum(steady) / len(steady), "first_round_s": clock.rounds[0],
-            "setup_s": clock.started - t0 if clock.started else None, "total_s": total}
+    return {
+        "round_s": sum(steady) / len(steady),
+        "first_round_s": clock.rounds[0],
+        "setup_s": clock.started - t0 if clock.started else None,
+        "total_s": total,
+    }
 
 
 def to_markdown(rows: list[dict]) -> str:
     lines = ["| config | variant | s / round | × 1 process | first round (s) |", "|---|---|---:|---:|---:|"]
     for row in rows:
         for variant, r in row["variants"].items():
-            lines.append(f"| {row['config']} | {variant} | {r['round_s']:.1f} | "
-                         f"{row['variants']['1 process']['round_s'] / r['round_s']:.2f} | {r['first_round_s']:.1f} |")
+            lines.append(
+                f"| {row['config']} | {variant} | {r['round_s']:.1f} | "
+                f"{row['variants']['1 process']['round_s'] / r['round_s']:.2f} | {r['first_round_s']:.1f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -95,8 +103,15 @@ def main() -> None:
         for variant in args.variants:
             variants[variant] = time_variant(config, VARIANTS[variant], args.rounds)
             print(f"{config} {variant}: {variants[variant]['round_s']:.1f} s / round", flush=True)
-        rows.append({"config": config, "cores": os.cpu_count(), "torch": torch.__version__,
-                     "cpu_capability": torch.backends.cpu.get_cpu_capability(), "variants": variants})
+        rows.append(
+            {
+                "config": config,
+                "cores": os.cpu_count(),
+                "torch": torch.__version__,
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                "variants": variants,
+            }
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_round.json").write_text(json.dumps(rows, indent=2) + "\n")
     table = to_markdown(rows)

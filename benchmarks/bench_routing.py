@@ -36,8 +36,11 @@ def _naive_conv(self: RoutedConv2d, x: torch.Tensor) -> torch.Tensor:
         w = torch.einsum("e,e...->...", gates[i], self.weight)
         b = None if self.bias is None else gates[i] @ self.bias
         if isinstance(self, RoutedConvTranspose2d):
-            outs.append(F.conv_transpose2d(x[i : i + 1], w, b, self.stride, self.padding, self.output_padding,
-                                           self.groups, self.dilation))
+            outs.append(
+                F.conv_transpose2d(
+                    x[i : i + 1], w, b, self.stride, self.padding, self.output_padding, self.groups, self.dilation
+                )
+            )
         else:
             outs.append(F.conv2d(x[i : i + 1], w, b, self.stride, self.padding, self.dilation, self.groups))
     return torch.cat(outs)
@@ -89,9 +92,17 @@ def bench_models(name: str, repeats: int) -> dict:
     routed = route_experts(states, build)
     routed.train()
     naive = NaiveRouted(routed)
-    row = {"size": name, "width": width, "depth": depth, "image": size, "batch": BATCH, "experts": EXPERTS,
-           "plain_s": time_fwd_bwd(plain, x, repeats), "routed_s": time_fwd_bwd(routed, x, repeats),
-           "naive_s": time_fwd_bwd(naive, x, max(1, repeats // 2))}
+    row = {
+        "size": name,
+        "width": width,
+        "depth": depth,
+        "image": size,
+        "batch": BATCH,
+        "experts": EXPERTS,
+        "plain_s": time_fwd_bwd(plain, x, repeats),
+        "routed_s": time_fwd_bwd(routed, x, repeats),
+        "naive_s": time_fwd_bwd(naive, x, max(1, repeats // 2)),
+    }
     row["routed_over_plain"] = row["routed_s"] / row["plain_s"]
     row["naive_over_routed"] = row["naive_s"] / row["routed_s"]
     return row
@@ -114,15 +125,25 @@ def bench_methods(images: int = 32) -> dict[str, float]:
 
 
 def to_markdown(rows: list[dict], speeds: dict[str, float]) -> str:
-    lines = [f"Forward + backward, batch {BATCH}, {EXPERTS} experts (median seconds):", "",
-             "| size | plain (floor) | routed | naive per-sample loop | routed / plain | naive / routed |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Forward + backward, batch {BATCH}, {EXPERTS} experts (median seconds):",
+        "",
+        "| size | plain (floor) | routed | naive per-sample loop | routed / plain | naive / routed |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['size']} ({r['width']}w, depth {r['depth']}, {r['image']} px) | {r['plain_s']:.4f} | "
-                     f"{r['routed_s']:.4f} | {r['naive_s']:.4f} | {r['routed_over_plain']:.2f}× | "
-                     f"{r['naive_over_routed']:.2f}× |")
-    lines += ["", "Whole-site adaptation at demo size (32 images, 1 step per batch, 1 pass):", "",
-              "| method | images/s |", "|---|---:|"]
+        lines.append(
+            f"| {r['size']} ({r['width']}w, depth {r['depth']}, {r['image']} px) | {r['plain_s']:.4f} | "
+            f"{r['routed_s']:.4f} | {r['naive_s']:.4f} | {r['routed_over_plain']:.2f}× | "
+            f"{r['naive_over_routed']:.2f}× |"
+        )
+    lines += [
+        "",
+        "Whole-site adaptation at demo size (32 images, 1 step per batch, 1 pass):",
+        "",
+        "| method | images/s |",
+        "|---|---:|",
+    ]
     lines += [f"| {k} | {v:.1f} |" for k, v in speeds.items()]
     return "\n".join(lines) + "\n"
 

@@ -14,11 +14,11 @@ import json
 import time
 from pathlib import Path
 
-from iopfl.config import load_config
 from iopfl.commands.adapt import adapt_cases, adapt_runtime, target_cases
 from iopfl.commands.runs import open_run
-from iopfl.engine.rundir import RunDir
+from iopfl.config import load_config
 from iopfl.engine.local import in_process_run
+from iopfl.engine.rundir import RunDir
 from iopfl.report.tables import markdown_table
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -36,8 +36,16 @@ SETTINGS: dict[str, tuple[int, list[str]]] = {
 def hold_out_run(out: Path, site: str, rounds: int) -> Path:
     run_dir = out / f"without-{site}"
     if not RunDir(run_dir).results.exists():
-        cfg = load_config(DEMO, [f"data.holdout={site}", f"fl.rounds={rounds}", f"eval.eval_every={rounds // 2}",
-                                 "train.precision=fp32", "train.threads=1"])
+        cfg = load_config(
+            DEMO,
+            [
+                f"data.holdout={site}",
+                f"fl.rounds={rounds}",
+                f"eval.eval_every={rounds // 2}",
+                "train.precision=fp32",
+                "train.threads=1",
+            ],
+        )
         in_process_run(cfg, run_dir).run()
     return run_dir
 
@@ -57,8 +65,12 @@ def measure(out: Path, sites: list[str], rounds: int) -> dict:
             t0 = time.perf_counter()
             models = adapt_cases(run, cases, METHODS, None, cfg, adapt_runtime(cfg))
             row[name] = {m: models[m]["mean"]["dice"] for m in METHODS}
-            print(f"{site} {name}: " + ", ".join(f"{m} {100 * d:.2f}" for m, d in row[name].items())
-                  + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(
+                f"{site} {name}: "
+                + ", ".join(f"{m} {100 * d:.2f}" for m, d in row[name].items())
+                + f" ({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
         result[site] = row
     return result
 
@@ -69,8 +81,10 @@ def write_tables(result: dict, out: Path) -> None:
     rows = [[name, *[f"{100 * result[s][name][m]:.2f}" for s in sites for m in METHODS]] for name in SETTINGS]
     glob = ", ".join(f"{s} {100 * result[s]['global']:.2f}" for s in sites)
     (out / "small-batch.json").write_text(json.dumps(result, indent=1))
-    (out / "small-batch.md").write_text("# Outside adaptation by test batch size: Dice % on the held-out site\n\n"
-                                        f"Global model (no adaptation): {glob}.\n\n" + markdown_table(header, rows))
+    (out / "small-batch.md").write_text(
+        "# Outside adaptation by test batch size: Dice % on the held-out site\n\n"
+        f"Global model (no adaptation): {glob}.\n\n" + markdown_table(header, rows)
+    )
 
 
 def main() -> None:

@@ -66,14 +66,16 @@ def synthetic_samples(size: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return images, masks
 
 
-def plain_round(build: Callable[[], torch.nn.Module], weights: dict, images, masks, batch: int, seed: int,
-                device: torch.device) -> None:
+def plain_round(
+    build: Callable[[], torch.nn.Module], weights: dict, images, masks, batch: int, seed: int, device: torch.device
+) -> None:
     model = build().to(device)
     model.load_state_dict(weights)
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, amsgrad=True)
-    loader = DataLoader(PerSample(images, masks), batch_size=batch, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        PerSample(images, masks), batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(seed)
+    )
     for x, y in loader:
         loss = segmentation_loss(model(x.to(device)), y.to(device))
         optimizer.zero_grad()
@@ -92,16 +94,19 @@ def variant_settings(batch: int, device: torch.device) -> tuple[dict[str, TrainS
     bf16 = resolve_precision("auto", device) == "bf16"
     variants, skipped = {}, []
     for label, precision, channels_last, compiled in [
-        ("ours fp32", "fp32", False, False), ("ours fp32 channels-last", "fp32", True, False),
+        ("ours fp32", "fp32", False, False),
+        ("ours fp32 channels-last", "fp32", True, False),
         ("ours fp32 channels-last compile", "fp32", True, True),
-        ("ours bf16", "bf16", False, False), ("ours bf16 channels-last", "bf16", True, False),
+        ("ours bf16", "bf16", False, False),
+        ("ours bf16 channels-last", "bf16", True, False),
         ("ours bf16 channels-last compile", "bf16", True, True),
     ]:
         if precision == "bf16" and not bf16:
             skipped.append(f"{label}: {device} has no native bf16 kernels (emulated bf16 is ~9x slower than fp32)")
             continue
-        variants[label] = TrainSettings(batch_size=batch, precision=precision, channels_last=channels_last,
-                                        device=str(device), compile=compiled)
+        variants[label] = TrainSettings(
+            batch_size=batch, precision=precision, channels_last=channels_last, device=str(device), compile=compiled
+        )
     return variants, skipped
 
 
@@ -115,7 +120,8 @@ def bench_size(name: str, rounds: int, device: torch.device) -> dict:
     build = lambda: build_model(3, 2, width, depth)  # noqa: E731
     weights = build().state_dict()
     variants: dict[str, Callable[[int], None]] = {
-        "plain": lambda r: plain_round(build, weights, images, masks, batch, r, device)}
+        "plain": lambda r: plain_round(build, weights, images, masks, batch, r, device)
+    }
     settings, skipped = variant_settings(batch, device)
     for label, s in settings.items():
         trainer = LocalTrainer(build, images, masks, s)
@@ -133,12 +139,21 @@ def bench_size(name: str, rounds: int, device: torch.device) -> dict:
             times[label].append(time.perf_counter() - t0)
     best = {k: min(v) for k, v in times.items()}
     return {
-        "size": name, "width": width, "depth": depth, "image": size, "batch": batch, "samples": n,
-        "rounds": rounds, "device": str(device), "device_name": Runtime(device, "fp32").describe()["device_name"],
-        "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "size": name,
+        "width": width,
+        "depth": depth,
+        "image": size,
+        "batch": batch,
+        "samples": n,
+        "rounds": rounds,
+        "device": str(device),
+        "device_name": Runtime(device, "fp32").describe()["device_name"],
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "samples_per_s": {k: n / t for k, t in best.items()},
         "speedup_vs_plain": {k: best["plain"] / t for k, t in best.items()},
-        "warmup_s": warmup, "skipped": skipped,
+        "warmup_s": warmup,
+        "skipped": skipped,
         "peak_rss_mb": peak_rss_mb(),
         "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
     }
@@ -148,8 +163,10 @@ def to_markdown(rows: list[dict]) -> str:
     lines = ["| device | size | variant | samples/s | × plain | warm-up (s) |", "|---|---|---|---:|---:|---:|"]
     for row in rows:
         for k, v in row["samples_per_s"].items():
-            lines.append(f"| {row['device_name']} | {row['size']} ({row['width']}w, {row['image']}px, b{row['batch']}) "
-                         f"| {k} | {v:.1f} | {row['speedup_vs_plain'][k]:.2f} | {row['warmup_s'][k]:.1f} |")
+            lines.append(
+                f"| {row['device_name']} | {row['size']} ({row['width']}w, {row['image']}px, b{row['batch']}) "
+                f"| {k} | {v:.1f} | {row['speedup_vs_plain'][k]:.2f} | {row['warmup_s'][k]:.1f} |"
+            )
     notes = [f"- {row['size']}: skipped {note}" for row in rows for note in row["skipped"]]
     return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
 

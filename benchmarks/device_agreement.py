@@ -24,8 +24,11 @@ from iopfl.results import TrainLine, read_metrics
 from iopfl.runtime import resolve_device
 
 SETTING = {  # the published model and input size on a small synthetic federation (seconds per round)
-    "data": {"source": "synthetic", "image_size": 384,
-             "synthetic": {"sites": 2, "cases": 3, "size": 384, "slices": 4, "seed": 0}},
+    "data": {
+        "source": "synthetic",
+        "image_size": 384,
+        "synthetic": {"sites": 2, "cases": 3, "size": 384, "slices": 4, "seed": 0},
+    },
     "model": {"width": 32, "depth": 4},
     "fl": {"method": "iopfl", "rounds": 1},
     "train": {"batch_size": 5},
@@ -59,14 +62,22 @@ def main() -> None:
         runs = {d: first_round_losses(d, Path(cache)) for d in args.devices}
     (a, (la, ta)), (b, (lb, tb)) = runs.items()
     worst = max(abs(la[s] - lb[s]) / abs(la[s]) for s in la)
-    result = {"devices": args.devices, "losses": {a: la, b: lb}, "seconds": {a: ta, b: tb},
-              "max_relative_difference": worst, "rtol": args.rtol, "agree": worst <= args.rtol}
+    result = {
+        "devices": args.devices,
+        "losses": {a: la, b: lb},
+        "seconds": {a: ta, b: tb},
+        "max_relative_difference": worst,
+        "rtol": args.rtol,
+        "agree": worst <= args.rtol,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "device_agreement.json").write_text(json.dumps(result, indent=2) + "\n")
     rows = "".join(f"| {s} | {la[s]:.6f} | {lb[s]:.6f} | {abs(la[s] - lb[s]) / abs(la[s]):.2e} |\n" for s in la)
-    table = (f"| site | first-round loss on {a} | on {b} | relative difference |\n|---|---:|---:|---:|\n{rows}\n"
-             f"Largest relative difference {worst:.2e} (tolerance {args.rtol:g}): "
-             f"{'agree' if result['agree'] else 'DISAGREE'}. One round: {ta:.1f} s on {a}, {tb:.1f} s on {b}.\n")
+    table = (
+        f"| site | first-round loss on {a} | on {b} | relative difference |\n|---|---:|---:|---:|\n{rows}\n"
+        f"Largest relative difference {worst:.2e} (tolerance {args.rtol:g}): "
+        f"{'agree' if result['agree'] else 'DISAGREE'}. One round: {ta:.1f} s on {a}, {tb:.1f} s on {b}.\n"
+    )
     (args.out / "device_agreement.md").write_text(table)
     print(table)
     raise SystemExit(0 if result["agree"] else 1)

@@ -31,15 +31,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-
 from bench_quality import inside_design, inside_job, suite_config, write_inside_tables
+from PIL import Image
+from records import default_work, has_record
+
 from iopfl.data.images2d import any_channel_foreground, pair_files
 from iopfl.data.io import read_image, read_mask_rgb, resize_images, resize_masks
 from iopfl.errors import UserError
 from iopfl.fileio import atomic_write_text
 from iopfl.fl import STRATEGIES
-from records import default_work, has_record
 
 SUITE = "polyp"
 SITE_FILES = ("README.txt", "SOURCE.md")  # CVC-ClinicDB's frame→sequence table (keeps its split), provenance
@@ -88,10 +88,11 @@ def synthetic_site(dest: Path, size: int, frames: int, seed: int) -> int:
     yy, xx = np.mgrid[:size, :size]
     for i in range(frames):
         (cy, cx), r = rng.uniform(0.3, 0.7, 2) * size, rng.uniform(0.1, 0.25) * size
-        mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r**2
         rgb = rng.normal(100, 25, (size, size, 3)) + 80 * mask[..., None]
-        Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)).save(dest / "images" / f"f{i:03d}.jpg",
-                                                                     quality=JPEG_QUALITY)
+        Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)).save(
+            dest / "images" / f"f{i:03d}.jpg", quality=JPEG_QUALITY
+        )
         Image.fromarray(mask.astype(np.uint8) * np.uint8(255)).save(dest / "masks" / f"f{i:03d}.png")
     return frames
 
@@ -103,11 +104,19 @@ def pack(source: Path | None, dest: Path, size: int, frames: int | None) -> dict
     shutil.rmtree(tmp, ignore_errors=True)
     counts = {}
     for i, site in enumerate(polyp_sites()):
-        counts[site] = (pack_site(source / site, tmp / site, size, frames) if source is not None
-                        else synthetic_site(tmp / site, size, frames or 8, seed=i))
-    info = {"source": str(source) if source else "synthetic", "image_size": size, "frames": counts,
-            "images": f"JPEG quality {JPEG_QUALITY}, 4:4:4", "masks": "PNG 0/255",
-            "note": "scores of runs on this pack are on the image_size² grid, not each frame's own size"}
+        counts[site] = (
+            pack_site(source / site, tmp / site, size, frames)
+            if source is not None
+            else synthetic_site(tmp / site, size, frames or 8, seed=i)
+        )
+    info = {
+        "source": str(source) if source else "synthetic",
+        "image_size": size,
+        "frames": counts,
+        "images": f"JPEG quality {JPEG_QUALITY}, 4:4:4",
+        "masks": "PNG 0/255",
+        "note": "scores of runs on this pack are on the image_size² grid, not each frame's own size",
+    }
     atomic_write_text(tmp / "PACK.json", json.dumps(info, indent=1))
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
@@ -150,14 +159,15 @@ class Budgeted:
                     self.finish(key, start, result)
             while waiting and len(running) < self.jobs and self.fits(waiting[0][0]):
                 method, seed = waiting.pop(0)
-                running[(method, seed)] = (self.pool.apply_async(job, (method, seed, *job_args)),
-                                           self.elapsed())
+                running[(method, seed)] = (self.pool.apply_async(job, (method, seed, *job_args)), self.elapsed())
             if self.elapsed() >= self.budget or (waiting and not running and not self.fits(waiting[0][0])):
                 break
             time.sleep(0.2)
         self.pool.terminate()  # runs still going at the budget: stopped, no record
-        self.log += [{"run": f"{m}-s{s}", "status": "stopped at the budget", "started_s": round(t, 1)}
-                     for (m, s), (_, t) in running.items()]
+        self.log += [
+            {"run": f"{m}-s{s}", "status": "stopped at the budget", "started_s": round(t, 1)}
+            for (m, s), (_, t) in running.items()
+        ]
         self.log += [{"run": f"{m}-s{s}", "status": "not started (budget)"} for m, s in waiting]
         return self.log
 
@@ -171,8 +181,7 @@ class Budgeted:
             return
         self.durations.setdefault(method, []).append(seconds)
         self.log.append({"run": f"{method}-s{seed}", "status": "finished", "seconds": round(seconds, 1)})
-        print(f"gpu_evidence: {method}-s{seed} finished in {seconds:.0f} s ({self.elapsed():.0f} s used)",
-              flush=True)
+        print(f"gpu_evidence: {method}-s{seed} finished in {seconds:.0f} s ({self.elapsed():.0f} s used)", flush=True)
 
 
 def drop_partial_records(out: Path, log: list[dict]) -> None:
@@ -194,11 +203,18 @@ def quality(args: argparse.Namespace) -> dict:
     log = runner.run(partial(inside_job, SUITE), design_order(args.methods, args.seeds), (args.out, work, extra))
     drop_partial_records(args.out, log)
     records = write_inside_tables(args.out)
-    summary = {"budget_s": args.budget, "used_s": round(runner.elapsed(), 1), "jobs": args.jobs,
-               "estimate_s": args.estimate, "overrides": extra, "device": torch.cuda.get_device_name(0)
-               if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
-               "pack": json.loads((args.pack / "PACK.json").read_text()), "runs": log,
-               "records": [p.name for p in records]}
+    summary = {
+        "budget_s": args.budget,
+        "used_s": round(runner.elapsed(), 1),
+        "jobs": args.jobs,
+        "estimate_s": args.estimate,
+        "overrides": extra,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "pack": json.loads((args.pack / "PACK.json").read_text()),
+        "runs": log,
+        "records": [p.name for p in records],
+    }
     atomic_write_text(args.out / "evidence.json", json.dumps(summary, indent=1))
     return summary
 
@@ -228,8 +244,9 @@ def run_command() -> None:
     q.add_argument("--seeds", type=int, default=3)
     q.add_argument("--jobs", type=int, default=3, help="runs at a time on the one device")
     q.add_argument("--budget", type=float, required=True, help="seconds; no run is left going past it")
-    q.add_argument("--estimate", type=float, required=True,
-                   help="expected seconds of a run before one of its method has finished")
+    q.add_argument(
+        "--estimate", type=float, required=True, help="expected seconds of a run before one of its method has finished"
+    )
     q.add_argument("-o", "--override", action="append", default=[], help="config key=value for every run")
     args = parser.parse_args()
     if args.command == "pack":

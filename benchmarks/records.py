@@ -44,8 +44,10 @@ def recorded_digest(folder: Path) -> str | None:
 def check_same_config(folder: Path, cfg: Config) -> None:
     digest = recorded_digest(folder)
     if digest is not None and digest != cfg.digest():
-        raise UserError(f"{folder}: holds a run of another config (training digest {digest}, expected "
-                        f"{cfg.digest()}); delete it or choose another --out")
+        raise UserError(
+            f"{folder}: holds a run of another config (training digest {digest}, expected "
+            f"{cfg.digest()}); delete it or choose another --out"
+        )
 
 
 def has_record(record: Path) -> bool:

@@ -43,8 +43,12 @@ def flower_env(home: Path, base: Mapping[str, str] | None = None) -> dict[str, s
     env = dict(os.environ if base is None else base)
     # the SuperLink and SuperNodes spawn flower-superexec / flwr-serverapp / flwr-clientapp from PATH
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", FLWR_HOME=str(home),
-               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    env.update(
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_HOME=str(home),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+    )
     # SuperExec looks for new tasks every second by default; half of that shortens every phase
     env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.5")
     return env
@@ -78,7 +82,7 @@ class RunOutcome:
     """What ``flwr run`` did: the run id, Flower's final status of the run, and the streamed log."""
 
     run_id: str | None
-    status: str            # e.g. "finished:completed", "finished:failed" (``flwr ls``)
+    status: str  # e.g. "finished:completed", "finished:failed" (``flwr ls``)
     output: str
 
     @property
@@ -100,7 +104,7 @@ class Deployment:
     certs: Path | None = None
     auth: bool = False
     simulation: bool = False
-    database: Path | None = None   # the SuperLink's state file (default: in memory, which is faster)
+    database: Path | None = None  # the SuperLink's state file (default: in memory, which is faster)
     port: int = field(default_factory=free_port)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     logs: dict[str, Path] = field(default_factory=dict)
@@ -121,21 +125,40 @@ class Deployment:
         log.parent.mkdir(parents=True, exist_ok=True)
         self.logs[name] = log
         with log.open("a") as out:
-            proc = subprocess.Popen(args, env=self.env(), stdout=out, stderr=subprocess.STDOUT, cwd=self.home,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(
+                args,
+                env=self.env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.home,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         self.procs[name] = proc
         return proc
 
     # --- SuperLink -----------------------------------------------------------------------------
     def start_superlink(self, timeout: float = 60) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
-        args = [str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
-                "--disable-runtime-dependency-installation"]
+        args = [
+            str(BIN / "flower-superlink"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--disable-runtime-dependency-installation",
+        ]
         if self.database:
             args += ["--database", str(self.database)]
         if self.certs:
-            args += ["--ssl-ca-certfile", str(self.ca), "--ssl-certfile", str(self.certs / "server.pem"),
-                     "--ssl-keyfile", str(self.certs / "server.key")]
+            args += [
+                "--ssl-ca-certfile",
+                str(self.ca),
+                "--ssl-certfile",
+                str(self.certs / "server.pem"),
+                "--ssl-keyfile",
+                str(self.certs / "server.key"),
+            ]
         else:
             args += ["--insecure"]
         if self.auth:
@@ -154,7 +177,9 @@ class Deployment:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.procs["superlink"].poll() is not None:
-                raise RuntimeError(f"flower-superlink exited; see {self.logs['superlink']}:\n{self.log_text('superlink')[-2000:]}")
+                raise RuntimeError(
+                    f"flower-superlink exited; see {self.logs['superlink']}:\n{self.log_text('superlink')[-2000:]}"
+                )
             try:
                 urllib.request.urlopen(f"{scheme}://{self.address}/health", timeout=2, context=context)
                 return
@@ -165,8 +190,16 @@ class Deployment:
     # --- SuperNodes ----------------------------------------------------------------------------
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         """A ``flwr`` CLI command against this deployment (the ``iopfl`` connection)."""
-        return subprocess.run([str(BIN / "flwr"), *args], env=self.env(), cwd=self.home, capture_output=True,
-                              text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False)
+        return subprocess.run(
+            [str(BIN / "flwr"), *args],
+            env=self.env(),
+            cwd=self.home,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
 
     def register_supernode_key(self, public_key: Path) -> None:
         """Allow the SuperNode holding the matching private key (``flwr supernode register``)."""
@@ -174,14 +207,35 @@ class Deployment:
         if done.returncode != 0 or "registered successfully" not in done.stdout:
             raise RuntimeError(f"flwr supernode register {public_key} failed:\n{done.stdout}\n{done.stderr}")
 
-    def add_supernode(self, site: str, data_root: Path | None = None, auth_key: Path | None = None,
-                      max_retries: int = 30, **node_config: object) -> None:
+    def add_supernode(
+        self,
+        site: str,
+        data_root: Path | None = None,
+        auth_key: Path | None = None,
+        max_retries: int = 30,
+        **node_config: object,
+    ) -> None:
         """A SuperNode serving ``site`` (node config ``site``, ``data-root``, ``state-dir`` + extras);
         ``auth_key``: its private key when the SuperLink authenticates SuperNodes."""
-        config = {"site": site, **({"data-root": str(data_root)} if data_root else {}),
-                  "state-dir": str(self.home / "site-state" / site), **node_config}
-        args = [str(BIN / "flower-supernode"), "--superlink", self.address, "--node-config", run_config_arg(config),
-                "--host", "127.0.0.1", "--port", str(free_port()), "--max-retries", str(max_retries)]
+        config = {
+            "site": site,
+            **({"data-root": str(data_root)} if data_root else {}),
+            "state-dir": str(self.home / "site-state" / site),
+            **node_config,
+        }
+        args = [
+            str(BIN / "flower-supernode"),
+            "--superlink",
+            self.address,
+            "--node-config",
+            run_config_arg(config),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(free_port()),
+            "--max-retries",
+            str(max_retries),
+        ]
         args += ["--root-certificates", str(self.ca)] if self.certs else ["--insecure"]
         if auth_key:
             args += ["--auth-supernode-private-key", str(auth_key)]
@@ -223,18 +277,30 @@ class Deployment:
         self.stop_process(f"supernode-{site}")
 
     # --- runs ----------------------------------------------------------------------------------
-    def run(self, config: Path, run_dir: Path, overrides: Iterable[str] = (), nodes: int = 0,
-            supernodes: int | None = None, timeout: float = 900, app: Path = APP_DIR,
-            **run_config: object) -> RunOutcome:
+    def run(
+        self,
+        config: Path,
+        run_dir: Path,
+        overrides: Iterable[str] = (),
+        nodes: int = 0,
+        supernodes: int | None = None,
+        timeout: float = 900,
+        app: Path = APP_DIR,
+        **run_config: object,
+    ) -> RunOutcome:
         """``flwr run`` the iopfl app (or another app folder, ``app``) and wait for it; the outcome
         carries Flower's final run status.
 
         ``supernodes``: the simulation's number of virtual SuperNodes (simulation runtime only).
         Extra keyword arguments become run-config keys (``reply_timeout=60`` → ``reply-timeout=60``).
         """
-        rc = {"config": str(Path(config).resolve()), "run-dir": str(Path(run_dir).resolve()),
-              "overrides": ";".join(overrides), "nodes": nodes,
-              **{k.replace("_", "-"): v for k, v in run_config.items()}}
+        rc = {
+            "config": str(Path(config).resolve()),
+            "run-dir": str(Path(run_dir).resolve()),
+            "overrides": ";".join(overrides),
+            "nodes": nodes,
+            **{k.replace("_", "-"): v for k, v in run_config.items()},
+        }
         args = ["run", str(app), CONNECTION, "--stream", "--run-config", run_config_arg(rc)]
         if supernodes is not None:
             args += ["--federation-config", f"num-supernodes={supernodes}"]
@@ -260,8 +326,13 @@ class Deployment:
             time.sleep(0.5)
         return status
 
-    def start(self, sites: Iterable[str], data_root: Path | None = None,
-              auth_keys: Mapping[str, Path] | None = None, **node_config: object) -> None:
+    def start(
+        self,
+        sites: Iterable[str],
+        data_root: Path | None = None,
+        auth_keys: Mapping[str, Path] | None = None,
+        **node_config: object,
+    ) -> None:
         """The SuperLink, then one SuperNode per site (its public key registered first when
         ``auth_keys`` maps sites to private keys); returns once every SuperNode is online.
         Stops everything it started if any step fails."""
@@ -303,9 +374,14 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def start_local_deployment(home: Path, sites: Iterable[str], data_root: Path | None = None,
-                           certs: Path | None = None, auth_keys: Mapping[str, Path] | None = None,
-                           **node_config: object) -> Deployment:
+def start_local_deployment(
+    home: Path,
+    sites: Iterable[str],
+    data_root: Path | None = None,
+    certs: Path | None = None,
+    auth_keys: Mapping[str, Path] | None = None,
+    **node_config: object,
+) -> Deployment:
     """A SuperLink and one SuperNode per site on loopback, ready for :meth:`Deployment.run`.
 
     ``auth_keys``: site → private key file (``make_certs.sh`` writes ``supernode-<i>`` and ``.pub``);

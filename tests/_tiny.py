@@ -16,8 +16,12 @@ from iopfl.engine.local import in_process_run
 def tiny_tree(cache: Path, method: str = "iopfl", rounds: int = 3, sites: int = 3) -> dict:
     return {
         "seed": 0,
-        "data": {"source": "synthetic", "image_size": 32, "cache_dir": str(cache),
-                 "synthetic": {"sites": sites, "cases": 4, "size": 32, "slices": 4, "seed": 0}},
+        "data": {
+            "source": "synthetic",
+            "image_size": 32,
+            "cache_dir": str(cache),
+            "synthetic": {"sites": sites, "cases": 4, "size": 32, "slices": 4, "seed": 0},
+        },
         "model": {"width": 8, "depth": 2},
         "fl": {"method": method, "rounds": rounds},
         "train": {"batch_size": 4, "lr": 0.01},

@@ -8,8 +8,17 @@ import torch
 from torch import nn
 
 from iopfl.adapt import METHODS, AdaptConfig, build_method
-from iopfl.adapt.losses import apply_transforms, consistency, draw_transforms, entropy, invert_transforms, \
-    published_entropy, published_shape_term, shape_kernel, shape_term
+from iopfl.adapt.losses import (
+    apply_transforms,
+    consistency,
+    draw_transforms,
+    entropy,
+    invert_transforms,
+    published_entropy,
+    published_shape_term,
+    shape_kernel,
+    shape_term,
+)
 from iopfl.config import load_config
 from iopfl.errors import UserError
 from iopfl.models import UNet
@@ -157,7 +166,7 @@ def test_fixed_gate_inits_still_adapt(gate_init):
 
 
 def test_published_entropy_sums_over_the_batch():
-    p = torch.tensor([[0.25, 0.75], [0.5, 0.5]]).view(2, 2, 1, 1)   # two samples, one pixel
+    p = torch.tensor([[0.25, 0.75], [0.5, 0.5]]).view(2, 2, 1, 1)  # two samples, one pixel
     h = lambda q: -q * math.log(q + 1e-6)  # noqa: E731
     # per class: sum over the two samples, / log 2; then mean over the two classes
     expected = ((h(0.25) + h(0.5)) + (h(0.75) + h(0.5))) / math.log(2) / 2
@@ -199,8 +208,9 @@ def test_dropout_at_prediction_only_under_the_published_protocol(protocol):
     assert torch.equal(first, second) == (protocol == "online")
 
 
-@pytest.mark.parametrize("protocol, passes, expected", [("online", None, 1), ("published", None, 10),
-                                                        ("published", 3, 3), ("online", 2, 2)])
+@pytest.mark.parametrize(
+    "protocol, passes, expected", [("online", None, 1), ("published", None, 10), ("published", 3, 3), ("online", 2, 2)]
+)
 def test_passes_of_each_protocol(protocol, passes, expected, monkeypatch):
     build, states = _experts(2)
     calls = []
@@ -229,10 +239,11 @@ def test_published_loss_is_its_three_terms(monkeypatch):
     model.eval()  # dropout off: the clean and the target forward passes agree, so the terms can be rebuilt
     x = _batches()[0]
     seen = []
-    monkeypatch.setattr("iopfl.adapt.iopfl.consistency",
-                        lambda *a, **kw: seen.append((a[2].requires_grad, kw)) or consistency(*a, **kw))
+    monkeypatch.setattr(
+        "iopfl.adapt.iopfl.consistency", lambda *a, **kw: seen.append((a[2].requires_grad, kw)) or consistency(*a, **kw)
+    )
     total = sum(method.loss_terms(model, x, torch.Generator().manual_seed(0), None).values())
-    assert seen == [(True, {"detach_target": False})]   # the target keeps its graph
+    assert seen == [(True, {"detach_target": False})]  # the target keeps its graph
     probs = model(x).softmax(1)
     view = consistency(model, x, probs, 0.0, torch.Generator().manual_seed(0))
     expected = 10 * published_entropy(probs) + 0.1 * view / 2 + published_shape_term(probs, shape_kernel(16))
@@ -270,14 +281,14 @@ def test_bn_adapt_one_image_at_a_time_follows_the_stream_by_hand():
     got = build_method("bn", [net.state_dict()], build, AdaptConfig(min_batch_stats=4)).adapt_and_predict(batches)
     bn = net[1]
     # the stream: 4 pseudo-images with the source's statistics, then every image predicted so far
-    firsts, seconds = [bn.running_mean] * 4, [bn.running_var + bn.running_mean ** 2] * 4
+    firsts, seconds = [bn.running_mean] * 4, [bn.running_var + bn.running_mean**2] * 4
     with torch.no_grad():
         for x, p in zip(batches, got):
             h = net[0](x)
             firsts.append(h.mean((0, 2, 3)))
-            seconds.append((h ** 2).mean((0, 2, 3)))
+            seconds.append((h**2).mean((0, 2, 3)))
             mean = torch.stack(firsts).mean(0)
-            var = torch.stack(seconds).mean(0) - mean ** 2
+            var = torch.stack(seconds).mean(0) - mean**2
             out = (h - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + bn.eps)
             expected = (out * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)).softmax(1)
             assert torch.allclose(p, expected, atol=1e-5)
@@ -286,8 +297,10 @@ def test_bn_adapt_one_image_at_a_time_follows_the_stream_by_hand():
     assert not torch.allclose(plain[-1], got[-1], atol=1e-3)
 
 
-@pytest.mark.parametrize("key, value", [("adapt.gate_init", "magic"), ("adapt.protocol", "paper"),
-                                        ("adapt.min_batch_stats", "0"), ("adapt.passes", "0")])
+@pytest.mark.parametrize(
+    "key, value",
+    [("adapt.gate_init", "magic"), ("adapt.protocol", "paper"), ("adapt.min_batch_stats", "0"), ("adapt.passes", "0")],
+)
 def test_bad_adapt_values_name_the_key(key, value):
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
         load_config(None, [f"{key}={value}"])

@@ -69,8 +69,7 @@ def test_a_pure_quarter_turn_moves_pixels_exactly():
     """With no zoom, rotation or shift drawn, the matrix is a flip/quarter turn: nearest sampling of the
     mask equals ``torch.rot90``/``flip`` of it for one of the 8 symmetries."""
     masks = torch.randint(0, 3, (6, 16, 16))
-    theta = affine_matrices(6, 16, 16, AugmentSettings(scale=0.0, rotate=0.0), derive_generator(2, "aug"),
-                            masks.device)
+    theta = affine_matrices(6, 16, 16, AugmentSettings(scale=0.0, rotate=0.0), derive_generator(2, "aug"), masks.device)
     theta[:, :, 2] = 0  # drop the shift
     _, out = warp(torch.zeros(6, 1, 16, 16), masks, theta)
     for m, o in zip(masks, out):
@@ -86,7 +85,7 @@ def test_blur_matches_a_naive_convolution():
     assert torch.equal(ours[0], images[0])  # σ = 0 leaves the sample alone
     for i in (1, 2):
         x = torch.arange(-4, 5, dtype=torch.float32)
-        k = torch.exp(-x**2 / (2 * sigma[i] ** 2))
+        k = torch.exp(-(x**2) / (2 * sigma[i] ** 2))
         k2d = torch.outer(k, k) / k.sum() ** 2
         padded = F.pad(images[i : i + 1], (4, 4, 4, 4), mode="replicate")
         naive = F.conv2d(padded.transpose(0, 1), k2d[None, None]).transpose(0, 1)
@@ -165,8 +164,7 @@ def test_round_and_schedule_reach_the_optimizer():
 def test_a_round_with_augment_standard_is_reproducible(tmp_path):
     from iopfl.engine.local import in_process_run
 
-    overrides = ["train.augment=standard", "train.lr_schedule=cosine", "train.weight_decay=1e-4",
-                 "fl.rounds=2"]
+    overrides = ["train.augment=standard", "train.lr_schedule=cosine", "train.weight_decay=1e-4", "fl.rounds=2"]
     a = in_process_run(tiny_config(tmp_path / "cache", overrides), tmp_path / "a").run()
     b = in_process_run(tiny_config(tmp_path / "cache", overrides), tmp_path / "b").run()
     plain = in_process_run(tiny_config(tmp_path / "cache", ["fl.rounds=2"]), tmp_path / "p").run()

@@ -11,8 +11,9 @@ from _tiny import tiny_tree
 
 
 def iopfl(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "iopfl.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "iopfl.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.mark.parametrize("command", ["", "demo", "synth", "train", "adapt", "predict", "export", "report"])
@@ -21,17 +22,27 @@ def test_help(command):
     assert done.returncode == 0 and "Usage" in done.stdout
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["train", "missing.yaml"], "missing.yaml"),
-    (["train", "{cfg}", "-o", "fl.rounds=0"], "fl.rounds"),
-    (["train", "{cfg}", "-o", "fl.nonsense=1"], "fl.nonsense"),
-    (["train", "{cfg}", "-o", "data.root={tmp}/nowhere", "-o", "data.source=folder"], "nowhere"),
-    (["adapt", "{tmp}/norun", "--target", "X"], "norun"),
-    (["report", "{tmp}"], "results.json"),
-    (["train", "{cfg}", "-o", "runtime.device=cuda:7" if __import__("torch").cuda.is_available() else "runtime.device=cuda"],
-     "runtime.device"),
-    (["train", "{cfg}", "-o", "train.precision=bf16"], "runtime.precision"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["train", "missing.yaml"], "missing.yaml"),
+        (["train", "{cfg}", "-o", "fl.rounds=0"], "fl.rounds"),
+        (["train", "{cfg}", "-o", "fl.nonsense=1"], "fl.nonsense"),
+        (["train", "{cfg}", "-o", "data.root={tmp}/nowhere", "-o", "data.source=folder"], "nowhere"),
+        (["adapt", "{tmp}/norun", "--target", "X"], "norun"),
+        (["report", "{tmp}"], "results.json"),
+        (
+            [
+                "train",
+                "{cfg}",
+                "-o",
+                "runtime.device=cuda:7" if __import__("torch").cuda.is_available() else "runtime.device=cuda",
+            ],
+            "runtime.device",
+        ),
+        (["train", "{cfg}", "-o", "train.precision=bf16"], "runtime.precision"),
+    ],
+)
 def test_user_errors_are_one_line_and_exit_2(tmp_path, args, needle):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(tiny_tree(tmp_path / "cache")))
@@ -48,8 +59,13 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, args, needle):
 def test_synth(tmp_path):
     done = iopfl("synth", tmp_path / "syn", "--sites", 3, "--cases", 3, "--size", 32, "--slices", 4)
     assert done.returncode == 0, done.stderr
-    assert sorted(p.name for p in (tmp_path / "syn").iterdir()) == ["SiteA", "SiteB", "SiteC", "sites.json",
-                                                                   "splits.json"]
+    assert sorted(p.name for p in (tmp_path / "syn").iterdir()) == [
+        "SiteA",
+        "SiteB",
+        "SiteC",
+        "sites.json",
+        "splits.json",
+    ]
 
 
 @pytest.mark.slow

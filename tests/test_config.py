@@ -2,8 +2,7 @@
 
 import pytest
 
-from iopfl.config import load_config, parse_overrides
-from iopfl.config import CONFIG_DIR
+from iopfl.config import CONFIG_DIR, load_config, parse_overrides
 from iopfl.errors import UserError
 
 
@@ -14,22 +13,26 @@ def test_shipped_configs_validate():
 
 
 def test_overrides_are_typed():
-    cfg = load_config(CONFIG_DIR / "demo.yaml", ["fl.rounds=3", "fl.alpha=0.5", "fl.method=iopfl",
-                                                 "data.sites=[SiteA, SiteB]"])
+    cfg = load_config(
+        CONFIG_DIR / "demo.yaml", ["fl.rounds=3", "fl.alpha=0.5", "fl.method=iopfl", "data.sites=[SiteA, SiteB]"]
+    )
     assert (cfg.fl.rounds, cfg.fl.alpha, cfg.fl.method) == (3, 0.5, "iopfl")
     assert cfg.data.sites == ["SiteA", "SiteB"]
     assert parse_overrides(["a.b=x=y"]) == [("a.b", "x=y")]
 
 
-@pytest.mark.parametrize("override, key", [
-    ("fl.rounds=0", "fl.rounds"),
-    ("fl.rounds=-2", "fl.rounds"),
-    ("fl.alpha=1.5", "fl.alpha"),
-    ("fl.method=fedmagic", "fl.method"),
-    ("fl.bogus=1", "fl.bogus"),
-    ("nonsense=1", "nonsense"),
-    ("train.batch_size=abc", "train.batch_size"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("fl.rounds=0", "fl.rounds"),
+        ("fl.rounds=-2", "fl.rounds"),
+        ("fl.alpha=1.5", "fl.alpha"),
+        ("fl.method=fedmagic", "fl.method"),
+        ("fl.bogus=1", "fl.bogus"),
+        ("nonsense=1", "nonsense"),
+        ("train.batch_size=abc", "train.batch_size"),
+    ],
+)
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
         load_config(CONFIG_DIR / "demo.yaml", [override])

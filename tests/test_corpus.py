@@ -4,11 +4,10 @@ code 2 — or is handled as documented — never a traceback, never a partial ou
 import sys
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).parent / "corpus"))
-from make_corpus import build  # noqa: E402
+from make_corpus import build
 
-from iopfl import cli  # noqa: E402
+from iopfl import cli
 
 
 def run_cli(argv, monkeypatch, capsys):

@@ -34,13 +34,16 @@ def test_five_sigkills_then_resume_equals_uninterrupted(tmp_path):
     rng = random.Random(7)
     kills = 0
     for attempt in range(KILLS):
-        proc = subprocess.Popen(cmd + (["--resume"] if attempt else []), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            cmd + (["--resume"] if attempt else []), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         try:
             # wait for progress (new metrics lines: training or evaluation under way), then kill a random
             # moment later, so the kills land in different phases of different rounds
             start, deadline = _lines(run / "metrics.jsonl"), time.time() + 120
-            while _lines(run / "metrics.jsonl") < start + 1 + attempt and proc.poll() is None and time.time() < deadline:
+            while (
+                _lines(run / "metrics.jsonl") < start + 1 + attempt and proc.poll() is None and time.time() < deadline
+            ):
                 time.sleep(0.01)
             time.sleep(rng.uniform(0.0, 0.4))
             if proc.poll() is None:

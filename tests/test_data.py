@@ -17,8 +17,9 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def cfg(tmp_path, source, root, **kw) -> DataConfig:
-    return DataConfig(source=source, root=str(root), image_size=kw.pop("image_size", 32),
-                      cache_dir=str(tmp_path / "cache"), **kw)
+    return DataConfig(
+        source=source, root=str(root), image_size=kw.pop("image_size", 32), cache_dir=str(tmp_path / "cache"), **kw
+    )
 
 
 def write_nifti(path: Path, array: np.ndarray, spacing=(0.5, 0.5, 3.0)) -> None:
@@ -55,6 +56,7 @@ def polyp_tree(root: Path, sites=("A", "B"), n=5, size=(30, 40)) -> Path:
 
 
 # --- sources ------------------------------------------------------------------------------------
+
 
 def test_prostate_loader(tmp_path):
     root = prostate_tree(tmp_path / "saml")
@@ -167,6 +169,7 @@ def test_cache_hit_skips_the_sources_and_damage_rebuilds(tmp_path, monkeypatch):
 
 # --- bad inputs -----------------------------------------------------------------------------------
 
+
 def _prostate_problem(root: Path, problem: str) -> str:
     """Damage a good tree; return the file name the error must mention."""
     s1 = root / "S1"
@@ -194,8 +197,9 @@ def _prostate_problem(root: Path, problem: str) -> str:
     raise AssertionError(problem)
 
 
-@pytest.mark.parametrize("problem", ["image-without-mask", "mask-without-image", "shape-mismatch", "non-finite",
-                                     "truncated", "zero-bytes"])
+@pytest.mark.parametrize(
+    "problem", ["image-without-mask", "mask-without-image", "shape-mismatch", "non-finite", "truncated", "zero-bytes"]
+)
 def test_bad_volumes_name_the_file(tmp_path, problem):
     root = prostate_tree(tmp_path / "saml", sites=("S1",))
     name = _prostate_problem(root, problem)
@@ -222,8 +226,11 @@ def _misplaced_mask(root: Path, problem: str) -> Path:
 def test_a_mask_off_its_images_grid_is_refused(tmp_path, problem, says):
     root = prostate_tree(tmp_path / "saml", sites=("S1",))
     _misplaced_mask(root, problem)
-    with pytest.raises(UserError, match=rf"Case02_segmentation\.nii\.gz: does not lie on the voxel grid of its image "
-                                        rf".*Case02\.nii\.gz: {says}"):
+    with pytest.raises(
+        UserError,
+        match=rf"Case02_segmentation\.nii\.gz: does not lie on the voxel grid of its image "
+        rf".*Case02\.nii\.gz: {says}",
+    ):
         load_dataset(cfg(tmp_path, "prostate", root))
 
 
@@ -231,7 +238,7 @@ def test_a_mask_within_the_grid_tolerance_is_accepted(tmp_path):
     root = prostate_tree(tmp_path / "saml", sites=("S1",))
     path = root / "S1" / "Case02_segmentation.nii.gz"
     affine = np.diag([0.5 * (1 + 1e-5), 0.5, 3.0, 1.0])
-    affine[:3, 3] = [1e-4, 0.0, 0.0]   # rounding of another tool's header writer
+    affine[:3, 3] = [1e-4, 0.0, 0.0]  # rounding of another tool's header writer
     nib.save(nib.Nifti1Image(np.asarray(nib.load(str(path)).dataobj), affine), str(path))
     assert load_dataset(cfg(tmp_path, "prostate", root)).sites["S1"]
 
@@ -244,15 +251,20 @@ def test_cli_train_refuses_a_misplaced_mask_and_writes_nothing(tmp_path):
     _misplaced_mask(root, "origin")
     run, config = tmp_path / "run", tmp_path / "c.yaml"
     config.write_text(f"data: {{source: prostate, root: {root}, cache_dir: {tmp_path / 'cache'}, image_size: 16}}\n")
-    done = subprocess.run([sys.executable, "-m", "iopfl.cli", "train", str(config), "--out", str(run)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "iopfl.cli", "train", str(config), "--out", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2, done.stderr
     assert "does not lie on the voxel grid" in done.stderr and "Traceback" not in done.stderr
     assert not run.exists()
 
 
-@pytest.mark.parametrize("problem", ["image-without-mask", "mask-without-image", "size-mismatch", "not-an-image",
-                                     "truncated"])
+@pytest.mark.parametrize(
+    "problem", ["image-without-mask", "mask-without-image", "size-mismatch", "not-an-image", "truncated"]
+)
 def test_bad_images_name_the_file(tmp_path, problem):
     root = polyp_tree(tmp_path / "polyp", sites=("A",))
     a = root / "A"

@@ -11,9 +11,14 @@ from iopfl.fl.training import LocalTrainer, TrainSettings
 from iopfl.models import build_model
 from iopfl.seeding import derive_generator
 
-DEVICES = [pytest.param("cpu", id="cpu"),
-           pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                   reason="no CUDA device on this machine"))]
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param(
+        "cuda",
+        id="cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine"),
+    ),
+]
 
 
 @pytest.fixture(params=DEVICES)
@@ -109,8 +114,17 @@ def test_routed_convolution_equals_the_per_sample_loop_on_each_device(device):
     x = torch.randn(5, 4, 11, 9, device=device)
     out = layer(x)
     gates = layer.router.last_gates
-    naive = torch.cat([F.conv2d(x[i:i + 1], sum(gates[i, e] * layer.weight[e] for e in range(3)),
-                                sum(gates[i, e] * layer.bias[e] for e in range(3)), padding=1) for i in range(5)])
+    naive = torch.cat(
+        [
+            F.conv2d(
+                x[i : i + 1],
+                sum(gates[i, e] * layer.weight[e] for e in range(3)),
+                sum(gates[i, e] * layer.bias[e] for e in range(3)),
+                padding=1,
+            )
+            for i in range(5)
+        ]
+    )
     assert torch.allclose(out, naive, atol=1e-5)
 
 
@@ -120,8 +134,9 @@ def test_evaluation_and_predict_on_each_device(device, tmp_path):
 
     cfg = tiny_config(tmp_path / "cache", ["fl.rounds=1", "runtime.device=cpu"])
     cpu = in_process_run(cfg, tmp_path / "run").run()
-    here = in_process_run(tiny_config(tmp_path / "cache", ["fl.rounds=1", f"runtime.device={device}"]),
-                          tmp_path / "here").run()
+    here = in_process_run(
+        tiny_config(tmp_path / "cache", ["fl.rounds=1", f"runtime.device={device}"]), tmp_path / "here"
+    ).run()
     for model in cpu["models"]:
         assert here["models"][model]["mean"]["dice"] == pytest.approx(cpu["models"][model]["mean"]["dice"], abs=0.02)
     scan = next((tmp_path / "cache").glob("synthetic-*/SiteA/Case00.nii.gz"))

@@ -16,18 +16,18 @@ import torch
 
 from _tiny import tiny_config
 from iopfl import cli
+from iopfl.commands.export import class_names, export_run_model, load_exported, predict_with_file
+from iopfl.commands.predict import run_predict, selected_weights
+from iopfl.commands.runs import open_run
 from iopfl.data import case_inputs, load_dataset
 from iopfl.data.images2d import image_to_case
 from iopfl.engine.local import in_process_run
-from iopfl.commands.predict import run_predict, selected_weights
-from iopfl.commands.runs import open_run
 from iopfl.errors import UserError
-from iopfl.commands.export import class_names, export_run_model, load_exported, predict_with_file
 from iopfl.models.routing import load_expert
 
 pytestmark = pytest.mark.slow
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-TOLERANCE = 1e-4   # max |Δ probability| in fp32
+TOLERANCE = 1e-4  # max |Δ probability| in fp32
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +82,10 @@ def real_samples(run: Path) -> list[np.ndarray]:
 def test_exported_probabilities_match_pytorch(run, exported, fmt, model):
     net, forward = reference(run, model), runner(exported[fmt, model], fmt)
     generator = np.random.default_rng(0)
-    inputs = [generator.standard_normal(shape, dtype=np.float32)            # dynamic batch and spatial axes
-              for shape in ((1, 3, 32, 32), (5, 3, 32, 32), (2, 3, 48, 80))]
+    inputs = [
+        generator.standard_normal(shape, dtype=np.float32)  # dynamic batch and spatial axes
+        for shape in ((1, 3, 32, 32), (5, 3, 32, 32), (2, 3, 48, 80))
+    ]
     for x in inputs + real_samples(run):
         with torch.no_grad():
             expected = net(torch.from_numpy(x)).softmax(dim=1)
@@ -109,8 +111,12 @@ def test_metadata_records_preprocessing_and_classes(exported):
     extra = {"iopfl.json": ""}
     torch.jit.load(str(exported["torchscript", "personalized"]), _extra_files=extra)
     assert json.loads(extra["iopfl.json"]) == meta
-    assert (meta["site"], meta["model"], meta["method"], meta["dataset"]) == ("SiteB", "personalized", "iopfl",
-                                                                            "synthetic")
+    assert (meta["site"], meta["model"], meta["method"], meta["dataset"]) == (
+        "SiteB",
+        "personalized",
+        "iopfl",
+        "synthetic",
+    )
     i = meta["input"]
     shape = (i["image_size"], i["channels"], i["stored_channels"], i["context"], i["spatial_multiple"])
     assert shape == (32, 3, 1, 1, 4)
@@ -152,12 +158,16 @@ def run_cli(argv, monkeypatch, capsys):
 
 
 def test_cli_export_then_predict(run, tmp_path, monkeypatch, capsys):
-    code, err = run_cli(["export", run, "--site", "SiteA", "--model", "global", "--format", "torchscript",
-                         "--out", tmp_path / "a.pt"], monkeypatch, capsys)
+    code, err = run_cli(
+        ["export", run, "--site", "SiteA", "--model", "global", "--format", "torchscript", "--out", tmp_path / "a.pt"],
+        monkeypatch,
+        capsys,
+    )
     assert code == 0 and "background, prostate" in err
     scan = next((run.parent / "cache").glob("synthetic-*/SiteA")) / "Case01.nii.gz"
-    code, err = run_cli(["predict", scan, "--model-file", tmp_path / "a.pt", "--out", tmp_path / "masks"],
-                        monkeypatch, capsys)
+    code, err = run_cli(
+        ["predict", scan, "--model-file", tmp_path / "a.pt", "--out", tmp_path / "masks"], monkeypatch, capsys
+    )
     assert code == 0 and (tmp_path / "masks" / "Case01.nii.gz").exists()
 
 
@@ -170,14 +180,20 @@ def unpublished(run: Path, tmp_path: Path) -> Path:
     return copy
 
 
-@pytest.mark.parametrize("problem, needle", [
-    ("unknown-site", "SiteZ"), ("unpublished", "did not publish"), ("parent-is-a-file", "is a file"),
-    ("out-is-a-folder", "is a folder"), ("bad-format", "--format"), ("bad-model", "--model"),
-    ("no-run", "norun"),
-])
+@pytest.mark.parametrize(
+    "problem, needle",
+    [
+        ("unknown-site", "SiteZ"),
+        ("unpublished", "did not publish"),
+        ("parent-is-a-file", "is a file"),
+        ("out-is-a-folder", "is a folder"),
+        ("bad-format", "--format"),
+        ("bad-model", "--model"),
+        ("no-run", "norun"),
+    ],
+)
 def test_bad_export_input_is_one_line_exit_2(run, tmp_path, monkeypatch, capsys, problem, needle):
-    args = {"run": run, "--site": "SiteA", "--model": "personalized", "--format": "onnx",
-            "--out": tmp_path / "m.onnx"}
+    args = {"run": run, "--site": "SiteA", "--model": "personalized", "--format": "onnx", "--out": tmp_path / "m.onnx"}
     if problem == "unknown-site":
         args["--site"] = "SiteZ"
     elif problem == "unpublished":
@@ -196,7 +212,7 @@ def test_bad_export_input_is_one_line_exit_2(run, tmp_path, monkeypatch, capsys,
     before = sorted(tmp_path.rglob("*"))
     code, err = run_cli(["export", args.pop("run"), *[str(v) for kv in args.items() for v in kv]], monkeypatch, capsys)
     assert code == 2 and needle in err and "Traceback" not in err
-    assert len(err.strip().splitlines()) <= 2   # one message (rich may wrap it)
+    assert len(err.strip().splitlines()) <= 2  # one message (rich may wrap it)
     assert sorted(tmp_path.rglob("*")) == before
 
 
@@ -215,8 +231,20 @@ def test_torchscript_without_iopfl_metadata_is_refused(tmp_path):
 
 
 def test_predict_refuses_run_options_with_a_model_file(exported, tmp_path, monkeypatch, capsys):
-    code, err = run_cli(["predict", tmp_path, "--model-file", exported["torchscript", "global"], "--site", "SiteA",
-                         "--out", tmp_path / "o"], monkeypatch, capsys)
+    code, err = run_cli(
+        [
+            "predict",
+            tmp_path,
+            "--model-file",
+            exported["torchscript", "global"],
+            "--site",
+            "SiteA",
+            "--out",
+            tmp_path / "o",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert code == 2 and "--model-file" in err
 
 

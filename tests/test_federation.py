@@ -16,14 +16,17 @@ from iopfl.runtime import Runtime
 MODEL = {"conv.weight": torch.zeros(2, 3), "bn.num_batches_tracked": torch.tensor(0)}
 
 
-@pytest.mark.parametrize("weights, count, needle", [
-    ({"conv.weight": torch.ones(2, 3)}, 4, None),
-    ({"conv.weight": torch.ones(2, 3)}, 0, "sample count 0"),
-    ({"conv.weight": torch.ones(3, 2)}, 4, "shape (3, 2)"),
-    ({"conv.weight": torch.ones(2, 3, dtype=torch.float64)}, 4, "torch.float64"),
-    ({"conv.weight": torch.full((2, 3), float("nan"))}, 4, "non-finite"),
-    ({"head.weight": torch.ones(2, 3)}, 4, "'head.weight'"),
-])
+@pytest.mark.parametrize(
+    "weights, count, needle",
+    [
+        ({"conv.weight": torch.ones(2, 3)}, 4, None),
+        ({"conv.weight": torch.ones(2, 3)}, 0, "sample count 0"),
+        ({"conv.weight": torch.ones(3, 2)}, 4, "shape (3, 2)"),
+        ({"conv.weight": torch.ones(2, 3, dtype=torch.float64)}, 4, "torch.float64"),
+        ({"conv.weight": torch.full((2, 3), float("nan"))}, 4, "non-finite"),
+        ({"head.weight": torch.ones(2, 3)}, 4, "'head.weight'"),
+    ],
+)
 def test_check_reply(weights, count, needle):
     reason = check_reply(ClientReply(weights, count), MODEL)
     assert reason is None if needle is None else needle in reason
@@ -40,8 +43,10 @@ class CorruptSiteB(InProcessSites):
     def fit(self, round_, names, weights):
         for name, reply in super().fit(round_, names, weights):
             if name == "SiteB" and round_ == 2:
-                reply.weights = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
-                                 for k, v in reply.weights.items()}
+                reply.weights = {
+                    k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                    for k, v in reply.weights.items()
+                }
             yield name, reply
 
 

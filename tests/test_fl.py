@@ -73,8 +73,9 @@ class _Tiny(nn.Module):
 
 def test_personal_weights_are_never_sent():
     torch.manual_seed(0)
-    trainer = LocalTrainer(_Tiny, torch.randn(6, 1, 4, 4), torch.randint(0, 2, (6, 4, 4)),
-                           TrainSettings(batch_size=3, channels_last=False))
+    trainer = LocalTrainer(
+        _Tiny, torch.randn(6, 1, 4, 4), torch.randint(0, 2, (6, 4, 4)), TrainSettings(batch_size=3, channels_last=False)
+    )
     strategy = IOPFLInside()
     global_w = {k: v.clone() for k, v in _Tiny().state_dict().items()}
     personal = {}

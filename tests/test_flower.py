@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from _events import assert_events_match_metrics
+
 from _deploy import Deployment, RunOutcome
+from _events import assert_events_match_metrics
 from _faulty_client import fail_if_asked, faulty_app
 from _tiny import tiny_config, tiny_tree
 
@@ -30,19 +31,19 @@ flwr = pytest.importorskip("flwr")
 
 from flwr.app import Context, Error, Message, MessageType, RecordDict
 
+from iopfl.data import load_dataset
 from iopfl.engine.checkpoint import load_checkpoint
+from iopfl.engine.federation import Federation
 from iopfl.engine.flower import client as flower_client
 from iopfl.engine.flower import wire
-from iopfl.engine.federation import Federation
 from iopfl.engine.flower.server import Settings, flower_run
 from iopfl.engine.flower.state import EVALUATE, TRAIN, SiteStateStore
-from iopfl.data import load_dataset
 from iopfl.engine.local import in_process_run
 from iopfl.engine.rounds import initial_weights
 from iopfl.engine.site import make_client
+from iopfl.errors import UserError
 from iopfl.fl import build_strategy
 from iopfl.runtime import Runtime
-from iopfl.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 SITES = ["SiteA", "SiteB", "SiteC"]
@@ -153,8 +154,7 @@ def deployments(reference, certs):
     Each job stops its own processes, also when it fails; the fixture waits for every job."""
     root, config, _ = reference
     with ThreadPoolExecutor(max_workers=2) as pool:  # 2 at a time: 4 would make the CPU the bottleneck
-        jobs = {"plain": pool.submit(plain_job, root, config),
-                "fail": pool.submit(failing_job, root, config)}
+        jobs = {"plain": pool.submit(plain_job, root, config), "fail": pool.submit(failing_job, root, config)}
         if certs is not None:
             jobs["tls"] = pool.submit(secure_job, root, config, certs)
         if HAS_RAY:
@@ -249,8 +249,9 @@ def test_predict_uses_a_published_model_or_the_sites_own_state(reference, deploy
     assert refused.returncode == 2 and "did not publish" in refused.stderr and "--state-dir" in refused.stderr
     assert not (tmp_path / "c").exists()
     state = root / "home-plain" / "site-state" / "SiteC"
-    done = iopfl_cli("predict", str(run), str(scan), "--site", "SiteC", "--out", str(tmp_path / "c"),
-                     "--state-dir", str(state))
+    done = iopfl_cli(
+        "predict", str(run), str(scan), "--site", "SiteC", "--out", str(tmp_path / "c"), "--state-dir", str(state)
+    )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "c" / "Case00.nii.gz").exists()
 
@@ -338,8 +339,12 @@ def test_a_config_error_ends_the_server_app_in_one_line(tmp_path):
 
 # --- what a site sends (unit level: the ClientApp's handlers with a Message and a Context) ------
 
-HANDLERS = {"query": flower_client.query, "query.publish": flower_client.publish, "train": flower_client.train,
-            "evaluate": flower_client.evaluate}
+HANDLERS = {
+    "query": flower_client.query,
+    "query.publish": flower_client.publish,
+    "train": flower_client.train,
+    "evaluate": flower_client.evaluate,
+}
 
 
 def handle(msg: Message, context: Context) -> Message:
@@ -364,15 +369,22 @@ def test_a_site_sends_only_shared_weights_count_and_metrics(reference, tmp_path,
     spec = load_dataset(cfg.data)
     site = make_client(cfg, Runtime.resolve(cfg.runtime), spec, "SiteA", spec.sites["SiteA"], spec.sites["SiteA"].train)
     weights = initial_weights(cfg, site.build)
-    shared = set(build_strategy(method).client_round(site.trainer, weights, {},
-                                                     torch.Generator().manual_seed(0)).weights)
-    context = Context(run_id=1, node_id=1, node_config={"site": "SiteA", "state-dir": str(tmp_path / "state")},
-                      state=RecordDict(), run_config={})
+    shared = set(
+        build_strategy(method).client_round(site.trainer, weights, {}, torch.Generator().manual_seed(0)).weights
+    )
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"site": "SiteA", "state-dir": str(tmp_path / "state")},
+        state=RecordDict(),
+        run_config={},
+    )
     config_json = json.dumps(cfg.model_dump(mode="json"))
     sent = {}
     for round_ in (1, 2):
-        msg = Message(wire.instruction(config_json, round_, "run-key", weights), dst_node_id=1,
-                      message_type=MessageType.TRAIN)
+        msg = Message(
+            wire.instruction(config_json, round_, "run-key", weights), dst_node_id=1, message_type=MessageType.TRAIN
+        )
         reply = handle(msg, context)
         assert set(reply.content.keys()) == {"arrays", "metrics", "info"}
         assert set(reply.content["arrays"].keys()) == {"index", "data"}
@@ -396,8 +408,9 @@ def test_a_site_sends_only_shared_weights_count_and_metrics(reference, tmp_path,
     if method == "iopfl":  # φ_k = α·φ_k + (1−α)·θ_k differs from the θ_k sent in round 2
         assert any(not torch.equal(personal[k], sent[k]) for k in sent if sent[k].is_floating_point())
 
-    evaluate = Message(wire.instruction(config_json, 2, "run-key", weights), dst_node_id=1,
-                       message_type=MessageType.EVALUATE)
+    evaluate = Message(
+        wire.instruction(config_json, 2, "run-key", weights), dst_node_id=1, message_type=MessageType.EVALUATE
+    )
     reply = handle(evaluate, context)
     assert set(reply.content.keys()) == {"info"}
     info = wire.read_info(reply.content)
@@ -422,13 +435,16 @@ def test_state_store_replays_a_round_from_the_state_before_it(tmp_path):
         store.check_not_stale(1)
     store.check_not_stale(3)
     names = sorted(p.name for p in (tmp_path / "s").iterdir())
-    assert names == ["r000001-1.safetensors", "r000002-0.safetensors", "r000002-1.safetensors",
-                     "r000003-0.safetensors"]
+    assert names == ["r000001-1.safetensors", "r000002-0.safetensors", "r000002-1.safetensors", "r000003-0.safetensors"]
 
 
 def test_weights_travel_packed_and_bit_exact():
-    weights = {"a": torch.randn(3, 4), "n": torch.tensor(7), "e": torch.zeros(0),
-               "h": torch.randn(5).to(torch.bfloat16)}
+    weights = {
+        "a": torch.randn(3, 4),
+        "n": torch.tensor(7),
+        "e": torch.zeros(0),
+        "h": torch.randn(5).to(torch.bfloat16),
+    }
     record = wire.weights_record(weights)
     assert set(record.keys()) == {"index", "data"}
     back = wire.record_weights(record)
@@ -440,6 +456,7 @@ def test_weights_travel_packed_and_bit_exact():
 
 # --- the ServerApp's logic on an in-process grid (fast: no Flower processes) ---------------------
 
+
 class LocalGrid:
     """A stand-in for Flower's Grid: messages go straight to the ClientApp's handlers, in-process.
 
@@ -449,8 +466,10 @@ class LocalGrid:
     """
 
     def __init__(self, node_configs: dict[int, dict], crash: tuple[str, int] | None = None):
-        self.contexts = {n: Context(run_id=1, node_id=n, node_config=nc, state=RecordDict(), run_config={})
-                         for n, nc in node_configs.items()}
+        self.contexts = {
+            n: Context(run_id=1, node_id=n, node_config=nc, state=RecordDict(), run_config={})
+            for n, nc in node_configs.items()
+        }
         self.offline: set[int] = set()
         self.silent: set[int] = set()
         self.crash = crash
@@ -478,7 +497,8 @@ class LocalGrid:
                 continue
             if node in self.offline:  # the SuperLink answers for a node that stopped sending heartbeats
                 self.outbox[msg.metadata.message_id] = Message(
-                    Error(code=5, reason="Error: Node Unavailable"), reply_to=msg)
+                    Error(code=5, reason="Error: Node Unavailable"), reply_to=msg
+                )
                 ids.append(msg.metadata.message_id)
                 continue
             try:
@@ -497,8 +517,10 @@ class LocalGrid:
 
 
 def local_grid(root: Path, tmp: Path, **node_extra) -> LocalGrid:
-    return LocalGrid({i: {"site": s, "state-dir": str(tmp / "state"), **node_extra.get(s, {})}
-                      for i, s in enumerate(SITES, 1)}, crash=node_extra.get("crash"))
+    return LocalGrid(
+        {i: {"site": s, "state-dir": str(tmp / "state"), **node_extra.get(s, {})} for i, s in enumerate(SITES, 1)},
+        crash=node_extra.get("crash"),
+    )
 
 
 def grid_run(root: Path, config: Path, run_dir: Path, grid: LocalGrid, extra: list[str] = (), **settings) -> dict:
@@ -506,7 +528,9 @@ def grid_run(root: Path, config: Path, run_dir: Path, grid: LocalGrid, extra: li
 
     base = {"join_timeout": 1, "reply_timeout": 5, "poll_interval": 0.01, **settings}
     overrides = [*OVERRIDES, *extra]
-    return flower_run(load_config(config, overrides), Settings(config, run_dir, overrides, **base), grid).run(resume=True)
+    return flower_run(load_config(config, overrides), Settings(config, run_dir, overrides, **base), grid).run(
+        resume=True
+    )
 
 
 def test_server_app_on_a_local_grid_matches_in_process(reference, tmp_path, task_identity):
@@ -598,8 +622,9 @@ def test_a_site_that_disconnects_is_left_out_and_rejoins(reference, tmp_path, ta
         if (kind, round_) == (MessageType.TRAIN, 1):
             grid.offline.add(2)
         if (kind, round_) == (MessageType.EVALUATE, 2):
-            grid.contexts[4] = Context(run_id=1, node_id=4, node_config=dict(grid.contexts[2].node_config),
-                                       state=RecordDict(), run_config={})
+            grid.contexts[4] = Context(
+                run_id=1, node_id=4, node_config=dict(grid.contexts[2].node_config), state=RecordDict(), run_config={}
+            )
 
     grid.on_push = events
     results = grid_run(root, config, tmp_path / "run", grid, extra=["fl.rounds=3"])

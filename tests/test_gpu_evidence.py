@@ -16,13 +16,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from gpu_evidence import Budgeted, pack, polyp_sites  # noqa: E402
-from iopfl.data.images2d import image_to_case, pair_files  # noqa: E402
 from records import RECORD_FILES  # noqa: E402
+
+from iopfl.data.images2d import image_to_case, pair_files  # noqa: E402
 
 # the script's own default (configs/polyp.yaml's data.root) unless GPU_EVIDENCE_SOURCE names another
 SOURCE = Path(os.environ.get("GPU_EVIDENCE_SOURCE", REPO.parent / "shared" / "data"))
-has_polyps = pytest.mark.skipif(not (SOURCE / "Kvasir-SEG" / "images").is_dir(),
-                                reason=f"{SOURCE} holds no polyp sites")
+has_polyps = pytest.mark.skipif(
+    not (SOURCE / "Kvasir-SEG" / "images").is_dir(), reason=f"{SOURCE} holds no polyp sites"
+)
 
 
 def nap(method: str, seed: int, seconds: dict[str, float]) -> None:
@@ -35,8 +37,10 @@ def test_a_run_still_going_at_the_budget_is_stopped_and_no_other_starts():
     t0 = time.perf_counter()
     log = runner.run(nap, [("slow", 0), ("after", 0)], ({"slow": 600, "after": 0},))
     assert time.perf_counter() - t0 < 20  # stopped at the budget, not waited for
-    assert log == [{"run": "slow-s0", "status": "stopped at the budget", "started_s": 0.0},
-                   {"run": "after-s0", "status": "not started (budget)"}]
+    assert log == [
+        {"run": "slow-s0", "status": "stopped at the budget", "started_s": 0.0},
+        {"run": "after-s0", "status": "not started (budget)"},
+    ]
 
 
 def test_a_run_whose_expected_time_does_not_fit_is_not_started():
@@ -76,9 +80,24 @@ def test_pack_keeps_the_loaders_training_grid(tmp_path):
 
 
 def test_quality_without_a_pack_is_one_line_and_exit_2(tmp_path):
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_evidence.py"), "quality", "--pack",
-                           str(tmp_path), "--out", str(tmp_path / "out"), "--budget", "60", "--estimate", "10"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "gpu_evidence.py"),
+            "quality",
+            "--pack",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "out"),
+            "--budget",
+            "60",
+            "--estimate",
+            "10",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "PACK.json" in done.stderr
     assert not (tmp_path / "out").exists()
@@ -87,8 +106,13 @@ def test_quality_without_a_pack_is_one_line_and_exit_2(tmp_path):
 @pytest.mark.slow
 def test_smoke_run_writes_records_in_the_benchmark_layout(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "GPU_EVIDENCE_SOURCE": str(SOURCE)}
-    done = subprocess.run([str(REPO / "scripts" / "gpu_evidence.sh"), "--smoke", str(tmp_path)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [str(REPO / "scripts" / "gpu_evidence.sh"), "--smoke", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     out = tmp_path / "results" / "quality-polyp-gpu"
     for run in ("iopfl-s0", "fedbn-s0", "ditto-s0"):

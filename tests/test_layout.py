@@ -28,8 +28,10 @@ def imported(path: Path, known: set[str]) -> set[str]:
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in known else node.module
-                     for alias in node.names]
+            names = [
+                f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in known else node.module
+                for alias in node.names
+            ]
         else:
             continue
         found.update(n for n in names if n in known)
@@ -51,7 +53,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         path.pop()
@@ -71,8 +73,10 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_the_graph_sees_imports_inside_functions_and_type_checking_blocks(tmp_path):
     source = tmp_path / "m.py"
-    source.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from iopfl.config import Config\n"
-                      "def f():\n    from iopfl.engine import rounds\n    import iopfl.errors\n")
+    source.write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from iopfl.config import Config\n"
+        "def f():\n    from iopfl.engine import rounds\n    import iopfl.errors\n"
+    )
     known = set(modules())
     assert imported(source, known) == {"iopfl.config", "iopfl.engine.rounds", "iopfl.errors"}
 
@@ -83,13 +87,19 @@ def test_no_import_cycle_in_src():
 
 
 def test_no_engine_module_is_over_250_lines():
-    long = {str(p.relative_to(SRC)): n for p in (PACKAGE / "engine").rglob("*.py")
-            if (n := len(p.read_text().splitlines())) > ENGINE_MAX_LINES}
+    long = {
+        str(p.relative_to(SRC)): n
+        for p in (PACKAGE / "engine").rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > ENGINE_MAX_LINES
+    }
     assert not long, f"engine modules over {ENGINE_MAX_LINES} lines: {long}"
 
 
 def test_the_device_is_resolved_only_by_the_runtime():
     """Entry points resolve a ``Runtime`` (``Runtime.resolve``); nothing else asks for a device."""
-    callers = [str(p.relative_to(SRC)) for p in PACKAGE.rglob("*.py")
-               if p.name != "runtime.py" and "resolve_device(" in p.read_text()]
+    callers = [
+        str(p.relative_to(SRC))
+        for p in PACKAGE.rglob("*.py")
+        if p.name != "runtime.py" and "resolve_device(" in p.read_text()
+    ]
     assert not callers, f"resolve_device called outside iopfl/runtime.py: {callers}"

@@ -18,8 +18,8 @@ def vol(shape, *boxes):
 
 
 def test_dice_of_overlapping_squares():
-    a = vol((1, 10, 10), np.s_[0, 0:4, 0:4])      # 16 pixels
-    b = vol((1, 10, 10), np.s_[0, 2:6, 0:4])      # 16 pixels, overlap 8
+    a = vol((1, 10, 10), np.s_[0, 0:4, 0:4])  # 16 pixels
+    b = vol((1, 10, 10), np.s_[0, 2:6, 0:4])  # 16 pixels, overlap 8
     m = case_metrics(a, b, FG, (1, 1, 1))["fg"]
     assert m["dice"] == pytest.approx(2 * 8 / 32)
 
@@ -82,26 +82,43 @@ def test_nested_regions():
 
 def test_reference_dice_by_hand():
     gt = np.zeros((2, 4, 4), np.uint8)
-    gt[0, :2, :2] = 1                      # slice 0: 4 fg pixels
+    gt[0, :2, :2] = 1  # slice 0: 4 fg pixels
     pred = np.zeros_like(gt)
-    pred[0, :2, :1] = 1                    # 2 of them found
+    pred[0, :2, :1] = 1  # 2 of them found
     # slice 0: fg dice 2·2/(2+4) = 2/3; bg dice 2·12/(14+12) = 12/13; slice 1: both empty → (1 + 1)/2
     expected = ((2 / 3 + 12 / 13) / 2 + 1.0) / 2
     assert reference_dice(pred, gt) == pytest.approx(expected)
 
 
 def test_summaries():
-    cases = [{"case": "a", "regions": {"r1": {"dice": 0.5, "hd95": 2.0, "assd": 1.0},
-                                       "r2": {"dice": 1.0, "hd95": 0.0, "assd": 0.0}}, "ref_dice": 0.8},
-             {"case": "b", "regions": {"r1": {"dice": 0.0, "hd95": 4.0, "assd": 2.0},
-                                       "r2": {"dice": 0.5, "hd95": 2.0, "assd": 1.0}}, "ref_dice": 0.6}]
+    cases = [
+        {
+            "case": "a",
+            "regions": {"r1": {"dice": 0.5, "hd95": 2.0, "assd": 1.0}, "r2": {"dice": 1.0, "hd95": 0.0, "assd": 0.0}},
+            "ref_dice": 0.8,
+        },
+        {
+            "case": "b",
+            "regions": {"r1": {"dice": 0.0, "hd95": 4.0, "assd": 2.0}, "r2": {"dice": 0.5, "hd95": 2.0, "assd": 1.0}},
+            "ref_dice": 0.6,
+        },
+    ]
     s = summarize_cases(cases)
     assert s["n"] == 2 and s["dice"] == pytest.approx(0.5) and s["hd95"] == pytest.approx(2.0)
     assert s["regions"]["r1"]["dice"] == pytest.approx(0.25) and s["ref_dice"] == pytest.approx(0.7)
     overall = summarize_sites([s, {**s, "dice": 1.0}, summarize_cases([])])
     assert overall["dice"] == pytest.approx(0.75)
-    other = summarize_cases([{**cases[0], "regions": {"r1": {"dice": 1.0, "hd95": 0.0, "assd": 0.0},
-                                                      "r2": {"dice": 0.0, "hd95": 8.0, "assd": 4.0}}}])
+    other = summarize_cases(
+        [
+            {
+                **cases[0],
+                "regions": {
+                    "r1": {"dice": 1.0, "hd95": 0.0, "assd": 0.0},
+                    "r2": {"dice": 0.0, "hd95": 8.0, "assd": 4.0},
+                },
+            }
+        ]
+    )
     both = summarize_sites([s, other])  # per region: the mean over sites of each site's region mean
     assert both["regions"]["r1"]["dice"] == pytest.approx((0.25 + 1.0) / 2)
     assert both["regions"]["r2"]["hd95"] == pytest.approx((1.0 + 8.0) / 2)
@@ -112,8 +129,12 @@ def test_regions_table_lists_each_region_when_there_are_several():
     from iopfl.results import ModelEntry
 
     def entry(regions: dict[str, float]) -> ModelEntry:
-        site = {"dice": 0.5, "hd95": 1.0, "assd": 0.5,
-                "regions": {r: {"dice": d, "hd95": 1.0, "assd": 0.5} for r, d in regions.items()}}
+        site = {
+            "dice": 0.5,
+            "hd95": 1.0,
+            "assd": 0.5,
+            "regions": {r: {"dice": d, "hd95": 1.0, "assd": 0.5} for r, d in regions.items()},
+        }
         return ModelEntry.model_validate({"sites": {"D1": site}, "mean": site})
 
     table = regions_table({"personalized": entry({"disc": 0.8, "cup": 0.2})})

@@ -26,10 +26,14 @@ def naive_bilinear(plane: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     out = np.zeros((out_h, out_w))
     for i in range(out_h):
         y = max((i + 0.5) * h / out_h - 0.5, 0.0)
-        y0 = int(math.floor(y)); y1 = min(y0 + 1, h - 1); fy = y - y0
+        y0 = int(math.floor(y))
+        y1 = min(y0 + 1, h - 1)
+        fy = y - y0
         for j in range(out_w):
             x = max((j + 0.5) * w / out_w - 0.5, 0.0)
-            x0 = int(math.floor(x)); x1 = min(x0 + 1, w - 1); fx = x - x0
+            x0 = int(math.floor(x))
+            x1 = min(x0 + 1, w - 1)
+            fx = x - x0
             top = plane[y0, x0] * (1 - fx) + plane[y0, x1] * fx
             bottom = plane[y1, x0] * (1 - fx) + plane[y1, x1] * fx
             out[i, j] = top * (1 - fy) + bottom * fy
@@ -41,8 +45,16 @@ def _case(original: np.ndarray, size: int) -> Case:
     from iopfl.data.io import resize_masks
 
     resized = resize_masks(original, size)
-    return Case("s", "c", np.zeros((1, 3, size, size), np.float32), resized, (1.0, 1.0, 1.0), "c.png",
-                {"format": "image", "shape": list(original.shape[1:])}, PackedMask.pack(original))
+    return Case(
+        "s",
+        "c",
+        np.zeros((1, 3, size, size), np.float32),
+        resized,
+        (1.0, 1.0, 1.0),
+        "c.png",
+        {"format": "image", "shape": list(original.shape[1:])},
+        PackedMask.pack(original),
+    )
 
 
 def test_scores_on_the_original_grid_equal_a_hand_computation():
@@ -51,7 +63,7 @@ def test_scores_on_the_original_grid_equal_a_hand_computation():
     truth[0, 8:21, 12:33] = 1
     case = _case(truth, 16)
     fg = np.clip(rng.random((16, 16)) * 0.4 + np.pad(np.full((6, 9), 0.6), ((5, 5), (4, 3))), 0, 1)
-    probs = torch.from_numpy(np.stack([1 - fg, fg])[None]).float()          # [1, 2, 16, 16]
+    probs = torch.from_numpy(np.stack([1 - fg, fg])[None]).float()  # [1, 2, 16, 16]
 
     pred = labels_on_original_grid(probs, case)
     up = [naive_bilinear(p, 30, 44) for p in probs[0].double().numpy()]
@@ -82,11 +94,20 @@ def test_empty_mask_policy_uses_the_original_diagonal():
 
 def test_packed_masks_round_trip_through_the_cache():
     rng = np.random.default_rng(1)
-    classes = rng.integers(0, 3, (2, 7, 13)).astype(np.uint8)        # 3 classes, 182 px: not a byte multiple
+    classes = rng.integers(0, 3, (2, 7, 13)).astype(np.uint8)  # 3 classes, 182 px: not a byte multiple
     packed = PackedMask.pack(classes)
     assert len(packed.planes) == 2 and np.array_equal(packed.unpack(), classes)
-    case = Case("s", "c", np.zeros((2, 1, 4, 4), np.float32), np.zeros((2, 4, 4), np.uint8), (3.0, 2.0, 1.5),
-                "c.nii.gz", {"format": "nifti", "shape": [7, 13, 2]}, packed, (3.0, 0.5, 0.5))
+    case = Case(
+        "s",
+        "c",
+        np.zeros((2, 1, 4, 4), np.float32),
+        np.zeros((2, 4, 4), np.uint8),
+        (3.0, 2.0, 1.5),
+        "c.nii.gz",
+        {"format": "nifti", "shape": [7, 13, 2]},
+        packed,
+        (3.0, 0.5, 0.5),
+    )
     arrays = {k: np.asarray(v) for k, v in _encode([case]).items()}
     back = _decode(arrays)[0]
     assert np.array_equal(back.truth(), classes) and back.grid_spacing() == (3.0, 0.5, 0.5)
@@ -118,11 +139,13 @@ def test_a_volume_is_scored_in_mm_on_its_own_grid(tmp_path):
     label = np.zeros((20, 24, 5), np.uint8)
     label[5:12, 6:14, 1:4] = 1
     for name, array in (("Case00", np.random.default_rng(0).normal(size=label.shape)), ("Case00_seg", label)):
-        nib.save(nib.Nifti1Image(array.astype(np.float32), np.diag([0.5, 0.5, 3.0, 1.0])), str(tmp_path / f"{name}.nii.gz"))
+        nib.save(
+            nib.Nifti1Image(array.astype(np.float32), np.diag([0.5, 0.5, 3.0, 1.0])), str(tmp_path / f"{name}.nii.gz")
+        )
     case = volume_to_case("s", "Case00", tmp_path / "Case00.nii.gz", tmp_path / "Case00_seg.nii.gz", 16)
     assert case.mask.shape == (5, 16, 16) and case.original_size == (20, 24)
     assert case.grid_spacing() == (3.0, 0.5, 0.5) and case.spacing != case.grid_spacing()
-    truth = np.moveaxis(label, 2, 0)                                   # [Z, X, Y]
+    truth = np.moveaxis(label, 2, 0)  # [Z, X, Y]
     assert np.array_equal(case.truth(), truth)
     assert score_case(truth.copy(), case, FG)["regions"]["fg"] == {"dice": 1.0, "hd95": 0.0, "assd": 0.0}
     shifted = np.roll(truth, 1, axis=2)
@@ -158,10 +181,21 @@ def folder_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("grid")
     for k, name in enumerate(("A", "B", "C")):
         disc_site(root / "data", name, 10, k)
-    cfg = build_config({"data": {"source": "folder", "root": str(root / "data"), "image_size": 32,
-                                 "cache_dir": str(root / "cache"), "holdout": "C"},
-                        "model": {"width": 8, "depth": 2}, "fl": {"method": "iopfl", "rounds": 3},
-                        "train": {"batch_size": 4, "lr": 0.01}, "eval": {"overlays": 0}})
+    cfg = build_config(
+        {
+            "data": {
+                "source": "folder",
+                "root": str(root / "data"),
+                "image_size": 32,
+                "cache_dir": str(root / "cache"),
+                "holdout": "C",
+            },
+            "model": {"width": 8, "depth": 2},
+            "fl": {"method": "iopfl", "rounds": 3},
+            "train": {"batch_size": 4, "lr": 0.01},
+            "eval": {"overlays": 0},
+        }
+    )
     results = in_process_run(cfg, root / "run").run()
     return cfg, root, results
 

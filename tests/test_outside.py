@@ -13,15 +13,15 @@ import yaml
 
 from _tiny import tiny_config
 from iopfl.adapt import METHODS, build_method
-from iopfl.config import load_config
-from iopfl.data import load_dataset
 from iopfl.commands.adapt import adapt_cases, adapt_runtime, assemble, batches_of, run_adapt
 from iopfl.commands.predict import run_predict
 from iopfl.commands.runs import open_run
+from iopfl.config import load_config
+from iopfl.data import load_dataset
 from iopfl.engine.local import in_process_run
+from iopfl.errors import UserError
 from iopfl.evaluation.evaluate import score_case
 from iopfl.evaluation.metrics import summarize_cases
-from iopfl.errors import UserError
 
 pytestmark = pytest.mark.slow
 
@@ -75,9 +75,12 @@ def test_no_method_reads_labels(holdout_run, tmp_path):
         scores = adapt_cases(run, cases, methods, tmp_path / labels, cfg, adapt_runtime(cfg))
         assert set(scores) == (set() if labels == "none" else set(methods))
         # masks, per-batch traces (losses, safeguard signals and fallbacks) and gates
-        outputs[labels] = {p.relative_to(tmp_path / labels): p.read_bytes()
-                           for p in sorted((tmp_path / labels).rglob("*")) if p.suffix in (".gz", ".jsonl", ".json")}
-    assert len(outputs["true"]) == len(methods) * len(cases) + 2 + 1   # + tent's and iopfl's traces, gates
+        outputs[labels] = {
+            p.relative_to(tmp_path / labels): p.read_bytes()
+            for p in sorted((tmp_path / labels).rglob("*"))
+            if p.suffix in (".gz", ".jsonl", ".json")
+        }
+    assert len(outputs["true"]) == len(methods) * len(cases) + 2 + 1  # + tent's and iopfl's traces, gates
     assert outputs["true"] == outputs["poisoned"] == outputs["none"]
 
 
@@ -145,9 +148,24 @@ def test_bad_adapt_inputs(holdout_run, tmp_path, problem):
 
 def test_cli_adapt_prints_the_table(holdout_run, tmp_path):
     cfg, root = holdout_run
-    done = subprocess.run([sys.executable, "-m", "iopfl.cli", "adapt", str(root / "run"), "--target", "SiteC",
-                           "--method", "all", "--out", str(tmp_path / "o")], capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "iopfl.cli",
+            "adapt",
+            str(root / "run"),
+            "--target",
+            "SiteC",
+            "--method",
+            "all",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     for method in ("global", "bn", "tent", "ensemble", "iopfl"):
         assert f"| {method} | Dice %" in done.stdout
@@ -155,14 +173,30 @@ def test_cli_adapt_prints_the_table(holdout_run, tmp_path):
 
 def _routed_conv_count(run):
     from torch import nn
+
     return sum(isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) for m in run.build()().modules())
 
 
 def test_cli_adapt_iopfl_writes_the_gates(holdout_run, tmp_path):
     cfg, root = holdout_run
-    done = subprocess.run([sys.executable, "-m", "iopfl.cli", "adapt", str(root / "run"), "--target", "SiteC",
-                           "--method", "iopfl", "--out", str(tmp_path / "o")], capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "iopfl.cli",
+            "adapt",
+            str(root / "run"),
+            "--target",
+            "SiteC",
+            "--method",
+            "iopfl",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     summary = json.loads((tmp_path / "o" / "gates.json").read_text())
     assert (tmp_path / "o" / "gates.png").stat().st_size > 0
@@ -197,8 +231,9 @@ def test_one_slice_at_a_time_stays_close_to_batches_of_four(holdout_b):
         c = load_config(root / "run" / "config.yaml", [f"adapt.batch_size={batch}"])
         batches, owners = batches_of(cases, run.network["context"], batch)
         for m in ("bn", "iopfl"):
-            preds = assemble(build_method(m, run.experts(), run.build(), c.adapt).adapt_and_predict(batches),
-                             owners, cases)
+            preds = assemble(
+                build_method(m, run.experts(), run.build(), c.adapt).adapt_and_predict(batches), owners, cases
+            )
             scores = [score_case(p, k, run.network["regions"]) for p, k in zip(preds, cases)]
             dice[batch, m] = summarize_cases(scores)["dice"]
             foreground[batch, m] = np.mean([p.mean() for p in preds])
@@ -206,7 +241,7 @@ def test_one_slice_at_a_time_stays_close_to_batches_of_four(holdout_b):
         # measured: bn 43.8 at batch 1 against 43.0 at batch 4, iopfl 50.0 against 55.7 (bn 40.6, iopfl 53.7 with
         # each slice normalised over itself, adapt.min_batch_stats=1)
         assert dice[1, m] > dice[4, m] - 0.1
-        assert 0.25 * foreground[4, m] < foreground[1, m] < 4 * foreground[4, m]   # neither empty nor flooded
+        assert 0.25 * foreground[4, m] < foreground[1, m] < 4 * foreground[4, m]  # neither empty nor flooded
 
 
 @pytest.mark.parametrize("method", ["tent", "iopfl"])
@@ -221,7 +256,7 @@ def test_safeguard_stops_a_collapse(holdout_b, tmp_path, method):
     assert guarded.models[method].mean.dice >= bn - 0.01
     report = guarded.safeguard[method]
     assert report.fallbacks > 0 and sum(report.reasons.values()) == report.fallbacks
-    assert set(guarded.safeguard) == {"tent", "iopfl"}   # every adaptive method, no other
+    assert set(guarded.safeguard) == {"tent", "iopfl"}  # every adaptive method, no other
     assert f"| {method} |" in (tmp_path / "on" / "report.md").read_text().split("Safeguard")[1]
     trace = [json.loads(line) for line in (tmp_path / "on" / method / "trace.jsonl").read_text().splitlines()]
     assert sum("fallback" in t for t in trace) == report.fallbacks
@@ -235,15 +270,47 @@ def test_safeguard_stops_a_collapse(holdout_b, tmp_path, method):
 
 def test_cli_adapt_warns_when_the_safeguard_fell_back(holdout_b, tmp_path):
     cfg, root = holdout_b
-    done = subprocess.run([sys.executable, "-m", "iopfl.cli", "adapt", str(root / "run"), "--target", "SiteB",
-                           "--method", "tent", "--out", str(tmp_path / "o"), "-o", "adapt.lr=1"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "iopfl.cli",
+            "adapt",
+            str(root / "run"),
+            "--target",
+            "SiteB",
+            "--method",
+            "tent",
+            "--out",
+            str(tmp_path / "o"),
+            "-o",
+            "adapt.lr=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     warning = [line for line in done.stderr.splitlines() if "safeguard" in line]
     assert warning and "tent:" in " ".join(warning)
-    quiet = subprocess.run([sys.executable, "-m", "iopfl.cli", "adapt", str(root / "run"), "--target", "SiteB",
-                            "--method", "bn", "--out", str(tmp_path / "q")], capture_output=True, text=True,
-                           timeout=300)
+    quiet = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "iopfl.cli",
+            "adapt",
+            str(root / "run"),
+            "--target",
+            "SiteB",
+            "--method",
+            "bn",
+            "--out",
+            str(tmp_path / "q"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert quiet.returncode == 0 and "safeguard" not in quiet.stderr
 
 
@@ -268,12 +335,18 @@ def test_2d_images_are_packed_into_batches_volumes_are_not():
     from iopfl.data import Case
 
     def case(i, slices):
-        return Case(site="S", case_id=f"c{i}", image=np.full((slices, 1, 4, 4), i, np.float32), mask=None,
-                    spacing=(1.0, 1.0, 1.0), source="folder")
+        return Case(
+            site="S",
+            case_id=f"c{i}",
+            image=np.full((slices, 1, 4, 4), i, np.float32),
+            mask=None,
+            spacing=(1.0, 1.0, 1.0),
+            source="folder",
+        )
 
     cases = [case(0, 1), case(1, 1), case(2, 1), case(3, 3), case(4, 1)]
     batches, owners = batches_of(cases, 0, 2)
-    assert owners == [[0, 1], [2], [3, 3], [3], [4]]   # a volume flushes the images before it
+    assert owners == [[0, 1], [2], [3, 3], [3], [4]]  # a volume flushes the images before it
     assert [b.shape[0] for b in batches] == [2, 1, 2, 1, 1]
     assert batches[0][:, 0, 0, 0].tolist() == [0.0, 1.0] and batches[2][:, 0, 0, 0].tolist() == [3.0, 3.0]
 
@@ -282,10 +355,28 @@ def test_adapt_applies_the_runtime_section(holdout_run, tmp_path):
     """`iopfl adapt` resolves and applies its runtime once: one thread computes, in fp32 (adaptation has
     no mixed precision, whatever runtime.precision says), as its results record."""
     cfg, root = holdout_run
-    done = subprocess.run([sys.executable, "-m", "iopfl.cli", "adapt", str(root / "run"), "--target", "SiteC",
-                           "--method", "bn", "--out", str(tmp_path / "o"), "-o", "runtime.threads=1",
-                           "-o", "runtime.precision=bf16"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "iopfl.cli",
+            "adapt",
+            str(root / "run"),
+            "--target",
+            "SiteC",
+            "--method",
+            "bn",
+            "--out",
+            str(tmp_path / "o"),
+            "-o",
+            "runtime.threads=1",
+            "-o",
+            "runtime.precision=bf16",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     compute = json.loads((tmp_path / "o" / "results.json").read_text())["compute"]
     assert compute["threads"] == 1 and compute["precision"] == "fp32" and compute["device"] == "cpu"

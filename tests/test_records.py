@@ -13,7 +13,7 @@ from iopfl.engine.federation import Federation
 from iopfl.errors import UserError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import records  # noqa: E402
+import records
 
 pytestmark = pytest.mark.slow
 
@@ -28,15 +28,18 @@ def test_record_lifecycle(tmp_path, monkeypatch):
 
     # interrupted as round 3 starts: the next call resumes from the round-2 checkpoint
     original = Federation._train_round
-    monkeypatch.setattr(Federation, "_train_round",
-                        lambda self, r: (_ for _ in ()).throw(KeyboardInterrupt) if r == 3 else original(self, r))
+    monkeypatch.setattr(
+        Federation,
+        "_train_round",
+        lambda self, r: (_ for _ in ()).throw(KeyboardInterrupt) if r == 3 else original(self, r),
+    )
     with pytest.raises(KeyboardInterrupt):
         records.ensure_record(cfg, work, record)
     monkeypatch.setattr(Federation, "_train_round", original)
     assert not record.exists()
     assert records.ensure_record(cfg, work, record) == "resumed"
     assert all((record / name).exists() for name in records.RECORD_FILES)
-    assert not (record / "checkpoints").exists()   # weights stay in the work folder
+    assert not (record / "checkpoints").exists()  # weights stay in the work folder
     results = (record / "results.json").read_bytes()
 
     # record and weights present: nothing is trained
@@ -48,27 +51,34 @@ def test_record_lifecycle(tmp_path, monkeypatch):
     assert records.ensure_record(cfg, work, record) == "recorded"
     monkeypatch.undo()
     assert records.ensure_record(cfg, work, record, need_weights=True) == "trained"
-    assert (record / "results.json").read_bytes() == results   # the committed record is kept as it was
+    assert (record / "results.json").read_bytes() == results  # the committed record is kept as it was
     retrained = json.loads((work / "results.json").read_text())
-    assert retrained["models"] == json.loads(results)["models"]   # and training is deterministic
+    assert retrained["models"] == json.loads(results)["models"]  # and training is deterministic
 
     # a record of another config is refused with one message
     other = tiny_config(tmp_path / "cache", ["fl.rounds=2"])
     with pytest.raises(UserError, match="another config"):
         records.ensure_record(other, tmp_path / "work2", record)
     # the adapt section is not training: a record serves every adaptation setting
-    assert records.ensure_record(tiny_config(tmp_path / "cache", ["fl.rounds=3", "adapt.lr=0.5"]),
-                                 work, record) == "recorded"
+    assert (
+        records.ensure_record(tiny_config(tmp_path / "cache", ["fl.rounds=3", "adapt.lr=0.5"]), work, record)
+        == "recorded"
+    )
 
 
 def _fake_record(folder: Path, method: str, seed: int, dice: dict[str, dict[str, float]]) -> None:
     """A record with only what the tables read: results.json (two sites, Dice per model)."""
     folder.mkdir(parents=True)
-    models = {m: {"sites": {s: {"dice": d, "hd95": 1.0, "assd": 1.0} for s, d in by_site.items()},
-                  "mean": {"dice": sum(by_site.values()) / 2, "hd95": 1.0, "assd": 1.0}}
-              for m, by_site in dice.items()}
-    (folder / "results.json").write_text(json.dumps({"method": method, "dataset": "synthetic", "seed": seed,
-                                                     "models": models}))
+    models = {
+        m: {
+            "sites": {s: {"dice": d, "hd95": 1.0, "assd": 1.0} for s, d in by_site.items()},
+            "mean": {"dice": sum(by_site.values()) / 2, "hd95": 1.0, "assd": 1.0},
+        }
+        for m, by_site in dice.items()
+    }
+    (folder / "results.json").write_text(
+        json.dumps({"method": method, "dataset": "synthetic", "seed": seed, "models": models})
+    )
 
 
 def test_paired_differences_by_hand_and_tables_reproducible(tmp_path):
@@ -76,8 +86,12 @@ def test_paired_differences_by_hand_and_tables_reproducible(tmp_path):
 
     out = tmp_path / "quality"
     for seed, (g, p, bn) in enumerate([(0.5, 0.6, 0.55), (0.4, 0.45, 0.35), (0.6, 0.7, 0.65)]):
-        _fake_record(out / "inside" / f"iopfl-s{seed}", "iopfl", seed,
-                     {"global": {"A": g, "B": g}, "personalized": {"A": p, "B": g}})
+        _fake_record(
+            out / "inside" / f"iopfl-s{seed}",
+            "iopfl",
+            seed,
+            {"global": {"A": g, "B": g}, "personalized": {"A": p, "B": g}},
+        )
         _fake_record(out / "inside" / f"fedbn-s{seed}", "fedbn", seed, {"personalized": {"A": bn, "B": bn}})
     _fake_record(out / "inside" / "local-s0", "local", 0, {"personalized": {"A": 0.1, "B": 0.2}})
 
@@ -89,7 +103,7 @@ def test_paired_differences_by_hand_and_tables_reproducible(tmp_path):
     assert pairs["fedbn/personalized"]["mean"] == pytest.approx([5.0, -5.0, 5.0])
     assert pairs["local/personalized"]["seeds"] == [0]
     assert pairs["local/personalized"]["mean"] == pytest.approx([100 * (0.15 - 0.5)])
-    assert "iopfl/global" not in pairs   # the reference itself
+    assert "iopfl/global" not in pairs  # the reference itself
     md = (out / "inside-paired.md").read_text()
     assert "better in every seed" in md and "tie (signs differ" in md and "1 seed: no claim" in md
 

@@ -17,9 +17,11 @@ def fake_run(path, method, dice_by_site):
 
 
 def test_report_rows_follow_the_registry_whatever_the_argument_order(tmp_path):
-    runs = [fake_run(tmp_path / "iopfl-s0", "iopfl", {"A": 0.8, "B": 0.6}),
-            fake_run(tmp_path / "iopfl-s1", "iopfl", {"A": 0.9, "B": 0.7}),
-            fake_run(tmp_path / "local-s0", "local", {"A": 0.5, "B": 0.5})]
+    runs = [
+        fake_run(tmp_path / "iopfl-s0", "iopfl", {"A": 0.8, "B": 0.6}),
+        fake_run(tmp_path / "iopfl-s1", "iopfl", {"A": 0.9, "B": 0.7}),
+        fake_run(tmp_path / "local-s0", "local", {"A": 0.5, "B": 0.5}),
+    ]
     compare_runs(runs, tmp_path / "a.md")
     compare_runs(runs[::-1], tmp_path / "b.md")
     table = (tmp_path / "a.md").read_text()
@@ -36,8 +38,9 @@ def test_overlay_panel_has_a_legend_the_case_id_and_its_dice():
     gt = np.zeros((16, 16), np.uint8)
     gt[4:10, 4:10] = 1
     pred = np.roll(gt, 2, axis=1)
-    fig = overlay_figure(np.random.default_rng(0).random((16, 16)), gt, pred, "SiteA · Case07", "personalized",
-                         {"prostate": 0.6667})
+    fig = overlay_figure(
+        np.random.default_rng(0).random((16, 16)), gt, pred, "SiteA · Case07", "personalized", {"prostate": 0.6667}
+    )
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["ground truth", "prediction"]
     title = fig.axes[0].get_title()
     assert "Case07" in title and "personalized · case Dice 66.7%" in title
@@ -71,4 +74,4 @@ def test_site_overlay_shows_the_dice_of_the_drawn_case(tmp_path, monkeypatch):
     title, label, dice = drawn["args"][4:]
     assert path.is_file() and case.case_id in title and label == "global"
     assert dice == {r: s["dice"] for r, s in expected.items()}
-    assert 0 < dice["prostate"] < 1   # a case neither model nor truth makes trivial: a wrong Dice shows
+    assert 0 < dice["prostate"] < 1  # a case neither model nor truth makes trivial: a wrong Dice shows

@@ -12,11 +12,24 @@ import pytest
 
 from iopfl.errors import UserError
 from iopfl.fl import STRATEGIES
-from iopfl.results import GLOBAL, LOCAL, PERSONALIZED, EvalLine, ModelEntry, OutsideResults, RunResults, \
-    SafeguardSummary, TrainLine, append_metrics, read_metrics, read_results, read_run_results, write_metrics, \
-    write_results
+from iopfl.results import (
+    GLOBAL,
+    LOCAL,
+    PERSONALIZED,
+    EvalLine,
+    ModelEntry,
+    OutsideResults,
+    SafeguardSummary,
+    TrainLine,
+    append_metrics,
+    read_metrics,
+    read_results,
+    read_run_results,
+    write_metrics,
+    write_results,
+)
 
-RECORD = Path(__file__).parent / "data" / "run-iopfl-synthetic"   # an iopfl run without SiteC, seed 0
+RECORD = Path(__file__).parent / "data" / "run-iopfl-synthetic"  # an iopfl run without SiteC, seed 0
 OUTSIDE = Path(__file__).parent / "data" / "outside-tent"
 SRC = Path(__file__).resolve().parents[1] / "src" / "iopfl"
 
@@ -67,7 +80,7 @@ def test_checked_in_outside_results_read_typed_and_write_back_byte_for_byte(tmp_
 def test_unknown_keys_and_nan_survive_a_read_and_write(tmp_path):
     tree = json.loads((RECORD / "results.json").read_text())
     tree["models"][GLOBAL]["sites"]["SiteA"]["dice_std"] = 0.25
-    tree["models"][GLOBAL]["sites"]["SiteB"]["dice"] = math.nan   # a site without test cases
+    tree["models"][GLOBAL]["sites"]["SiteB"]["dice"] = math.nan  # a site without test cases
     tree["future"] = {"anything": [1, 2]}
     path = tmp_path / "in.json"
     path.write_text(json.dumps(tree, indent=2) + "\n")
@@ -75,15 +88,18 @@ def test_unknown_keys_and_nan_survive_a_read_and_write(tmp_path):
     assert math.isnan(results.models[GLOBAL].sites["SiteB"].dice)
     write_results(tmp_path / "out.json", results)
     assert (tmp_path / "out.json").read_text() == path.read_text()
-    assert "NaN" in (tmp_path / "out.json").read_text()   # written as Python's json writes it
+    assert "NaN" in (tmp_path / "out.json").read_text()  # written as Python's json writes it
 
 
 def test_an_older_run_without_the_later_keys_still_reads(tmp_path):
     """Only method, dataset and models are required (what `iopfl report` always needed)."""
     path = tmp_path / "results.json"
     scores = {"dice": 0.5, "hd95": 1.0, "assd": 0.5}
-    path.write_text(json.dumps({"method": "fedavg", "dataset": "prostate",
-                                "models": {GLOBAL: {"sites": {"A": scores}, "mean": scores}}}))
+    path.write_text(
+        json.dumps(
+            {"method": "fedavg", "dataset": "prostate", "models": {GLOBAL: {"sites": {"A": scores}, "mean": scores}}}
+        )
+    )
     results = read_run_results(path)
     assert results.last_round is None and results.published == [] and results.units == {}
     write_results(tmp_path / "again.json", results)
@@ -91,13 +107,21 @@ def test_an_older_run_without_the_later_keys_still_reads(tmp_path):
 
 
 def test_outside_results_round_trip_and_are_told_apart_from_a_run(tmp_path):
-    entry = {"sites": {"SiteC": {"dice": 0.7, "hd95": 2.0, "assd": 1.0, "ref_dice": 0.8, "n": 3, "regions": {}}},
-             "mean": {"dice": 0.7, "hd95": 2.0, "assd": 1.0, "ref_dice": 0.8, "n": 3, "regions": {}}}
-    results = OutsideResults(method="outside", dataset="synthetic", seed=0, target="SiteC", experts=[GLOBAL, "SiteA"],
-                             models={"bn": ModelEntry.model_validate(entry)}, grid="original",
-                             safeguard={"tent": SafeguardSummary(batches=4, fallbacks=1, reasons={"entropy": 1},
-                                                                 to_bn=0)},
-                             compute={"device": "cpu"})
+    entry = {
+        "sites": {"SiteC": {"dice": 0.7, "hd95": 2.0, "assd": 1.0, "ref_dice": 0.8, "n": 3, "regions": {}}},
+        "mean": {"dice": 0.7, "hd95": 2.0, "assd": 1.0, "ref_dice": 0.8, "n": 3, "regions": {}},
+    }
+    results = OutsideResults(
+        method="outside",
+        dataset="synthetic",
+        seed=0,
+        target="SiteC",
+        experts=[GLOBAL, "SiteA"],
+        models={"bn": ModelEntry.model_validate(entry)},
+        grid="original",
+        safeguard={"tent": SafeguardSummary(batches=4, fallbacks=1, reasons={"entropy": 1}, to_bn=0)},
+        compute={"device": "cpu"},
+    )
     path = tmp_path / "results.json"
     write_results(path, results)
     tree = json.loads(path.read_text())
@@ -116,15 +140,20 @@ def _damaged(tmp_path: Path, damage) -> Path:
     return path
 
 
-@pytest.mark.parametrize("damage, needle", [
-    ('{"method": "iopfl", "models": {', "unreadable"),                          # torn
-    ("[1, 2]", "malformed"),                                                     # not an object
-    (lambda t: json.dumps({k: v for k, v in t.items() if k != "models"}), "models"),
-    (lambda t: json.dumps({**t, "seed": "zero"}), "seed"),
-    (lambda t: json.dumps({**t, "published": "SiteA"}), "published"),
-    (lambda t: json.dumps({**t, "models": {GLOBAL: {"sites": {}, "mean": {"dice": "high"}}}}),
-     "models.global.mean.dice"),
-])
+@pytest.mark.parametrize(
+    "damage, needle",
+    [
+        ('{"method": "iopfl", "models": {', "unreadable"),  # torn
+        ("[1, 2]", "malformed"),  # not an object
+        (lambda t: json.dumps({k: v for k, v in t.items() if k != "models"}), "models"),
+        (lambda t: json.dumps({**t, "seed": "zero"}), "seed"),
+        (lambda t: json.dumps({**t, "published": "SiteA"}), "published"),
+        (
+            lambda t: json.dumps({**t, "models": {GLOBAL: {"sites": {}, "mean": {"dice": "high"}}}}),
+            "models.global.mean.dice",
+        ),
+    ],
+)
 def test_a_malformed_results_file_is_a_user_error_naming_it(tmp_path, damage, needle):
     path = _damaged(tmp_path, damage)
     with pytest.raises(UserError) as err:
@@ -141,23 +170,31 @@ def test_metrics_lines_append_and_a_torn_last_line_is_skipped(tmp_path):
     path = tmp_path / "metrics.jsonl"
     assert read_metrics(path) == []
     append_metrics(path, [TrainLine(round=1, model=LOCAL, split="train", site="A", loss=0.5)])
-    append_metrics(path, [EvalLine(round=1, model=GLOBAL, split="val", site="A", dice=0.8, hd95=1.0, assd=0.5,
-                                   ref_dice=0.9, n=2)])
+    append_metrics(
+        path, [EvalLine(round=1, model=GLOBAL, split="val", site="A", dice=0.8, hd95=1.0, assd=0.5, ref_dice=0.9, n=2)]
+    )
     assert path.read_text().splitlines() == [
         '{"round": 1, "model": "local", "split": "train", "site": "A", "loss": 0.5}',
         '{"round": 1, "model": "global", "split": "val", "site": "A", "dice": 0.8, "hd95": 1.0, "assd": 0.5, '
-        '"ref_dice": 0.9, "n": 2}']
+        '"ref_dice": 0.9, "n": 2}',
+    ]
     with path.open("a") as fh:
-        fh.write('{"round": 2, "model": "loc')   # a crash mid-append
+        fh.write('{"round": 2, "model": "loc')  # a crash mid-append
     lines = read_metrics(path)
     assert [type(x) for x in lines] == [TrainLine, EvalLine] and lines[1].dice == 0.8
 
 
-@pytest.mark.parametrize("line, needle", [
-    ('{"round": 1, "model": "global", "split": "sideways", "site": "A"}', "split"),
-    ('{"round": 1, "model": "local", "split": "train", "site": "A"}', "loss"),
-    ('{"round": "first", "model": "global", "split": "val", "site": "A", "dice": 1, "hd95": 0, "assd": 0}', "round"),
-])
+@pytest.mark.parametrize(
+    "line, needle",
+    [
+        ('{"round": 1, "model": "global", "split": "sideways", "site": "A"}', "split"),
+        ('{"round": 1, "model": "local", "split": "train", "site": "A"}', "loss"),
+        (
+            '{"round": "first", "model": "global", "split": "val", "site": "A", "dice": 1, "hd95": 0, "assd": 0}',
+            "round",
+        ),
+    ],
+)
 def test_a_line_that_is_not_a_metrics_line_is_a_user_error_naming_file_and_line(tmp_path, line, needle):
     path = tmp_path / "metrics.jsonl"
     shutil.copy(RECORD / "metrics.jsonl", path)

@@ -10,6 +10,7 @@ from iopfl.models import UNet
 from iopfl.models.routing import RoutedConv2d, RoutedConvTranspose2d, Router, route_experts, routers
 from iopfl.models.stream_norm import StreamBatchNorm2d
 
+
 @pytest.fixture(autouse=True)
 def _float64():
     """Exact comparisons in float64, restored afterwards so no other test runs in float64."""
@@ -24,20 +25,26 @@ def _naive(layer, x, gates, transposed):
         w = sum(gates[i, e] * layer.weight[e] for e in range(layer.num_experts))
         b = None if layer.bias is None else sum(gates[i, e] * layer.bias[e] for e in range(layer.num_experts))
         if transposed:
-            outs.append(F.conv_transpose2d(x[i : i + 1], w, b, layer.stride, layer.padding, layer.output_padding,
-                                           layer.groups, layer.dilation))
+            outs.append(
+                F.conv_transpose2d(
+                    x[i : i + 1], w, b, layer.stride, layer.padding, layer.output_padding, layer.groups, layer.dilation
+                )
+            )
         else:
             outs.append(F.conv2d(x[i : i + 1], w, b, layer.stride, layer.padding, layer.dilation, layer.groups))
     return torch.cat(outs)
 
 
-@pytest.mark.parametrize("kw", [
-    dict(kernel_size=3, stride=1, padding=1, bias=True),
-    dict(kernel_size=3, stride=2, padding=1, bias=False),
-    dict(kernel_size=5, stride=2, padding=2, bias=True, groups=2, dilation=1),
-    dict(kernel_size=3, stride=1, padding=2, bias=True, dilation=2),
-    dict(kernel_size=1, stride=1, padding=0, bias=True),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(kernel_size=3, stride=1, padding=1, bias=True),
+        dict(kernel_size=3, stride=2, padding=1, bias=False),
+        dict(kernel_size=5, stride=2, padding=2, bias=True, groups=2, dilation=1),
+        dict(kernel_size=3, stride=1, padding=2, bias=True, dilation=2),
+        dict(kernel_size=1, stride=1, padding=0, bias=True),
+    ],
+)
 @pytest.mark.parametrize("gate_norm", ["sigmoid", "sum"])
 def test_routed_conv_equals_per_sample_loop(kw, gate_norm):
     torch.manual_seed(0)
@@ -48,11 +55,14 @@ def test_routed_conv_equals_per_sample_loop(kw, gate_norm):
     assert torch.allclose(out, _naive(layer, x, layer.router.last_gates, False), atol=1e-10)
 
 
-@pytest.mark.parametrize("kw", [
-    dict(kernel_size=2, stride=2, padding=0, bias=True),
-    dict(kernel_size=3, stride=2, padding=1, output_padding=1, bias=False),
-    dict(kernel_size=4, stride=2, padding=1, bias=True, groups=2),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(kernel_size=2, stride=2, padding=0, bias=True),
+        dict(kernel_size=3, stride=2, padding=1, output_padding=1, bias=False),
+        dict(kernel_size=4, stride=2, padding=1, bias=True, groups=2),
+    ],
+)
 def test_routed_transposed_conv_equals_per_sample_loop(kw):
     torch.manual_seed(1)
     convs = [nn.ConvTranspose2d(4, 6, **kw) for _ in range(4)]
@@ -80,6 +90,7 @@ def test_one_hot_gates_reproduce_each_expert(monkeypatch):
     routed = route_experts(states, build)
     x = torch.randn(2, 3, 16, 16)
     for e in range(3):
+
         def one_hot(self, h, e=e):
             return F.one_hot(torch.full((h.shape[0],), e), len(states)).to(h.dtype)
 
@@ -127,8 +138,9 @@ def test_fixed_gate_inits(gate_norm, experts):
     target = torch.zeros(4, experts)
     target[:, 0] = 1
     assert (start - target).abs().max() < 1e-5 * experts
-    assert torch.allclose(Router(6, experts, gate_norm, "uniform")(x), torch.full((4, experts), 1 / experts),
-                          atol=1e-12)
+    assert torch.allclose(
+        Router(6, experts, gate_norm, "uniform")(x), torch.full((4, experts), 1 / experts), atol=1e-12
+    )
     # the paper's start: every gate near ½ (sigmoid of small logits), not a mixture summing to 1
     if gate_norm == "sigmoid":
         paper = Router(6, experts, gate_norm, "paper")(x)
@@ -142,7 +154,7 @@ def test_global_gate_init_trains():
     gates[:, 1].sum().backward()  # a loss that wants expert 1
     last, first = router.mlp[-1], router.mlp[0]
     assert last.bias.grad[1] != 0 and last.weight.grad.abs().sum() > 0
-    assert first.weight.grad.abs().sum() == 0   # zero last-layer weights: nothing reaches it at step 0
+    assert first.weight.grad.abs().sum() == 0  # zero last-layer weights: nothing reaches it at step 0
 
 
 def _bn(channels=3, seed=0):
@@ -169,8 +181,8 @@ def _pool(mean, var, n, x):
     mb, vb = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
     new_mean = (n * mean + k * mb) / (n + k)
     # E[h²] of the union minus its squared mean
-    second = (n * (var + mean ** 2) + k * (vb + mb ** 2)) / (n + k)
-    return new_mean, second - new_mean ** 2
+    second = (n * (var + mean**2) + k * (vb + mb**2)) / (n + k)
+    return new_mean, second - new_mean**2
 
 
 def test_stream_norm_below_min_batch_pools_the_stream_and_moves_only_when_predicting():
@@ -183,7 +195,7 @@ def test_stream_norm_below_min_batch_pools_the_stream_and_moves_only_when_predic
     norm.train()  # a loss forward: same normalisation, the stream stays
     assert torch.allclose(norm(x), expected, atol=1e-10)
     assert torch.equal(norm.stream_mean, bn.running_mean) and norm.seen == 0
-    norm.eval()   # a prediction: the stream moves to the pooled statistics
+    norm.eval()  # a prediction: the stream moves to the pooled statistics
     assert torch.allclose(norm(x), expected, atol=1e-10)
     assert torch.allclose(norm.stream_mean, mu) and torch.allclose(norm.stream_var, var) and norm.seen == 1
     # a large predicted batch is normalised with its own statistics and pooled into the stream too

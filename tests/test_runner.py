@@ -53,8 +53,11 @@ def test_selection_uses_validation_only(baseline):
     for site, chosen in results["selection"]["personalized"].items():
         by_round = {x["round"]: x["dice"] for x in val if x["site"] == site}
         assert chosen == max(by_round, key=lambda r: (by_round[r], -r))
-        test_at = [x for x in lines if x["split"] == "test" and x["model"] == "personalized"
-                   and x["site"] == site and x["round"] == chosen][0]
+        test_at = [
+            x
+            for x in lines
+            if x["split"] == "test" and x["model"] == "personalized" and x["site"] == site and x["round"] == chosen
+        ][0]
         assert results["models"]["personalized"]["sites"][site]["dice"] == pytest.approx(test_at["dice"])
 
 

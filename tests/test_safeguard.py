@@ -76,8 +76,8 @@ def _probs(mask: torch.Tensor) -> torch.Tensor:
 def test_batch_signals_by_hand():
     a = torch.zeros(2, 10, 10, dtype=torch.bool)
     r = torch.zeros(2, 10, 10, dtype=torch.bool)
-    a[:, :5, :4] = True    # 40 px
-    r[:, :5, :8] = True    # 80 px, of which the 40 above
+    a[:, :5, :4] = True  # 40 px
+    r[:, :5, :8] = True  # 80 px, of which the 40 above
     s = batch_signals(_probs(a), _probs(r))
     assert s.foreground == pytest.approx(40 / 200) and s.reference_foreground == pytest.approx(80 / 200)
     assert s.agreement == pytest.approx(2 * 40 / (40 + 80))
@@ -91,17 +91,20 @@ def _signals(fg, ref, agreement=1.0, gate_scale=None):
     return BatchSignals(fg, ref, agreement, 0.1, gate_scale, None)
 
 
-@pytest.mark.parametrize("signals, reason", [
-    (_signals(0.20, 0.20), None),
-    (_signals(0.04, 0.20), "empty"),          # 5x less foreground than BN-adapt
-    (_signals(0.06, 0.20, 0.9), None),        # 3.3x less: within the factor 4
-    (_signals(0.0, 0.0005), None),            # BN-adapt itself sees (almost) nothing
-    (_signals(0.5, 0.1, 0.3), "flood"),
-    (_signals(0.005, 0.0, 0.0), "disagree"),  # a few stray pixels: not a flood, but no agreement
-    (_signals(0.2, 0.2, 0.4), "disagree"),
-    (_signals(0.2, 0.2, 0.9, gate_scale=2.5), "gates"),
-    (_signals(0.2, 0.2, 0.9, gate_scale=1.5), None),
-])
+@pytest.mark.parametrize(
+    "signals, reason",
+    [
+        (_signals(0.20, 0.20), None),
+        (_signals(0.04, 0.20), "empty"),  # 5x less foreground than BN-adapt
+        (_signals(0.06, 0.20, 0.9), None),  # 3.3x less: within the factor 4
+        (_signals(0.0, 0.0005), None),  # BN-adapt itself sees (almost) nothing
+        (_signals(0.5, 0.1, 0.3), "flood"),
+        (_signals(0.005, 0.0, 0.0), "disagree"),  # a few stray pixels: not a flood, but no agreement
+        (_signals(0.2, 0.2, 0.4), "disagree"),
+        (_signals(0.2, 0.2, 0.9, gate_scale=2.5), "gates"),
+        (_signals(0.2, 0.2, 0.9, gate_scale=1.5), None),
+    ],
+)
 def test_collapse_reasons(signals, reason):
     assert collapse_reason(signals, AdaptConfig(safeguard_agreement=0.5, safeguard_foreground=4)) == reason
 
@@ -116,8 +119,9 @@ def test_default_thresholds_catch_a_slow_drift():
 
 def test_safe_state_restores_parameters_and_optimizer_not_the_stream():
     torch.manual_seed(0)
-    method = build_method("tent", [UNet(3, 2, width=4, depth=2).state_dict()], lambda: UNet(3, 2, width=4, depth=2),
-                          AdaptConfig())
+    method = build_method(
+        "tent", [UNet(3, 2, width=4, depth=2).state_dict()], lambda: UNet(3, 2, width=4, depth=2), AdaptConfig()
+    )
     model = method.make_model()
     params = method.trainable(model)
     opt = torch.optim.Adam(params, lr=0.1)
@@ -131,14 +135,14 @@ def test_safe_state_restores_parameters_and_optimizer_not_the_stream():
         opt.step()
     model.eval()
     with torch.no_grad():
-        model(torch.randn(4, 3, 16, 16))   # a prediction moves the normalisation stream
+        model(torch.randn(4, 3, 16, 16))  # a prediction moves the normalisation stream
     streams = {k for k in before if "stream" in k or k.endswith("seen")}
     assert streams and any(not torch.equal(before[k], model.state_dict()[k]) for k in streams)
     moved = {k: v.clone() for k, v in model.state_dict().items()}
     safe.restore()
     after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in after if k not in streams)   # parameters back
-    assert all(torch.equal(moved[k], after[k]) for k in streams)                        # the data's statistics kept
+    assert all(torch.equal(before[k], after[k]) for k in after if k not in streams)  # parameters back
+    assert all(torch.equal(moved[k], after[k]) for k in streams)  # the data's statistics kept
     assert opt.state_dict()["state"] == {}
 
 
@@ -149,9 +153,16 @@ def test_fallback_log_summary():
     assert log.summary() == {"batches": 4, "fallbacks": 3, "reasons": {"empty": 2, "gates": 1}, "to_bn": 1}
 
 
-@pytest.mark.parametrize("key, value", [("gate_norm", "softplus"), ("lambda_anchor", "-1"),
-                                        ("safeguard", "maybe"), ("safeguard_agreement", "1.5"),
-                                        ("safeguard_foreground", "1")])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("gate_norm", "softplus"),
+        ("lambda_anchor", "-1"),
+        ("safeguard", "maybe"),
+        ("safeguard_agreement", "1.5"),
+        ("safeguard_foreground", "1"),
+    ],
+)
 def test_bad_safety_settings_name_the_key(tmp_path, key, value):
     config = tmp_path / "c.yaml"
     config.write_text("data: {source: synthetic}\n")

@@ -53,8 +53,12 @@ class Spy:
 
 def trainer_for(build, seed=0, lr=1e-3, epochs=1):
     g = torch.Generator().manual_seed(seed)
-    return LocalTrainer(build, torch.randn(6, 1, 4, 4, generator=g), torch.randint(0, 2, (6, 4, 4), generator=g),
-                        TrainSettings(batch_size=3, lr=lr, epochs=epochs))
+    return LocalTrainer(
+        build,
+        torch.randn(6, 1, 4, 4, generator=g),
+        torch.randint(0, 2, (6, 4, 4), generator=g),
+        TrainSettings(batch_size=3, lr=lr, epochs=epochs),
+    )
 
 
 def init(build, seed=1):
@@ -67,6 +71,7 @@ def same(a, b, keys=None):
 
 
 # --- FedProx ------------------------------------------------------------------------------------
+
 
 def test_fedprox_gradient_term_is_mu_times_drift():
     model = nn.Linear(3, 2)
@@ -89,7 +94,7 @@ def test_fedprox_client_anchors_mu_at_the_global_weights():
     trainer = trainer_for(Odd)
     spy = Spy(trainer)
     reply = build_strategy("fedprox", {"mu": 0.5}).client_round(trainer, g0, {}, derive_generator(0, 1))
-    (start, kw), = spy.calls
+    ((start, kw),) = spy.calls
     assert same(start, g0) and set(reply.weights) == set(g0) and not reply.personal
     probe = Odd()
     probe.load_state_dict(g0)
@@ -103,12 +108,27 @@ def test_fedprox_client_anchors_mu_at_the_global_weights():
 
 # --- FedBN --------------------------------------------------------------------------------------
 
+
 def test_fedbn_finds_norm_layers_by_type_not_name():
     assert norm_state_keys(Odd()) == ODD_BN
-    net = nn.Sequential(nn.Conv2d(1, 4, 1), nn.GroupNorm(2, 4), nn.InstanceNorm2d(4, affine=True,
-                        track_running_stats=True), nn.LayerNorm([4, 2, 2]), nn.Conv2d(4, 1, 1))
-    assert norm_state_keys(net) == {"1.weight", "1.bias", "2.weight", "2.bias", "2.running_mean",
-                                    "2.running_var", "2.num_batches_tracked", "3.weight", "3.bias"}
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 1),
+        nn.GroupNorm(2, 4),
+        nn.InstanceNorm2d(4, affine=True, track_running_stats=True),
+        nn.LayerNorm([4, 2, 2]),
+        nn.Conv2d(4, 1, 1),
+    )
+    assert norm_state_keys(net) == {
+        "1.weight",
+        "1.bias",
+        "2.weight",
+        "2.bias",
+        "2.running_mean",
+        "2.running_var",
+        "2.num_batches_tracked",
+        "3.weight",
+        "3.bias",
+    }
 
 
 def test_fedbn_keeps_every_norm_tensor_local():
@@ -142,8 +162,8 @@ def test_silobn_keeps_statistics_local_and_shares_the_affine_parameters():
     trainer = trainer_for(Odd)
     g0 = init(Odd)
     reply = s.client_round(trainer, g0, {}, derive_generator(0, 1))
-    assert set(reply.personal) == ODD_STATS                       # the statistics stay
-    assert {"x.weight", "x.bias"} <= set(reply.weights)           # γ, β travel
+    assert set(reply.personal) == ODD_STATS  # the statistics stay
+    assert {"x.weight", "x.bias"} <= set(reply.weights)  # γ, β travel
     assert set(reply.weights) == set(g0) - ODD_STATS
     # hand computation of the server half: two sites' γ averaged by sample count, statistics untouched
     other = {k: v + 1.0 if v.is_floating_point() else v for k, v in reply.weights.items()}
@@ -162,6 +182,7 @@ def test_silobn_keeps_statistics_local_and_shares_the_affine_parameters():
 
 # --- Ditto --------------------------------------------------------------------------------------
 
+
 def test_ditto_personal_update():
     g0 = init(Odd)
     # λ = 0: v is plain local training from where v was; the FedAvg part comes first on the same stream
@@ -177,8 +198,7 @@ def test_ditto_personal_update():
     # the penalty Ditto uses is (λ/2)‖v − θ^{t-1}‖², anchored at this round's global weights
     trainer = trainer_for(Odd)
     spy = Spy(trainer)
-    build_strategy("ditto", {"ditto_lambda": 2.0}).client_round(trainer, g1, r1.personal,
-                                                                          derive_generator(0, 2))
+    build_strategy("ditto", {"ditto_lambda": 2.0}).client_round(trainer, g1, r1.personal, derive_generator(0, 2))
     start, kw = spy.calls[1]
     assert same(start, r1.personal)
     probe = Odd()
@@ -190,8 +210,11 @@ def test_ditto_personal_update():
     lr, params = 0.01, ("foo.weight", "foo.bias", "bar.weight", "bar.bias")
 
     def drift(lam):
-        v = build_strategy("ditto", {"ditto_lambda": lam}).client_round(
-            trainer_for(Odd, lr=lr, epochs=20), g1, {}, derive_generator(0, 3)).personal
+        v = (
+            build_strategy("ditto", {"ditto_lambda": lam})
+            .client_round(trainer_for(Odd, lr=lr, epochs=20), g1, {}, derive_generator(0, 3))
+            .personal
+        )
         return max((v[k] - g1[k]).abs().max().item() for k in params)
 
     assert drift(1e8) <= 2 * lr < 10 * lr < drift(0.0)
@@ -199,13 +222,18 @@ def test_ditto_personal_update():
 
 # --- FedRep -------------------------------------------------------------------------------------
 
+
 def test_fedrep_split_on_the_unet():
     build = lambda: UNet(3, 2, 4, 2)  # noqa: E731
     assert head_prefixes(build()) == ("decoders.1.", "head.")
     head = lambda k: k.startswith(("decoders.1.", "head."))  # noqa: E731
     g = torch.Generator().manual_seed(0)
-    trainer = LocalTrainer(build, torch.randn(4, 3, 8, 8, generator=g),
-                           torch.randint(0, 2, (4, 8, 8), generator=g), TrainSettings(batch_size=2))
+    trainer = LocalTrainer(
+        build,
+        torch.randn(4, 3, 8, 8, generator=g),
+        torch.randint(0, 2, (4, 8, 8), generator=g),
+        TrainSettings(batch_size=2),
+    )
     g0 = init(build)
     spy = Spy(trainer)
     s = build_strategy("fedrep")
@@ -227,6 +255,7 @@ def test_fedrep_split_on_the_unet():
 
 
 # --- APFL ---------------------------------------------------------------------------------------
+
 
 def test_apfl_mixture_by_hand():
     local = {"w": torch.tensor([1.0, 3.0]), "rm": torch.tensor([7.0]), "n": torch.tensor(5)}
@@ -295,6 +324,7 @@ def test_apfl_learned_alpha_moves_and_stays_in_the_unit_interval():
 
 # --- Local, Centralized, FedAvgFT ---------------------------------------------------------------
 
+
 def test_local_sends_nothing_and_the_global_model_stays_initial():
     s = build_strategy("local")
     g0 = init(Odd)
@@ -326,11 +356,11 @@ def test_fedavgft_does_not_touch_the_global_weights():
     assert spy.calls[0][1]["epochs"] == 2
     assert not torch.equal(tuned["foo.weight"], g0["foo.weight"])
     assert all(tuned[k].data_ptr() != g0[k].data_ptr() for k in g0)
-    assert build_strategy("fedavgft", {"finetune_epochs": 0}).personalized_weights(
-        trainer, g0, {}, None) is None
+    assert build_strategy("fedavgft", {"finetune_epochs": 0}).personalized_weights(trainer, g0, {}, None) is None
 
 
 # --- FedPer -------------------------------------------------------------------------------------
+
 
 def test_fedper_trains_body_and_head_jointly_and_keeps_the_head():
     build = lambda: UNet(3, 2, 4, 2)  # noqa: E731
@@ -342,7 +372,7 @@ def test_fedper_trains_body_and_head_jointly_and_keeps_the_head():
     spy = Spy(trainer)
     s = build_strategy("fedper")
     reply = s.client_round(trainer, g0, {}, derive_generator(0, 1))
-    (_, kw), = spy.calls                                   # one phase, every parameter trainable
+    ((_, kw),) = spy.calls  # one phase, every parameter trainable
     assert "trainable" not in kw
     # hand computation: exactly plain local training from θ, split into sent body and kept head
     plain = LocalTrainer(build, x, y, TrainSettings(batch_size=2)).train(g0, derive_generator(0, 1)).weights
@@ -362,14 +392,16 @@ def test_fedper_trains_body_and_head_jointly_and_keeps_the_head():
 
 # --- every registered strategy through the in-process runner ------------------------------------
 
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_every_strategy_runs_end_to_end(tmp_path_factory, name):
     from iopfl.engine.local import in_process_run
 
     cache = tmp_path_factory.getbasetemp() / "strategy-cache"
-    results = in_process_run(tiny_config(cache, [f"fl.method={name}", "fl.rounds=2", "model.width=4"]),
-                           tmp_path_factory.mktemp(name)).run()
+    results = in_process_run(
+        tiny_config(cache, [f"fl.method={name}", "fl.rounds=2", "model.width=4"]), tmp_path_factory.mktemp(name)
+    ).run()
     assert results["method"] == name and results["federated"] == STRATEGIES[name].federated
     assert set(results["models"]) == set(STRATEGIES[name].models)
     for entry in results["models"].values():

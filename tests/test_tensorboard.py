@@ -8,17 +8,21 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from _events import assert_events_match_metrics, read_events, scalar_series
 from _tiny import tiny_config
+from iopfl.commands.adapt import run_adapt
 from iopfl.config import build_config
 from iopfl.engine.federation import Federation
 from iopfl.engine.local import in_process_run
-from iopfl.commands.adapt import run_adapt
 from iopfl.errors import UserError
 from iopfl.track import TensorBoard
 
 
-
-@pytest.mark.parametrize("override, message", [("track.tensorboard=maybe", "'track.tensorboard': Input should be"),
-                                               ("track.wandb=true", "'track.wandb': unknown key")])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("track.tensorboard=maybe", "'track.tensorboard': Input should be"),
+        ("track.wandb=true", "'track.wandb': unknown key"),
+    ],
+)
 def test_a_bad_track_key_is_named(override, message):
     with pytest.raises(UserError, match=message):
         build_config({}, [override])
@@ -74,7 +78,8 @@ def test_selection_config_and_overlays_are_logged(resumed_run):
     config = events.Tensors("config/text_summary")
     assert len(config) == 1 and b"method: iopfl" in config[0].tensor_proto.string_val[0]
     start = plugin_data_pb2.HParamsPluginData.FromString(
-        events.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info
+        events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    ).session_start_info
     assert start.hparams["fl.method"].string_value == "iopfl"
     assert start.hparams["train.lr"].number_value == pytest.approx(0.01)
     overlays = sorted(p.stem for p in (run / "plots" / "overlays").glob("*.png"))

@@ -29,8 +29,15 @@ from iopfl.engine.flower import app_folder
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "iopfl"
 SITES = ["SiteA", "SiteB"]
-TINY = ["data.image_size=32", "model.width=4", "model.depth=2", "fl.rounds=1", "eval.eval_every=1",
-        "eval.overlays=0", "runtime.threads=1"]
+TINY = [
+    "data.image_size=32",
+    "model.width=4",
+    "model.depth=2",
+    "fl.rounds=1",
+    "eval.eval_every=1",
+    "eval.overlays=0",
+    "runtime.threads=1",
+]
 
 
 def test_one_copy_of_the_configs():
@@ -41,8 +48,9 @@ def test_one_copy_of_the_configs():
 
 
 def iopfl_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "iopfl.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "iopfl.cli", *map(str, args)], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_flower_app_prints_the_packaged_folder_or_copies_it(tmp_path):
@@ -78,8 +86,24 @@ def wheel(tmp_path_factory) -> Path:
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, source / name)
     shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-                           "-q", "-w", str(work / "dist"), str(source)], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(work / "dist"),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     return next((work / "dist").glob("iopfl-*.whl"))
 
@@ -106,8 +130,12 @@ def borrow_dependencies(env: Path, deps: Path) -> None:
             skip = entry.name.startswith(("iopfl", "__editable__", "__pycache__")) or entry.suffix == ".pth"
             if not skip and not (deps / entry.name).exists():
                 (deps / entry.name).symlink_to(entry)
-    purelib = subprocess.run([str(env / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    purelib = subprocess.run(
+        [str(env / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     Path(purelib, "borrowed-dependencies.pth").write_text(f"{deps}\n")
 
 
@@ -128,8 +156,12 @@ def venv(wheel, tmp_path_factory) -> Path:
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True, timeout=120)
     borrow_dependencies(env, work / "deps")
     write_flower_scripts(env)
-    done = subprocess.run([str(env / "bin" / "python"), "-m", "pip", "install", "--no-deps", "--no-index", "-q",
-                           str(wheel)], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [str(env / "bin" / "python"), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     return env
 
@@ -137,14 +169,21 @@ def venv(wheel, tmp_path_factory) -> Path:
 def installed_env(work: Path) -> dict[str, str]:
     """No source checkout on the path; data caches and Flower's home under ``work``."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    env.update(IOPFL_CACHE=str(work / "cache"), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
-               OMP_NUM_THREADS="1")
+    env.update(
+        IOPFL_CACHE=str(work / "cache"), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", OMP_NUM_THREADS="1"
+    )
     return env
 
 
 def run_in(venv: Path, work: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    done = subprocess.run([str(venv / "bin" / args[0]), *args[1:]], cwd=work, env=installed_env(work),
-                          capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        [str(venv / "bin" / args[0]), *args[1:]],
+        cwd=work,
+        env=installed_env(work),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert done.returncode == 0, f"{args}:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
     return done
 
@@ -154,11 +193,21 @@ def demo(venv, tmp_path_factory):
     """`iopfl demo` in the installed environment, started in the background: it runs while the
     deployment test's Flower processes mostly wait for each other. Yields (folder, process)."""
     work = tmp_path_factory.mktemp("demo")
-    synthetic = ["data.synthetic.sites=3", "data.synthetic.cases=3", "data.synthetic.size=32", "data.synthetic.slices=4"]
+    synthetic = [
+        "data.synthetic.sites=3",
+        "data.synthetic.cases=3",
+        "data.synthetic.size=32",
+        "data.synthetic.slices=4",
+    ]
     args = [a for o in [*TINY, *synthetic] for a in ("-o", o)]
     with (work / "demo.log").open("w") as log:
-        proc = subprocess.Popen([str(venv / "bin" / "iopfl"), "demo", "--out", "demo", *args], cwd=work,
-                                env=installed_env(work), stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [str(venv / "bin" / "iopfl"), "demo", "--out", "demo", *args],
+            cwd=work,
+            env=installed_env(work),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     yield work, proc
     if proc.poll() is None:
         proc.kill()
@@ -220,10 +269,25 @@ def test_loopback_deployment_of_the_packaged_app(venv, tmp_path):
     run_in(venv, tmp_path, "iopfl", "synth", "data", "--sites", "2", "--cases", "3", "--size", "32", "--slices", "4")
     overrides = ["data.source=prostate", f"data.root={tmp_path / 'data'}", *TINY]
     pids = tmp_path / "pids.json"
-    driver = subprocess.Popen([str(venv / "bin" / "python"), "-c", DRIVER, str(tmp_path / "home"), str(tmp_path / "data"),
-                               str(config), str(tmp_path / "run"), str(pids), json.dumps(SITES), json.dumps(overrides)],
-                              cwd=tmp_path, env=installed_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
+    driver = subprocess.Popen(
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            DRIVER,
+            str(tmp_path / "home"),
+            str(tmp_path / "data"),
+            str(config),
+            str(tmp_path / "run"),
+            str(pids),
+            json.dumps(SITES),
+            json.dumps(overrides),
+        ],
+        cwd=tmp_path,
+        env=installed_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         out, err = driver.communicate(timeout=300)
     except subprocess.TimeoutExpired:

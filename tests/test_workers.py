@@ -40,8 +40,11 @@ def test_two_workers_give_bit_identical_results(one_process):
     assert _numbers(results) == _numbers(expected)
     one = (root / "one" / "results.json").read_text()
     assert json.loads((root / "two" / "results.json").read_text()) == json.loads(one)
-    assert sorted(p.name for p in (root / "two" / "experts").iterdir()) == ["SiteA.safetensors", "SiteB.safetensors",
-                                                                             "SiteC.safetensors"]
+    assert sorted(p.name for p in (root / "two" / "experts").iterdir()) == [
+        "SiteA.safetensors",
+        "SiteB.safetensors",
+        "SiteC.safetensors",
+    ]
     assert not run.sites.procs  # stopped at the end of the run
 
 
@@ -78,13 +81,20 @@ def _start_long_run(root, tmp_path) -> tuple[subprocess.Popen, list[psutil.Proce
     tree["runtime"] = {"workers": 2, "threads": 1}
     config.write_text(yaml.safe_dump(tree))
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "iopfl.cli", "train", str(config), "--out", str(run)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "iopfl.cli", "train", str(config), "--out", str(run)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while not (run / "checkpoints" / "last.safetensors").exists() and time.time() < deadline:
         time.sleep(0.1)
-    workers = [c for c in _children(proc.pid) if "multiprocessing" in " ".join(c.cmdline())
-               and "resource_tracker" not in " ".join(c.cmdline())]
+    workers = [
+        c
+        for c in _children(proc.pid)
+        if "multiprocessing" in " ".join(c.cmdline()) and "resource_tracker" not in " ".join(c.cmdline())
+    ]
     return proc, workers
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import click
 import typer
@@ -15,28 +15,40 @@ from rich.logging import RichHandler
 from iopfl.errors import UserError
 from iopfl.results import GLOBAL, PERSONALIZED
 
-app = typer.Typer(help="Inside-outside personalized federated learning (IOP-FL) for medical image "
-                  "segmentation.", no_args_is_help=True, add_completion=False,
-                  pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Inside-outside personalized federated learning (IOP-FL) for medical image segmentation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 console = Console(stderr=True)
 
-Overrides = Annotated[Optional[list[str]], typer.Option("-o", "--override", metavar="KEY=VALUE",
-                                                        help="Override a config key, e.g. -o fl.rounds=3 (repeatable).")]
+Overrides = Annotated[
+    list[str] | None,
+    typer.Option(
+        "-o", "--override", metavar="KEY=VALUE", help="Override a config key, e.g. -o fl.rounds=3 (repeatable)."
+    ),
+]
 
 
 @app.callback()
 def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False):
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
-                        handlers=[RichHandler(console=console, show_path=False)])
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
 
 
 @app.command()
-def synth(out: Annotated[Path, typer.Argument(help="Folder to write the dataset into.")],
-          sites: Annotated[int, typer.Option(min=2, help="Number of sites.")] = 6,
-          cases: Annotated[int, typer.Option(min=3, help="Cases (volumes) per site.")] = 8,
-          size: Annotated[int, typer.Option(min=16, help="In-plane size in pixels.")] = 64,
-          slices: Annotated[int, typer.Option(min=3, help="Slices per volume.")] = 16,
-          seed: Annotated[int, typer.Option(help="Random seed.")] = 0):
+def synth(
+    out: Annotated[Path, typer.Argument(help="Folder to write the dataset into.")],
+    sites: Annotated[int, typer.Option(min=2, help="Number of sites.")] = 6,
+    cases: Annotated[int, typer.Option(min=3, help="Cases (volumes) per site.")] = 8,
+    size: Annotated[int, typer.Option(min=16, help="In-plane size in pixels.")] = 64,
+    slices: Annotated[int, typer.Option(min=3, help="Slices per volume.")] = 16,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+):
     """Write a synthetic multi-site dataset (SAML NIfTI layout)."""
     from iopfl.data.synthetic import generate_synthetic
 
@@ -45,13 +57,17 @@ def synth(out: Annotated[Path, typer.Argument(help="Folder to write the dataset 
 
 
 @app.command()
-def train(config: Annotated[Path, typer.Argument(help="YAML config (see configs/).")],
-          override: Overrides = None,
-          out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/<method>).")] = None,
-          resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False):
+def train(
+    config: Annotated[Path, typer.Argument(help="YAML config (see configs/).")],
+    override: Overrides = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/<method>).")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")
+    ] = False,
+):
     """Run one federated training run."""
-    from iopfl.config import load_config
     from iopfl.commands.train import train_run
+    from iopfl.config import load_config
 
     cfg = load_config(config, override or [])
     if resume and out is None:
@@ -64,8 +80,9 @@ def train(config: Annotated[Path, typer.Argument(help="YAML config (see configs/
 
 
 @app.command()
-def inspect(config: Annotated[Path, typer.Argument(help="YAML config whose data to check.")],
-            override: Overrides = None):
+def inspect(
+    config: Annotated[Path, typer.Argument(help="YAML config whose data to check.")], override: Overrides = None
+):
     """Load and check a dataset (every file is read): cases per site and split, foreground share."""
     from rich.table import Table
 
@@ -81,14 +98,22 @@ def inspect(config: Annotated[Path, typer.Argument(help="YAML config whose data 
         cases = site.all_cases()
         pixels = sum(c.mask.size for c in cases if c.mask is not None)
         fg = sum(int((c.mask > 0).sum()) for c in cases if c.mask is not None)
-        table.add_row(name, str(len(site.train)), str(len(site.val)), str(len(site.test)),
-                      str(sum(c.num_slices for c in cases)), f"{100 * fg / max(pixels, 1):.2f}")
+        table.add_row(
+            name,
+            str(len(site.train)),
+            str(len(site.val)),
+            str(len(site.test)),
+            str(sum(c.num_slices for c in cases)),
+            f"{100 * fg / max(pixels, 1):.2f}",
+        )
     Console().print(table)
 
 
 @app.command()
-def demo(out: Annotated[Path, typer.Option("--out", help="Folder for the demo's runs.")] = Path("runs/demo"),
-         override: Overrides = None):
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the demo's runs.")] = Path("runs/demo"),
+    override: Overrides = None,
+):
     """Synthetic sites → FedAvg and IOP-FL inside → per-site comparison table."""
     from iopfl.commands.train import run_demo
 
@@ -96,8 +121,12 @@ def demo(out: Annotated[Path, typer.Option("--out", help="Folder for the demo's 
 
 
 @app.command()
-def report(runs: Annotated[list[Path], typer.Argument(help="Run directories to compare.")],
-           out: Annotated[Path, typer.Option("--out", help="Markdown file (CSV and PNG written beside it).")] = Path("report.md")):
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories to compare.")],
+    out: Annotated[Path, typer.Option("--out", help="Markdown file (CSV and PNG written beside it).")] = Path(
+        "report.md"
+    ),
+):
     """Comparison tables across runs and methods (mean ± std over seeds)."""
     from iopfl.report.compare import compare_runs
 
@@ -106,12 +135,18 @@ def report(runs: Annotated[list[Path], typer.Argument(help="Run directories to c
     console.print(f"wrote {out}, {out.with_suffix('.csv')}, {out.with_suffix('.png')}")
 
 
-flower = typer.Typer(help="The Flower app for deployments across machines (README, \"Several machines (Flower)\").",
-                     no_args_is_help=True)
+flower = typer.Typer(
+    help='The Flower app for deployments across machines (README, "Several machines (Flower)").', no_args_is_help=True
+)
 app.add_typer(flower, name="flower")
 
-CopyTo = Annotated[Optional[Path], typer.Argument(help="Copy the files into this folder (new, or without files of "
-                                                        "the same names); without it, print where they are.")]
+CopyTo = Annotated[
+    Path | None,
+    typer.Argument(
+        help="Copy the files into this folder (new, or without files of "
+        "the same names); without it, print where they are."
+    ),
+]
 
 
 @flower.command("app")
@@ -149,12 +184,20 @@ def _folder_or_copy(folder: Path, dest: Path | None) -> Path:
 
 
 @app.command()
-def adapt(run: Annotated[Path, typer.Argument(help="A finished training run directory.")],
-          target: Annotated[str, typer.Option("--target", help="Held-out site of the run's dataset, a folder of images / NIfTI volumes, "
-                                                              "or a site folder (images/ + masks/, scored).")],
-          method: Annotated[str, typer.Option("--method", help="iopfl | tent | bn | ensemble | global | all.")] = "iopfl",
-          out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default RUN/outside/<target>).")] = None,
-          override: Overrides = None):
+def adapt(
+    run: Annotated[Path, typer.Argument(help="A finished training run directory.")],
+    target: Annotated[
+        str,
+        typer.Option(
+            "--target",
+            help="Held-out site of the run's dataset, a folder of images / NIfTI volumes, "
+            "or a site folder (images/ + masks/, scored).",
+        ),
+    ],
+    method: Annotated[str, typer.Option("--method", help="iopfl | tent | bn | ensemble | global | all.")] = "iopfl",
+    out: Annotated[Path | None, typer.Option("--out", help="Output folder (default RUN/outside/<target>).")] = None,
+    override: Overrides = None,
+):
     """Outside personalization: adapt to an unseen site at test time; write masks (+ metrics with labels).
 
     Test-time settings are today's defaults plus -o adapt.KEY=VALUE, not the run's own adapt section.
@@ -176,23 +219,42 @@ def adapt(run: Annotated[Path, typer.Argument(help="A finished training run dire
 
 
 @app.command()
-def predict(paths: Annotated[list[Path], typer.Argument(
-                metavar="[RUN] INPUTS...", help="A finished training run directory (not with --model-file), then "
-                "image files, NIfTI volumes, folders of them, or site folders (images/ + masks/); masks come out "
-                "at each input's size.")],
-            out: Annotated[Path, typer.Option("--out", help="Output folder for the masks.")],
-            site: Annotated[Optional[str], typer.Option("--site", help="Whose personalized model to use.")] = None,
-            model: Annotated[Optional[str], typer.Option(
-                "--model", help=f"{PERSONALIZED} | {GLOBAL} (default {PERSONALIZED}).")] = None,
-            state_dir: Annotated[Optional[Path], typer.Option(
-                "--state-dir", help="On a Flower site's own machine: its node config state-dir, for a "
-                "personalised model it did not publish.")] = None,
-            device: Annotated[Optional[str], typer.Option(
-                "--device", help="cpu | cuda | cuda:N (default: the run's runtime.device; with --model-file "
-                "the CPU).")] = None,
-            model_file: Annotated[Optional[Path], typer.Option(
-                "--model-file", help="A file from `iopfl export` (ONNX or TorchScript) instead of RUN, --site "
-                "and --model.")] = None):
+def predict(
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="[RUN] INPUTS...",
+            help="A finished training run directory (not with --model-file), then "
+            "image files, NIfTI volumes, folders of them, or site folders (images/ + masks/); masks come out "
+            "at each input's size.",
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Output folder for the masks.")],
+    site: Annotated[str | None, typer.Option("--site", help="Whose personalized model to use.")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help=f"{PERSONALIZED} | {GLOBAL} (default {PERSONALIZED}).")
+    ] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--state-dir",
+            help="On a Flower site's own machine: its node config state-dir, for a "
+            "personalised model it did not publish.",
+        ),
+    ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            "--device", help="cpu | cuda | cuda:N (default: the run's runtime.device; with --model-file the CPU)."
+        ),
+    ] = None,
+    model_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--model-file", help="A file from `iopfl export` (ONNX or TorchScript) instead of RUN, --site and --model."
+        ),
+    ] = None,
+):
     """Segment new images or volumes with a site's val-selected model, or with an exported model file."""
     if model_file is not None:
         from iopfl.commands.export import predict_with_file
@@ -210,22 +272,33 @@ def predict(paths: Annotated[list[Path], typer.Argument(
 
 
 @app.command(name="export")
-def export_model(run: Annotated[Path, typer.Argument(help="A finished training run directory.")],
-                 site: Annotated[str, typer.Option("--site", help="Whose model to export.")],
-                 out: Annotated[Path, typer.Option("--out", help="The file to write.")],
-                 model: Annotated[str, typer.Option("--model", help=f"{PERSONALIZED} | {GLOBAL}.")] = PERSONALIZED,
-                 fmt: Annotated[str, typer.Option("--format", help="onnx | torchscript.")] = "onnx",
-                 state_dir: Annotated[Optional[Path], typer.Option(
-                     "--state-dir", help="On a Flower site's own machine: its node config state-dir, for a "
-                     "personalised model it did not publish.")] = None):
+def export_model(
+    run: Annotated[Path, typer.Argument(help="A finished training run directory.")],
+    site: Annotated[str, typer.Option("--site", help="Whose model to export.")],
+    out: Annotated[Path, typer.Option("--out", help="The file to write.")],
+    model: Annotated[str, typer.Option("--model", help=f"{PERSONALIZED} | {GLOBAL}.")] = PERSONALIZED,
+    fmt: Annotated[str, typer.Option("--format", help="onnx | torchscript.")] = "onnx",
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--state-dir",
+            help="On a Flower site's own machine: its node config state-dir, for a "
+            "personalised model it did not publish.",
+        ),
+    ] = None,
+):
     """Export a site's val-selected model to ONNX or TorchScript, with its input preprocessing and class
     names in the file's metadata (docs/EXPORT.md); `iopfl predict --model-file` runs it."""
     from iopfl.commands.export import export_run_model
 
     meta = export_run_model(run, site, model, fmt, out, state_dir)
-    console.print(f"wrote {out}: {meta['model']} model of {meta['site']}, input [batch, {meta['input']['channels']}, "
-                  f"height, width] (trained at {meta['input']['image_size']}²), classes "
-                  f"{', '.join(meta['class_names'])}", markup=False, highlight=False)
+    console.print(
+        f"wrote {out}: {meta['model']} model of {meta['site']}, input [batch, {meta['input']['channels']}, "
+        f"height, width] (trained at {meta['input']['image_size']}²), classes "
+        f"{', '.join(meta['class_names'])}",
+        markup=False,
+        highlight=False,
+    )
 
 
 def _print_results(results: dict, run_dir: Path) -> None:

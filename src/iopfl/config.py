@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from iopfl import CONFIG_DIR as CONFIG_DIR  # defined once, in the package root (no heavy imports)
 from iopfl.adapt.config import AdaptConfig
 from iopfl.data.augment import AugmentSettings
 from iopfl.data.config import DataConfig
@@ -22,8 +23,6 @@ from iopfl.errors import UserError
 from iopfl.fl import STRATEGIES, StrategyParams
 from iopfl.fl.training import TrainSettings
 from iopfl.runtime import Runtime, RuntimeConfig
-
-from iopfl import CONFIG_DIR as CONFIG_DIR  # defined once, in the package root (no heavy imports)
 
 
 class _Section(BaseModel):
@@ -42,16 +41,24 @@ class FLConfig(_Section):
     against that strategy's own ``Params`` (an unknown one is an error naming the key)."""
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
-    method: str = Field("iopfl", description="the federated strategy (an unknown name is an error listing the "
-                        "known ones); its own parameters are the fl.<parameter> keys below")
+    method: str = Field(
+        "iopfl",
+        description="the federated strategy (an unknown name is an error listing the "
+        "known ones); its own parameters are the fl.<parameter> keys below",
+    )
     rounds: int = Field(10, gt=0, description="communication rounds")
     local_epochs: int = Field(1, gt=0, description="local epochs each sampled site trains per round")
-    client_fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of the sites sampled each round "
-                                   "(seeded by the round)")
-    min_clients: int = Field(1, ge=1, description="fewest sites that must reply for a round to count; fewer "
-                             "stops the run")
-    publish_personal: bool = Field(True, description="in-process: every site publishes its val-selected "
-                                   "personalised model at the end (a simulation; on Flower each site opts in)")
+    client_fraction: float = Field(
+        1.0, gt=0.0, le=1.0, description="share of the sites sampled each round (seeded by the round)"
+    )
+    min_clients: int = Field(
+        1, ge=1, description="fewest sites that must reply for a round to count; fewer stops the run"
+    )
+    publish_personal: bool = Field(
+        True,
+        description="in-process: every site publishes its val-selected "
+        "personalised model at the end (a simulation; on Flower each site opts in)",
+    )
 
     @field_validator("method")
     @classmethod
@@ -90,17 +97,25 @@ class TrainConfig(_Section):
     amsgrad: bool = Field(True, description="Adam's AMSGrad variant (as the published recipe)")
     ce_weight: float = Field(0.0, ge=0.0, description="weight of cross-entropy added to soft Dice")
     augment: Literal["none", "standard"] = Field(
-        "none", description="standard: per training batch, random h/v flips and quarter turns, an affine (zoom, "
+        "none",
+        description="standard: per training batch, random h/v flips and quarter turns, an affine (zoom, "
         "rotation, shift ≤ 5 %), gamma/contrast/brightness (+ light per-channel colour jitter for RGB sources, "
-        "never across 2.5D slices), Gaussian noise or blur; masks follow the same warp (nearest)")
+        "never across 2.5D slices), Gaussian noise or blur; masks follow the same warp (nearest)",
+    )
     aug_scale: float = Field(0.15, ge=0.0, le=1.0, description="zoom drawn from [1/(1+s), 1+s]")
     aug_rotate: float = Field(15.0, ge=0.0, le=180.0, description="rotation ± degrees (after a quarter turn)")
-    aug_intensity: float = Field(0.2, ge=0.0, le=1.0,
-                                 description="brightness/contrast/gamma/colour/noise/blur strength s (0 = off): "
-                                 "brightness ± s std, contrast and γ in [e^−s, e^s], noise σ ≤ s/2, blur σ ≤ 5·s px")
+    aug_intensity: float = Field(
+        0.2,
+        ge=0.0,
+        le=1.0,
+        description="brightness/contrast/gamma/colour/noise/blur strength s (0 = off): "
+        "brightness ± s std, contrast and γ in [e^−s, e^s], noise σ ≤ s/2, blur σ ≤ 5·s px",
+    )
     lr_schedule: Literal["constant", "cosine"] = Field(
-        "constant", description="learning rate over rounds; cosine: round t of T = fl.rounds trains at "
-        "lr_min + (lr − lr_min)·(1 + cos(π(t−1)/(T−1)))/2")
+        "constant",
+        description="learning rate over rounds; cosine: round t of T = fl.rounds trains at "
+        "lr_min + (lr − lr_min)·(1 + cos(π(t−1)/(T−1)))/2",
+    )
     lr_min: float = Field(0.0, ge=0.0, description="the cosine schedule's last-round learning rate")
     weight_decay: float = Field(0.0, ge=0.0, description="Adam weight decay")
 
@@ -130,8 +145,11 @@ class EvalConfig(_Section):
 class TrackConfig(_Section):
     """Experiment tracking: mirrors of what a run writes, never read back by iopfl (docs/TRACKING.md)."""
 
-    tensorboard: bool = Field(True, description="write TensorBoard event files: RUN/tensorboard/ for "
-                              "train, demo and the Flower server; OUT/tensorboard/<method>/ for adapt")
+    tensorboard: bool = Field(
+        True,
+        description="write TensorBoard event files: RUN/tensorboard/ for "
+        "train, demo and the Flower server; OUT/tensorboard/<method>/ for adapt",
+    )
 
 
 class Config(_Section):
@@ -148,11 +166,22 @@ class Config(_Section):
     def train_settings(self, runtime: Runtime) -> TrainSettings:
         """The local recipe, computed where ``runtime`` (this config's ``runtime`` section, resolved) says."""
         t = self.train
-        return TrainSettings(epochs=self.fl.local_epochs, batch_size=t.batch_size, lr=t.lr, amsgrad=t.amsgrad,
-                             ce_weight=t.ce_weight, channels_last=runtime.channels_last,
-                             precision=runtime.precision, augment=self.augment_settings(),
-                             lr_schedule=t.lr_schedule, lr_min=t.lr_min, weight_decay=t.weight_decay,
-                             rounds=self.fl.rounds, device=str(runtime.device), compile=runtime.compile)
+        return TrainSettings(
+            epochs=self.fl.local_epochs,
+            batch_size=t.batch_size,
+            lr=t.lr,
+            amsgrad=t.amsgrad,
+            ce_weight=t.ce_weight,
+            channels_last=runtime.channels_last,
+            precision=runtime.precision,
+            augment=self.augment_settings(),
+            lr_schedule=t.lr_schedule,
+            lr_min=t.lr_min,
+            weight_decay=t.weight_decay,
+            rounds=self.fl.rounds,
+            device=str(runtime.device),
+            compile=runtime.compile,
+        )
 
     def augment_settings(self) -> AugmentSettings | None:
         """The training augmentation, or None; colour jitter only where channels are colours (2D
@@ -162,8 +191,12 @@ class Config(_Section):
             return None
         from iopfl.data import source_of
 
-        return AugmentSettings(scale=t.aug_scale, rotate=t.aug_rotate, intensity=t.aug_intensity,
-                               colour=source_of(self.data.source).context == 0)
+        return AugmentSettings(
+            scale=t.aug_scale,
+            rotate=t.aug_rotate,
+            intensity=t.aug_intensity,
+            colour=source_of(self.data.source).context == 0,
+        )
 
     def for_sites(self, sites: list[str] | None, root: str | None = None) -> Config:
         """A site's (or a worker's) view of this config: only ``sites`` (None: every site of the

@@ -32,13 +32,14 @@ log = logging.getLogger("mkdocs.plugins.iopfl")  # MkDocs counts this logger's w
 class KeyDoc:
     """One config key as the reference lists it."""
 
-    key: str          # dotted, e.g. "adapt.lambda_anchor"
-    type: str         # e.g. "int, ≥ 1" or "`online`, `published`"
-    default: str      # YAML spelling, e.g. "null", "true", "0.001"
+    key: str  # dotted, e.g. "adapt.lambda_anchor"
+    type: str  # e.g. "int, ≥ 1" or "`online`, `published`"
+    default: str  # YAML spelling, e.g. "null", "true", "0.001"
     description: str  # "" when the field has none
 
 
 # --- config ---------------------------------------------------------------------------------------
+
 
 def _type_text(annotation: Any) -> str:
     """``int | None`` → "int or null", ``Literal["a", "b"]`` → "`a`, `b`", ``list[str]`` → "list of str"."""
@@ -52,8 +53,12 @@ def _type_text(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
-_BOUNDS = ((annotated_types.Gt, "gt", ">"), (annotated_types.Ge, "ge", "≥"),
-           (annotated_types.Lt, "lt", "<"), (annotated_types.Le, "le", "≤"))
+_BOUNDS = (
+    (annotated_types.Gt, "gt", ">"),
+    (annotated_types.Ge, "ge", "≥"),
+    (annotated_types.Lt, "lt", "<"),
+    (annotated_types.Le, "le", "≤"),
+)
 
 
 def _bounds_text(field: FieldInfo) -> str:
@@ -103,9 +108,11 @@ def method_parameters() -> list[tuple[str, KeyDoc]]:
     """(method, key) for every strategy's own ``fl.<param>`` keys, in registry order."""
     from iopfl.fl import STRATEGIES
 
-    return [(method, _key_doc(f"fl.{name}", field, field.get_default(call_default_factory=True)))
-            for method, strategy in STRATEGIES.items()
-            for name, field in strategy.Params.model_fields.items()]
+    return [
+        (method, _key_doc(f"fl.{name}", field, field.get_default(call_default_factory=True)))
+        for method, strategy in STRATEGIES.items()
+        for name, field in strategy.Params.model_fields.items()
+    ]
 
 
 def config_keys(root: BaseModel | None = None) -> list[KeyDoc]:
@@ -163,14 +170,19 @@ def config_reference() -> str:
             lines += [_markdown(_doc_of(cls)), ""]
         lines += _keys_table(keys) if keys else ["(sections only)"]
     params = method_parameters()
-    lines += ["", "### `fl.<parameter>` of each method", "",
-              "Accepted only when `fl.method` is that method; another method's parameter is an error "
-              "naming the key.", ""]
+    lines += [
+        "",
+        "### `fl.<parameter>` of each method",
+        "",
+        "Accepted only when `fl.method` is that method; another method's parameter is an error naming the key.",
+        "",
+    ]
     lines += _keys_table([key for _, key in params], ("method", [method for method, _ in params]))
     return "\n".join(lines).strip() + "\n"
 
 
 # --- command line ---------------------------------------------------------------------------------
+
 
 def _help_text(text: str | None) -> str:
     return _markdown(inspect.cleandoc(text or ""))
@@ -260,8 +272,17 @@ def _command_rows(command: click.Command, ctx: click.Context) -> list[str]:
 
 def _command_pages(command: click.Command, ctx: click.Context, depth: int) -> list[str]:
     """Markdown for ``command`` and, for a group, each of its subcommands."""
-    lines = ["", f"{'#' * depth} `{ctx.command_path}`", "", _help_text(command.help), "", "```text",
-             command.get_usage(ctx), "```", ""]
+    lines = [
+        "",
+        f"{'#' * depth} `{ctx.command_path}`",
+        "",
+        _help_text(command.help),
+        "",
+        "```text",
+        command.get_usage(ctx),
+        "```",
+        "",
+    ]
     lines += _params_table(command, ctx)
     for sub, sub_ctx in _subcommands(command, ctx):
         lines += _command_pages(sub, sub_ctx, depth + 1)
@@ -289,6 +310,7 @@ GENERATED: dict[str, Callable[[], str]] = {"config-reference": config_reference,
 
 def on_page_markdown(markdown: str, page: Any, **_: Any) -> str:
     """MkDocs hook: each ``<!-- generated: NAME -->`` marker becomes the generated page section NAME."""
+
     def replace(match: re.Match) -> str:
         name = match.group(1)
         if name not in GENERATED:

@@ -50,8 +50,8 @@ class Scores(Record):
     dice: float
     hd95: float
     assd: float
-    ref_dice: float | None = None                   # the published code's Dice (mean over slices)
-    n: int | None = None                            # cases scored (a site's entry only)
+    ref_dice: float | None = None  # the published code's Dice (mean over slices)
+    n: int | None = None  # cases scored (a site's entry only)
     regions: dict[str, RegionScores] | None = None  # per evaluated region (fundus: disc, cup)
 
 
@@ -60,7 +60,7 @@ class ModelEntry(Record):
 
     sites: dict[str, Scores]
     mean: Scores
-    subsets: dict[str, Scores] | None = None        # outside benchmarks: figures on named case subsets
+    subsets: dict[str, Scores] | None = None  # outside benchmarks: figures on named case subsets
 
 
 class LastRound(Record):
@@ -88,10 +88,10 @@ class RunResults(Record):
     holdout: str | None = None
     models: dict[str, ModelEntry]
     last_round: LastRound | None = None
-    selection: dict[str, int | dict[str, int]] = {}   # GLOBAL: a round; PERSONALIZED: a round per site
-    published: list[str] = []                         # sites whose personalised model is in experts/
-    experts: dict[str, str] = {}                      # site → its file, relative to the run directory
-    units: dict[str, str] = {}                        # metric → unit ("fraction", "mm", "pixels")
+    selection: dict[str, int | dict[str, int]] = {}  # GLOBAL: a round; PERSONALIZED: a round per site
+    published: list[str] = []  # sites whose personalised model is in experts/
+    experts: dict[str, str] = {}  # site → its file, relative to the run directory
+    units: dict[str, str] = {}  # metric → unit ("fraction", "mm", "pixels")
     grid: str | None = None
     outside: OutsideEntry | None = None
 
@@ -110,7 +110,7 @@ class OutsideResults(Record):
     dataset: str
     seed: int | None = None
     target: str
-    experts: list[str] = []                           # GLOBAL, then each published site
+    experts: list[str] = []  # GLOBAL, then each published site
     models: dict[str, ModelEntry]
     grid: str | None = None
     safeguard: dict[str, SafeguardSummary] = {}
@@ -135,7 +135,7 @@ class EvalLine(Record):
     """One model's figures on one site's split in an evaluated round."""
 
     round: int
-    model: str                                       # GLOBAL | PERSONALIZED
+    model: str  # GLOBAL | PERSONALIZED
     split: Literal["val", "test"]
     site: str
     dice: float

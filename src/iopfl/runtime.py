@@ -35,15 +35,24 @@ class RuntimeConfig(BaseModel):
     """Where and how tensors are computed, for every command and both engines."""
 
     model_config = ConfigDict(extra="forbid")
-    device: str = Field("auto", description="auto (CUDA if available, else CPU) | cpu | cuda | cuda:N; a device "
-                        "that is not there is an error naming the key")
+    device: str = Field(
+        "auto",
+        description="auto (CUDA if available, else CPU) | cpu | cuda | cuda:N; a device "
+        "that is not there is an error naming the key",
+    )
     devices: list[str] | None = Field(None, description="workers are spread over these round-robin")
-    precision: Precision = Field("fp32", description="autocast of the forward (fp16 trains with a gradient scaler); "
-                                 "auto: bf16 where the device has bf16 kernels (CUDA Ampere+, AVX-512/AMX CPUs), "
-                                 "else fp32")
+    precision: Precision = Field(
+        "fp32",
+        description="autocast of the forward (fp16 trains with a gradient scaler); "
+        "auto: bf16 where the device has bf16 kernels (CUDA Ampere+, AVX-512/AMX CPUs), "
+        "else fp32",
+    )
     channels_last: bool = Field(False, description="channels-last memory format for local training")
-    threads: int | None = Field(None, gt=0, description="torch threads per process (default: torch's own with one "
-                                                     "worker, cores / workers otherwise)")
+    threads: int | None = Field(
+        None,
+        gt=0,
+        description="torch threads per process (default: torch's own with one worker, cores / workers otherwise)",
+    )
     deterministic: bool = Field(True, description="deterministic kernels: exact resume on every device")
     compile: bool = Field(False, description="torch.compile the training and evaluation forward")
     workers: int = Field(1, ge=1, description="in-process: the sites of a round in N worker processes")
@@ -73,11 +82,14 @@ def resolve_device(requested: str, key: str = "runtime.device") -> torch.device:
     device = torch.device(requested)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"{key}: '{requested}' asked for, but this machine has no usable CUDA device "
-                            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'})")
+            raise UserError(
+                f"{key}: '{requested}' asked for, but this machine has no usable CUDA device "
+                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'})"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"{key}: '{requested}' asked for, but this machine has "
-                            f"{torch.cuda.device_count()} CUDA device(s)")
+            raise UserError(
+                f"{key}: '{requested}' asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
     return device
 
 
@@ -98,8 +110,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 @contextmanager
 def autocast(device: torch.device, precision: str) -> Iterator[None]:
     """Mixed precision for the forward pass (losses and optimizer steps stay fp32)."""
-    with torch.autocast(device.type, dtype=AUTOCAST.get(precision, torch.float32),
-                        enabled=precision in AUTOCAST):
+    with torch.autocast(device.type, dtype=AUTOCAST.get(precision, torch.float32), enabled=precision in AUTOCAST):
         yield
 
 
@@ -108,9 +119,9 @@ class Runtime:
     """The ``runtime`` section resolved on this machine: where and how this process computes."""
 
     device: torch.device
-    precision: str                  # resolved: fp32 | bf16 | fp16
+    precision: str  # resolved: fp32 | bf16 | fp16
     channels_last: bool = False
-    threads: int | None = None      # torch threads of this process (None: torch's own default)
+    threads: int | None = None  # torch threads of this process (None: torch's own default)
     deterministic: bool = True
     compile: bool = False
 
@@ -119,8 +130,14 @@ class Runtime:
         """``config`` on this machine; ``device`` (named by ``key`` in errors) replaces ``config.device``
         when given (a node's own hardware, ``--device``, a worker's entry of ``runtime.devices``)."""
         where = resolve_device(config.device) if device is None else resolve_device(device, key)
-        return cls(where, resolve_precision(config.precision, where), config.channels_last,
-                   config.threads_per_process(), config.deterministic, config.compile)
+        return cls(
+            where,
+            resolve_precision(config.precision, where),
+            config.channels_last,
+            config.threads_per_process(),
+            config.deterministic,
+            config.compile,
+        )
 
     def apply(self) -> None:
         """Process-wide settings: threads, and deterministic (or fastest) kernels."""
@@ -141,10 +158,15 @@ class Runtime:
 
     def describe(self) -> dict[str, Any]:
         """What the manifest records about where a run computed."""
-        info: dict[str, Any] = {"device": str(self.device), "precision": self.precision, "torch": torch.__version__,
-                                "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-                                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                                "threads": torch.get_num_threads()}
+        info: dict[str, Any] = {
+            "device": str(self.device),
+            "precision": self.precision,
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(),
+        }
         if self.device.type == "cuda":
             info["device_name"] = torch.cuda.get_device_name(self.device)
         else:

@@ -95,14 +95,17 @@ class TensorBoard:
             from tensorboardX import SummaryWriter
 
             # a name of its own: two writers opened within one second would otherwise share (overwrite) a file
-            self.writer = SummaryWriter(str(self.logdir), purge_step=first_step,
-                                        filename_suffix=f".from-step-{first_step:06d}")
+            self.writer = SummaryWriter(
+                str(self.logdir), purge_step=first_step, filename_suffix=f".from-step-{first_step:06d}"
+            )
         except Exception as exc:  # noqa: BLE001 — tracking must never end a run
             self._give_up("opening", exc)
 
     def _give_up(self, what: str, exc: Exception) -> None:
-        self.warn(f"TensorBoard: {what} {self.logdir} failed ({type(exc).__name__}: {exc}); "
-                  "no more TensorBoard logging in this run")
+        self.warn(
+            f"TensorBoard: {what} {self.logdir} failed ({type(exc).__name__}: {exc}); "
+            "no more TensorBoard logging in this run"
+        )
         writer, self.writer = self.writer, None
         if writer is not None:
             try:
@@ -140,6 +143,7 @@ class TensorBoard:
 
     def config(self, tree: dict[str, Any], yaml_text: str, metric_tags: list[str]) -> None:
         """The resolved config as text (step 0) and as hparams, with the metrics the hparams view shows."""
+
         def write() -> None:
             from tensorboardX.summary import hparams
 
@@ -153,6 +157,7 @@ class TensorBoard:
 
     def images(self, paths: Iterable[Path], step: int, prefix: str) -> None:
         """PNG files as images ``<prefix>/<file stem>``."""
+
         def write() -> None:
             from PIL import Image
 

@@ -62,8 +62,15 @@ class Corpus:
         return path
 
     def data_config(self, name: str, source: str, data_root: Path, **data) -> Path:
-        tree = {"data": {"source": source, "root": str(data_root), "image_size": 16,
-                         "cache_dir": str(self.root / name / "cache"), **data}}
+        tree = {
+            "data": {
+                "source": source,
+                "root": str(data_root),
+                "image_size": 16,
+                "cache_dir": str(self.root / name / "cache"),
+                **data,
+            }
+        }
         return self.config(name, tree)
 
     def add(self, name: str, argv: list, needle: str, expect: str = "error") -> None:
@@ -127,11 +134,17 @@ def build(root: Path) -> list[dict]:
         (site / "notes.txt").write_text("no volumes here")
         return "no site folders found"
 
-    for name, damage in [("nifti-zero-bytes", zero_bytes), ("nifti-truncated", truncated),
-                         ("nifti-shape-mismatch", shape_mismatch), ("nifti-4d", four_d),
-                         ("nifti-non-finite", non_finite), ("nifti-complex-dtype", complex_dtype),
-                         ("nifti-image-without-mask", image_without_mask),
-                         ("nifti-mask-without-image", mask_without_image), ("site-without-pairs", no_pairs)]:
+    for name, damage in [
+        ("nifti-zero-bytes", zero_bytes),
+        ("nifti-truncated", truncated),
+        ("nifti-shape-mismatch", shape_mismatch),
+        ("nifti-4d", four_d),
+        ("nifti-non-finite", non_finite),
+        ("nifti-complex-dtype", complex_dtype),
+        ("nifti-image-without-mask", image_without_mask),
+        ("nifti-mask-without-image", mask_without_image),
+        ("site-without-pairs", no_pairs),
+    ]:
         c.volumes(name, damage)
 
     # handled as documented: a 1-slice volume (2.5D edges replicate), a constant image (normalises to
@@ -150,16 +163,23 @@ def build(root: Path) -> list[dict]:
         nifti(site / "Case02_segmentation.nii.gz", np.full((24, 24, 4), 7, np.uint8))
         return "S1"
 
-    for name, damage in [("nifti-one-slice", one_slice), ("nifti-constant-image", constant),
-                         ("nifti-labels-outside-set", odd_labels)]:
+    for name, damage in [
+        ("nifti-one-slice", one_slice),
+        ("nifti-constant-image", constant),
+        ("nifti-labels-outside-set", odd_labels),
+    ]:
         data = root / name / "data"
         volume_site(data / "S1")
         damage(data / "S1")
         c.add(name, ["inspect", c.data_config(name, "prostate", data)], "S1", expect="ok")
     data = root / "empty-masks-everywhere" / "data"
     volume_site(data / "S1", label=False)
-    c.add("empty-masks-everywhere", ["inspect", c.data_config("empty-masks-everywhere", "prostate", data)], "S1",
-          expect="ok")
+    c.add(
+        "empty-masks-everywhere",
+        ["inspect", c.data_config("empty-masks-everywhere", "prostate", data)],
+        "S1",
+        expect="ok",
+    )
 
     def png_zero(site):
         (site / "images" / "0.png").write_bytes(b"")
@@ -187,12 +207,18 @@ def build(root: Path) -> list[dict]:
         png(site / "masks" / "loop.png", np.zeros((20, 20), np.uint8))
         return "loop.png"
 
-    for name, damage in [("png-zero-bytes", png_zero), ("png-truncated", png_truncated),
-                         ("not-an-image-with-png-extension", png_text), ("png-mask-size-mismatch", png_size_mismatch),
-                         ("duplicate-case-ids", duplicate_ids), ("symlink-loop", symlink_loop)]:
+    for name, damage in [
+        ("png-zero-bytes", png_zero),
+        ("png-truncated", png_truncated),
+        ("not-an-image-with-png-extension", png_text),
+        ("png-mask-size-mismatch", png_size_mismatch),
+        ("duplicate-case-ids", duplicate_ids),
+        ("symlink-loop", symlink_loop),
+    ]:
         c.images(name, damage)
 
     if os.geteuid() != 0:  # root reads anything: permissions cannot be tested as root
+
         def unreadable(site):
             (site / "images" / "1.png").chmod(0)
             return "1.png"
@@ -203,10 +229,12 @@ def build(root: Path) -> list[dict]:
     good = root / "good-data"
     volume_site(good / "S1")
     volume_site(good / "S2")
-    c.add("unknown-site", ["inspect", c.data_config("unknown-site", "prostate", good, sites=["S1", "Nowhere"])],
-          "Nowhere")
-    (good / "splits.json").write_text(json.dumps({"splits": {"S1": {"train": ["Case00"], "val": ["Case01"],
-                                                                      "test": ["Case77"]}}}))
+    c.add(
+        "unknown-site", ["inspect", c.data_config("unknown-site", "prostate", good, sites=["S1", "Nowhere"])], "Nowhere"
+    )
+    (good / "splits.json").write_text(
+        json.dumps({"splits": {"S1": {"train": ["Case00"], "val": ["Case01"], "test": ["Case77"]}}})
+    )
     c.add("split-names-missing-case", ["inspect", c.data_config("split-missing", "prostate", good)], "Case77")
     cfg = c.data_config("config-unknown-key", "prostate", good)
     c.add("config-unknown-key", ["train", cfg, "-o", "fl.learning_rate=1"], "fl.learning_rate")
@@ -216,23 +244,33 @@ def build(root: Path) -> list[dict]:
     bad_yaml.parent.mkdir(parents=True)
     bad_yaml.write_text("data: [unclosed\n")
     c.add("config-not-yaml", ["train", bad_yaml], "config.yaml")
-    c.add("missing-root", ["inspect", c.data_config("missing-root", "prostate", root / "no-such-root")],
-          "no-such-root")
+    c.add("missing-root", ["inspect", c.data_config("missing-root", "prostate", root / "no-such-root")], "no-such-root")
 
     # checkpoints: another architecture, truncated, and a pickle payload that would run code
     run = root / "run-template"
     make_run(run, good)
-    for name, damage in [("checkpoint-other-architecture", other_architecture), ("checkpoint-old-format", old_format),
-                         ("checkpoint-truncated", truncate_checkpoint), ("checkpoint-pickle-payload", pickle_payload),
-                         ("results-truncated", truncate_results), ("results-wrong-type", results_wrong_type)]:
+    for name, damage in [
+        ("checkpoint-other-architecture", other_architecture),
+        ("checkpoint-old-format", old_format),
+        ("checkpoint-truncated", truncate_checkpoint),
+        ("checkpoint-pickle-payload", pickle_payload),
+        ("results-truncated", truncate_results),
+        ("results-wrong-type", results_wrong_type),
+    ]:
         target = root / name / "run"
         target.parent.mkdir(parents=True, exist_ok=True)
         os.system(f"cp -r '{run}' '{target}'")
         needle = damage(target)
-        c.add(name, ["predict", target, "--site", "S1", good / "S1" / "Case00.nii.gz", "--out", root / name / "out"],
-              needle)
-    c.add("adapt-empty-target-folder", ["adapt", run, "--target", (root / "empty-folder").as_posix(), "--out",
-                                        root / "adapt-out"], "empty-folder")
+        c.add(
+            name,
+            ["predict", target, "--site", "S1", good / "S1" / "Case00.nii.gz", "--out", root / name / "out"],
+            needle,
+        )
+    c.add(
+        "adapt-empty-target-folder",
+        ["adapt", run, "--target", (root / "empty-folder").as_posix(), "--out", root / "adapt-out"],
+        "empty-folder",
+    )
     (root / "empty-folder").mkdir()
     (root / "corpus.json").write_text(json.dumps(c.entries, indent=1))
     return c.entries
@@ -245,13 +283,24 @@ def make_run(run: Path, data: Path) -> None:
     from iopfl.results import RunResults, write_results
 
     run.mkdir(parents=True)
-    tree = {"data": {"source": "prostate", "root": str(data), "image_size": 16},
-            "model": {"width": 4, "depth": 2}}
+    tree = {"data": {"source": "prostate", "root": str(data), "image_size": 16}, "model": {"width": 4, "depth": 2}}
     (run / "config.yaml").write_text(yaml.safe_dump(tree))
-    network = {"in_channels": 3, "num_classes": 2, "context": 1, "regions": {"prostate": [1]}, "image_size": 16,
-               "width": 4, "depth": 2}
-    save_run_checkpoint(run / "checkpoints" / "last.safetensors", pack("best/global", _weights(4)),
-                        {"sites": ["S1", "S2"], "network": network, "run_key": "corpus"}, "inprocess", "corpus")
+    network = {
+        "in_channels": 3,
+        "num_classes": 2,
+        "context": 1,
+        "regions": {"prostate": [1]},
+        "image_size": 16,
+        "width": 4,
+        "depth": 2,
+    }
+    save_run_checkpoint(
+        run / "checkpoints" / "last.safetensors",
+        pack("best/global", _weights(4)),
+        {"sites": ["S1", "S2"], "network": network, "run_key": "corpus"},
+        "inprocess",
+        "corpus",
+    )
     results = RunResults(method="iopfl", dataset="prostate", models={}, published=["S1", "S2"])
     write_results(run / "results.json", results)
     _publish(run, _weights(4))

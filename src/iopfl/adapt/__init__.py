@@ -25,8 +25,13 @@ METHODS: dict[str, type[TTAMethod]] = {
 }
 
 
-def build_method(name: str, experts: Sequence[StateDict], build: Callable[[], nn.Module],
-                 config: AdaptConfig, device: torch.device = torch.device("cpu")) -> TTAMethod:
+def build_method(
+    name: str,
+    experts: Sequence[StateDict],
+    build: Callable[[], nn.Module],
+    config: AdaptConfig,
+    device: torch.device = torch.device("cpu"),
+) -> TTAMethod:
     if name not in METHODS:
         raise UserError(f"unknown adaptation method '{name}' (choose from {', '.join(METHODS)})")
     return METHODS[name](experts, build, config, device)

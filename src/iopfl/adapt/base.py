@@ -35,11 +35,16 @@ class TTAMethod:
     #: True when the method needs personalised experts besides the global model.
     needs_personal: ClassVar[bool] = False
 
-    def __init__(self, experts: Sequence[StateDict], build: Callable[[], nn.Module], config: AdaptConfig,
-                 device: torch.device = torch.device("cpu")):
+    def __init__(
+        self,
+        experts: Sequence[StateDict],
+        build: Callable[[], nn.Module],
+        config: AdaptConfig,
+        device: torch.device = torch.device("cpu"),
+    ):
         self.experts, self.build, self.config, self.device = list(experts), build, config, device
-        self.trace: list[dict[str, Any]] = []   # adaptive methods, per batch of the last pass: losses, signals
-        self.fallbacks = FallbackLog()          # the safeguard's fallbacks in the last pass
+        self.trace: list[dict[str, Any]] = []  # adaptive methods, per batch of the last pass: losses, signals
+        self.fallbacks = FallbackLog()  # the safeguard's fallbacks in the last pass
 
     @property
     def published(self) -> bool:
@@ -53,8 +58,9 @@ class TTAMethod:
         """Parameters the method updates; none → predict only."""
         return []
 
-    def loss_terms(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator,
-                   reference: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def loss_terms(
+        self, model: nn.Module, x: torch.Tensor, generator: torch.Generator, reference: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
         """The weighted terms of the loss on batch ``x [B, C, H, W]`` (summed for the step);
         ``reference [B, K, H, W]``: BN-adapt's prediction of ``x`` (the trust region's target)."""
         raise NotImplementedError
@@ -112,8 +118,12 @@ class TTAMethod:
                 ref = reference(x) if reference is not None else None
                 terms = self._steps(model, optimizer, steps, x, gen, ref) if optimizer is not None else {}
                 probs = self.predict(model, x)
-                record: dict[str, Any] = {"pass": pass_, "batch": i, **self.gate_record(model),
-                                          **{f"loss_{k}": float(v.detach()) for k, v in terms.items()}}
+                record: dict[str, Any] = {
+                    "pass": pass_,
+                    "batch": i,
+                    **self.gate_record(model),
+                    **{f"loss_{k}": float(v.detach()) for k, v in terms.items()},
+                }
                 if ref is not None:
                     sums, spread = self.gate_state(model)
                     if start_sums is None and sums is not None:
@@ -127,8 +137,15 @@ class TTAMethod:
                 predictions.append(probs.cpu())
         return predictions
 
-    def _steps(self, model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, x: torch.Tensor,
-               gen: torch.Generator, ref: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def _steps(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        steps: int,
+        x: torch.Tensor,
+        gen: torch.Generator,
+        ref: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
         """``steps`` Adam steps on the loss of batch ``x [B, C, H, W]``; the last step's loss terms."""
         terms: dict[str, torch.Tensor] = {}
         for _ in range(steps):
@@ -140,9 +157,17 @@ class TTAMethod:
             optimizer.step()
         return terms
 
-    def _guard(self, model: nn.Module, x: torch.Tensor, probs: torch.Tensor, ref: torch.Tensor,
-               signals: BatchSignals, start: SafeState, start_sums: torch.Tensor | None,
-               record: dict[str, Any]) -> torch.Tensor:
+    def _guard(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        probs: torch.Tensor,
+        ref: torch.Tensor,
+        signals: BatchSignals,
+        start: SafeState,
+        start_sums: torch.Tensor | None,
+        record: dict[str, Any],
+    ) -> torch.Tensor:
         """The safeguard on one predicted batch: keep it, or roll the method back to its start and
         predict again — BN-adapt's prediction if that fails too. Back to the start, not to the last
         batch that passed: a slow drift (TENT on a real polyp site) passes batch after batch while it

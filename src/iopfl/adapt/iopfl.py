@@ -52,7 +52,7 @@ class IOPFLRouting(TTAMethod):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._layers: list[str] = []
-        self._gate_sums: torch.Tensor | None = None   # [L, E] sums of gates over predicted samples
+        self._gate_sums: torch.Tensor | None = None  # [L, E] sums of gates over predicted samples
         self._samples = 0
 
     def make_model(self) -> nn.Module:
@@ -62,8 +62,9 @@ class IOPFLRouting(TTAMethod):
     def trainable(self, model: nn.Module) -> list[nn.Parameter]:
         return routing_parameters(model) + norm_affine_parameters(model)
 
-    def loss_terms(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator,
-                   reference: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def loss_terms(
+        self, model: nn.Module, x: torch.Tensor, generator: torch.Generator, reference: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
         c = self.config
         probs = model(x).softmax(dim=1)
         kernel = shape_kernel(x.shape[-1], c.shape_kernel)
@@ -92,12 +93,14 @@ class IOPFLRouting(TTAMethod):
         """Per routed layer, over the last predicted batch: the mean gate sum and the smallest and
         largest gate (the trace's view of whether gates mix or rescale)."""
         gates = last_gates(model)
-        return {"gate_sum": [round(float(g.sum(dim=1).mean()), 4) for g in gates],
-                "gate_min": [round(float(g.min()), 4) for g in gates],
-                "gate_max": [round(float(g.max()), 4) for g in gates]}
+        return {
+            "gate_sum": [round(float(g.sum(dim=1).mean()), 4) for g in gates],
+            "gate_min": [round(float(g.min()), 4) for g in gates],
+            "gate_max": [round(float(g.max()), 4) for g in gates],
+        }
 
     def gate_state(self, model: nn.Module) -> tuple[torch.Tensor | None, float | None]:
-        gates = last_gates(model)   # each [B, E]
+        gates = last_gates(model)  # each [B, E]
         sums = torch.stack([g.sum(dim=1).mean() for g in gates])
         spread = torch.stack([(g.max(dim=1).values - g.min(dim=1).values).mean() for g in gates]).mean()
         return sums, float(spread)

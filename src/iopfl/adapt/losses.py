@@ -54,8 +54,14 @@ def invert_transforms(y: torch.Tensor, flips: list[bool], turns: list[int]) -> t
     return torch.stack([yi.flip(-1) if f else yi for yi, f in zip(out, flips, strict=True)])
 
 
-def consistency(model: Model, x: torch.Tensor, probs: torch.Tensor, noise_std: float,
-                generator: torch.Generator, detach_target: bool = True) -> torch.Tensor:
+def consistency(
+    model: Model,
+    x: torch.Tensor,
+    probs: torch.Tensor,
+    noise_std: float,
+    generator: torch.Generator,
+    detach_target: bool = True,
+) -> torch.Tensor:
     """mean ‖T⁻¹(softmax(f(T(x + ε)))) − p‖² over pixels, ε ~ N(0, σ²) per pixel, for ``x [B, C, H, W]``
     and the clean prediction ``probs [B, K, H, W]``.
 

@@ -44,21 +44,21 @@ from torch import nn
 
 from iopfl.adapt.config import AdaptConfig
 
-EMPTY_FRACTION = 1e-3   # BN-adapt foreground below this: nothing to lose by predicting background
-FLOOD_FLOOR = 0.01      # flooding needs at least 1 % foreground pixels
-GATE_SCALE = 2.0        # a layer's gate sum may grow or shrink by at most this factor
+EMPTY_FRACTION = 1e-3  # BN-adapt foreground below this: nothing to lose by predicting background
+FLOOD_FLOOR = 0.01  # flooding needs at least 1 % foreground pixels
+GATE_SCALE = 2.0  # a layer's gate sum may grow or shrink by at most this factor
 
 
 @dataclass(frozen=True)
 class BatchSignals:
     """Label-free signals of one predicted batch."""
 
-    foreground: float            # fraction of pixels the adapted model calls foreground
+    foreground: float  # fraction of pixels the adapted model calls foreground
     reference_foreground: float  # the same for BN-adapt
-    agreement: float             # Dice of the two foreground masks (1 when both are empty)
-    entropy: float               # mean per-pixel entropy / log K of the adapted prediction
-    gate_scale: float | None     # largest factor by which a layer's mean gate sum left its start
-    gate_spread: float | None    # mean over layers of (largest − smallest mean gate)
+    agreement: float  # Dice of the two foreground masks (1 when both are empty)
+    entropy: float  # mean per-pixel entropy / log K of the adapted prediction
+    gate_scale: float | None  # largest factor by which a layer's mean gate sum left its start
+    gate_spread: float | None  # mean over layers of (largest − smallest mean gate)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -69,8 +69,13 @@ def foreground_masks(probs: torch.Tensor) -> torch.Tensor:
     return probs.argmax(dim=1) > 0
 
 
-def batch_signals(probs: torch.Tensor, reference: torch.Tensor, gate_sums: torch.Tensor | None = None,
-                  start_sums: torch.Tensor | None = None, spread: float | None = None) -> BatchSignals:
+def batch_signals(
+    probs: torch.Tensor,
+    reference: torch.Tensor,
+    gate_sums: torch.Tensor | None = None,
+    start_sums: torch.Tensor | None = None,
+    spread: float | None = None,
+) -> BatchSignals:
     """Signals of ``probs`` against BN-adapt's ``reference`` (both ``[B, K, H, W]``); ``gate_sums`` and
     ``start_sums`` ``[L]``: each routed layer's mean gate sum now and at the start."""
     a, r = foreground_masks(probs), foreground_masks(reference)
@@ -80,9 +85,14 @@ def batch_signals(probs: torch.Tensor, reference: torch.Tensor, gate_sums: torch
     scale = None
     if gate_sums is not None and start_sums is not None:
         scale = (gate_sums / start_sums).log().abs().max().exp().item()
-    return BatchSignals(foreground=a.float().mean().item(), reference_foreground=r.float().mean().item(),
-                        agreement=1.0 if total == 0 else 2 * both / total, entropy=entropy,
-                        gate_scale=scale, gate_spread=spread)
+    return BatchSignals(
+        foreground=a.float().mean().item(),
+        reference_foreground=r.float().mean().item(),
+        agreement=1.0 if total == 0 else 2 * both / total,
+        entropy=entropy,
+        gate_scale=scale,
+        gate_spread=spread,
+    )
 
 
 def collapse_reason(s: BatchSignals, config: AdaptConfig) -> str | None:
@@ -137,5 +147,9 @@ class FallbackLog:
 
     def summary(self) -> dict[str, Any]:
         """``{"batches": N, "fallbacks": n, "reasons": {reason: n}, "to_bn": n}`` (the last pass)."""
-        return {"batches": self.batches, "fallbacks": self.total, "reasons": dict(sorted(self.reasons.items())),
-                "to_bn": self.to_reference}
+        return {
+            "batches": self.batches,
+            "fallbacks": self.total,
+            "reasons": dict(sorted(self.reasons.items())),
+            "to_bn": self.to_reference,
+        }

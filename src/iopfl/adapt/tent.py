@@ -23,6 +23,7 @@ class Tent(BNAdapt):
             p.requires_grad_(True)
         return params
 
-    def loss_terms(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator,
-                   reference: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def loss_terms(
+        self, model: nn.Module, x: torch.Tensor, generator: torch.Generator, reference: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
         return {"entropy": entropy(model(x).softmax(dim=1))}

@@ -26,9 +26,9 @@ from iopfl.data import Case, load_dataset, load_unlabelled
 from iopfl.data.writers import write_prediction
 from iopfl.engine.rundir import RunDir
 from iopfl.errors import UserError
-from iopfl.fileio import atomic_write_text
 from iopfl.evaluation.evaluate import labels_on_original_grid, score_case
 from iopfl.evaluation.metrics import summarize_cases
+from iopfl.fileio import atomic_write_text
 from iopfl.report.gates import write_gates
 from iopfl.report.tables import models_table, regions_table, safeguard_table
 from iopfl.results import OutsideResults, SafeguardSummary, write_results
@@ -45,8 +45,9 @@ def target_cases(run: TrainedRun, target: str) -> list[Case]:
         return load_unlabelled(folder, run.network["image_size"])
     spec = load_dataset(run.cfg.for_sites(None).data)
     if target not in spec.sites:
-        raise UserError(f"--target: '{target}' is neither a folder nor a site of the dataset "
-                        f"(sites: {', '.join(spec.sites)})")
+        raise UserError(
+            f"--target: '{target}' is neither a folder nor a site of the dataset (sites: {', '.join(spec.sites)})"
+        )
     return spec.sites[target].all_cases()
 
 
@@ -111,15 +112,24 @@ def check_experts(run: TrainedRun, methods: list[str]) -> None:
     """Refuse, before anything is written, methods that need a published personalised model."""
     needy = [m for m in methods if METHODS[m].needs_personal]
     if needy and not run.personal:
-        raise UserError(f"{run.path}: no inside site published its personalised model, which --method "
-                        f"{'/'.join(needy)} needs ({OPT_IN}); --method global, bn and tent need none")
+        raise UserError(
+            f"{run.path}: no inside site published its personalised model, which --method "
+            f"{'/'.join(needy)} needs ({OPT_IN}); --method global, bn and tent need none"
+        )
 
 
-def adapt_cases(run: TrainedRun, cases: list[Case], methods: list[str], out: Path | None,
-                cfg: Config, runtime: Runtime, scored: set[str] | None = None,
-                safeguard: dict[str, dict] | None = None,
-                subsets: dict[str, set[str]] | None = None,
-                traces: dict[str, list[dict]] | None = None) -> dict[str, Any]:
+def adapt_cases(
+    run: TrainedRun,
+    cases: list[Case],
+    methods: list[str],
+    out: Path | None,
+    cfg: Config,
+    runtime: Runtime,
+    scored: set[str] | None = None,
+    safeguard: dict[str, dict] | None = None,
+    subsets: dict[str, set[str]] | None = None,
+    traces: dict[str, list[dict]] | None = None,
+) -> dict[str, Any]:
     """Each method online over the same batches, on ``runtime``'s device; masks and the per-batch
     trace under ``out/<method>``; metrics with labels, on the cases whose ids are in ``scored`` (default: every case; adaptation
     always sees them all), and under ``"subsets"`` on each of ``subsets``' case sets (benchmarks: the
@@ -150,8 +160,9 @@ def adapt_cases(run: TrainedRun, cases: list[Case], methods: list[str], out: Pat
             summary = summarize_cases([s for s in per_case if scored is None or s["case"] in scored])
             models[name] = {"sites": {cases[0].site: summary}, "mean": summary}
             if subsets:
-                models[name]["subsets"] = {label: summarize_cases([s for s in per_case if s["case"] in ids])
-                                           for label, ids in subsets.items()}
+                models[name]["subsets"] = {
+                    label: summarize_cases([s for s in per_case if s["case"] in ids]) for label, ids in subsets.items()
+                }
         if traces is not None and method.trace:
             traces[name] = method.trace
     return models
@@ -173,12 +184,18 @@ def mirror_trace(trace: list[dict[str, Any]], logdir: Path) -> None:
 
 def fallback_warning(safeguard: dict[str, SafeguardSummary]) -> str | None:
     """One line when the safeguard fell back on any batch of any method, else None."""
-    parts = [f"{m}: {s.fallbacks} of {s.batches} batches ({', '.join(f'{k} {v}' for k, v in s.reasons.items())})"
-             for m, s in safeguard.items() if s.fallbacks]
+    parts = [
+        f"{m}: {s.fallbacks} of {s.batches} batches ({', '.join(f'{k} {v}' for k, v in s.reasons.items())})"
+        for m, s in safeguard.items()
+        if s.fallbacks
+    ]
     if not parts:
         return None
-    return ("warning: the safeguard saw signs of collapse and rolled back — " + "; ".join(parts)
-            + ". Those batches were predicted from the last safe state or by BN-adapt; consider --method bn.")
+    return (
+        "warning: the safeguard saw signs of collapse and rolled back — "
+        + "; ".join(parts)
+        + ". Those batches were predicted from the last safe state or by BN-adapt; consider --method bn."
+    )
 
 
 def adapt_config(run: TrainedRun, overrides: list[str]) -> Config:
@@ -201,15 +218,23 @@ def run_adapt(run_dir: Path, target: str, method: str, out: Path, overrides: lis
     run = open_run(run_dir)
     cfg = adapt_config(run, overrides)
     runtime = adapt_runtime(cfg)
-    runtime.apply()   # runtime.threads and .deterministic hold here as in training
+    runtime.apply()  # runtime.threads and .deterministic hold here as in training
     methods = method_names(method)
     check_experts(run, methods)
     cases = target_cases(run, target)
     safeguard: dict[str, dict] = {}
     models = adapt_cases(run, cases, methods, out, cfg, runtime, safeguard=safeguard)
-    results = OutsideResults(method="outside", dataset=run.cfg.data.source, seed=cfg.adapt.seed,
-                             target=Path(target).name, experts=run.expert_names(), models=models, grid="original",
-                             safeguard=safeguard, compute=runtime.describe())
+    results = OutsideResults(
+        method="outside",
+        dataset=run.cfg.data.source,
+        seed=cfg.adapt.seed,
+        target=Path(target).name,
+        experts=run.expert_names(),
+        models=models,
+        grid="original",
+        safeguard=safeguard,
+        compute=runtime.describe(),
+    )
     write_results(RunDir(out).results, results)
     report = f"# Outside: {results.target}\n\n"
     if models:

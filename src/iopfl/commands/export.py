@@ -33,10 +33,10 @@ from iopfl.fileio import atomic_write
 from iopfl.models.routing import load_expert
 
 FORMATS = ("onnx", "torchscript")
-META_KEY = "iopfl"            # ONNX metadata property
-EXTRA_FILE = "iopfl.json"     # TorchScript extra file
+META_KEY = "iopfl"  # ONNX metadata property
+EXTRA_FILE = "iopfl.json"  # TorchScript extra file
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
-PREDICT_BATCH = 8             # slices per forward pass of ``predict --model-file``
+PREDICT_BATCH = 8  # slices per forward pass of ``predict --model-file``
 EXTRA_HINT = "pip install -e '.[export]' (make venv installs it)"
 
 # How iopfl.data prepares a file for the network (images2d.image_to_case, prostate.volume_to_case,
@@ -44,19 +44,27 @@ EXTRA_HINT = "pip install -e '.[export]' (make venv installs it)"
 IMAGE_PREPROCESSING = {
     "input": "2D image (PNG, JPEG, ...)",
     "channels": "RGB; a grey image is replicated to 3 channels",
-    "normalisation": {"method": "zscore", "over": "the whole image, all channels together",
-                      "clip_percentiles": None, "constant_input": "zeros"},
+    "normalisation": {
+        "method": "zscore",
+        "over": "the whole image, all channels together",
+        "clip_percentiles": None,
+        "constant_input": "zeros",
+    },
     "resize": "bilinear to image_size x image_size (align_corners=False)",
     "stacking": "none: one image is one sample",
 }
 VOLUME_PREPROCESSING = {
     "input": "NIfTI volume; slices along its third array axis",
     "channels": "one intensity channel per slice",
-    "normalisation": {"method": "zscore", "over": "the whole volume, after clipping to its percentiles",
-                      "clip_percentiles": [0.5, 99.5], "constant_input": "zeros"},
+    "normalisation": {
+        "method": "zscore",
+        "over": "the whole volume, after clipping to its percentiles",
+        "clip_percentiles": [0.5, 99.5],
+        "constant_input": "zeros",
+    },
     "resize": "each slice bilinear to image_size x image_size (align_corners=False)",
     "stacking": "2.5D: slice z with `context` neighbours on each side (edge slices replicated); "
-                "channel = (offset + context) * stored_channels + stored channel, offset in [-context, context]",
+    "channel = (offset + context) * stored_channels + stored channel, offset in [-context, context]",
 }
 VOLUME_SOURCES = ("prostate", "synthetic")
 
@@ -77,22 +85,39 @@ def export_metadata(run: TrainedRun, site: str, model: str) -> dict[str, Any]:
     stored = n["in_channels"] // (2 * n["context"] + 1)
     volumes = run.cfg.data.source in VOLUME_SOURCES
     return {
-        "format_version": 1, "producer": f"iopfl {__version__}",
-        "run": run.path.name, "run_key": run.run_key, "method": run.cfg.fl.method,
-        "dataset": run.cfg.data.source, "site": site, "model": model,
-        "input": {"name": INPUT_NAME, "layout": "NCHW", "dtype": "float32", "image_size": n["image_size"],
-                  "channels": n["in_channels"], "stored_channels": stored, "context": n["context"],
-                  "spatial_multiple": 2 ** n["depth"],
-                  "preprocessing": VOLUME_PREPROCESSING if volumes else IMAGE_PREPROCESSING},
-        "output": {"name": OUTPUT_NAME, "layout": "NCHW", "num_classes": n["num_classes"],
-                   "values": "logits: softmax over axis 1 gives the class probabilities, argmax the labels"},
+        "format_version": 1,
+        "producer": f"iopfl {__version__}",
+        "run": run.path.name,
+        "run_key": run.run_key,
+        "method": run.cfg.fl.method,
+        "dataset": run.cfg.data.source,
+        "site": site,
+        "model": model,
+        "input": {
+            "name": INPUT_NAME,
+            "layout": "NCHW",
+            "dtype": "float32",
+            "image_size": n["image_size"],
+            "channels": n["in_channels"],
+            "stored_channels": stored,
+            "context": n["context"],
+            "spatial_multiple": 2 ** n["depth"],
+            "preprocessing": VOLUME_PREPROCESSING if volumes else IMAGE_PREPROCESSING,
+        },
+        "output": {
+            "name": OUTPUT_NAME,
+            "layout": "NCHW",
+            "num_classes": n["num_classes"],
+            "values": "logits: softmax over axis 1 gives the class probabilities, argmax the labels",
+        },
         "class_names": class_names(n["num_classes"], n["regions"]),
         "regions": n["regions"],
     }
 
 
-def export_run_model(run_dir: Path, site: str, model: str, fmt: str, out: Path,
-                     state_dir: Path | None = None) -> dict[str, Any]:
+def export_run_model(
+    run_dir: Path, site: str, model: str, fmt: str, out: Path, state_dir: Path | None = None
+) -> dict[str, Any]:
     """``iopfl export``: write ``site``'s val-selected ``model`` of the run as ``fmt`` to ``out``
     (atomically); returns the recorded metadata. Every input is checked before anything is written."""
     if fmt not in FORMATS:
@@ -138,8 +163,15 @@ def write_onnx(net: nn.Module, example: torch.Tensor, meta: dict[str, Any], path
     step = meta["input"]["spatial_multiple"]
     shapes = ({0: Dim("batch"), 2: step * Dim("height_blocks"), 3: step * Dim("width_blocks")},)  # forward's one input
     with quiet_exporter():
-        program = torch.onnx.export(net, (example,), dynamo=True, input_names=[INPUT_NAME],
-                                    output_names=[OUTPUT_NAME], dynamic_shapes=shapes, verbose=False)
+        program = torch.onnx.export(
+            net,
+            (example,),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=shapes,
+            verbose=False,
+        )
     program.rename_axes({f"{step}*height_blocks": "height", f"{step}*width_blocks": "width"})
     program.model.metadata_props[META_KEY] = json.dumps(meta)
     program.model.doc_string = describe(meta)
@@ -172,10 +204,12 @@ def write_torchscript(net: nn.Module, example: torch.Tensor, meta: dict[str, Any
 def describe(meta: dict[str, Any]) -> str:
     """One line for model viewers: what the file is and what it expects."""
     i = meta["input"]
-    return (f"iopfl {meta['method']} {meta['model']} model of site {meta['site']} ({meta['dataset']}): "
-            f"input {i['name']} float32 [batch, {i['channels']}, height, width] (trained at {i['image_size']}², "
-            f"multiples of {i['spatial_multiple']}), output {meta['output']['name']} over classes "
-            f"{', '.join(meta['class_names'])}; preprocessing in metadata '{META_KEY}'")
+    return (
+        f"iopfl {meta['method']} {meta['model']} model of site {meta['site']} ({meta['dataset']}): "
+        f"input {i['name']} float32 [batch, {i['channels']}, height, width] (trained at {i['image_size']}², "
+        f"multiples of {i['spatial_multiple']}), output {meta['output']['name']} over classes "
+        f"{', '.join(meta['class_names'])}; preprocessing in metadata '{META_KEY}'"
+    )
 
 
 class OnnxModel(nn.Module):
@@ -205,8 +239,10 @@ def load_exported(path: Path, device: str | None = None) -> tuple[nn.Module, dic
     if zipfile.is_zipfile(path):
         return load_torchscript(path, device)
     if device not in (None, "cpu"):
-        raise UserError(f"--device {device}: an ONNX model runs on the CPU here (onnxruntime's CPU build); "
-                        "export --format torchscript for another device")
+        raise UserError(
+            f"--device {device}: an ONNX model runs on the CPU here (onnxruntime's CPU build); "
+            "export --format torchscript for another device"
+        )
     require("onnxruntime")
     net = OnnxModel(path)
     return net.eval(), parse_metadata(path, net.metadata_map.get(META_KEY))
@@ -240,6 +276,10 @@ def predict_with_file(model_file: Path, inputs: list[Path], out: Path, device: s
     """``iopfl predict --model-file``: segment files/folders as ``iopfl predict`` does with a run,
     preparing them as the file's metadata says; masks come out at each input's size."""
     net, meta = load_exported(model_file, device)
-    network = {"image_size": meta["input"]["image_size"], "context": meta["input"]["context"],
-               "in_channels": meta["input"]["channels"], "num_classes": meta["output"]["num_classes"]}
+    network = {
+        "image_size": meta["input"]["image_size"],
+        "context": meta["input"]["context"],
+        "in_channels": meta["input"]["channels"],
+        "num_classes": meta["output"]["num_classes"],
+    }
     return predict_inputs(net, network, inputs, out, PREDICT_BATCH)

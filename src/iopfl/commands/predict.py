@@ -21,8 +21,15 @@ from iopfl.results import GLOBAL, PERSONALIZED
 from iopfl.runtime import Runtime
 
 
-def run_predict(run_dir: Path, site: str, inputs: list[Path], out: Path, model: str,
-                state_dir: Path | None = None, device: str | None = None) -> list[Path]:
+def run_predict(
+    run_dir: Path,
+    site: str,
+    inputs: list[Path],
+    out: Path,
+    model: str,
+    state_dir: Path | None = None,
+    device: str | None = None,
+) -> list[Path]:
     """``iopfl predict``: segment files/folders with ``site``'s val-selected model (or the global one),
     on ``device`` (default: the run's ``runtime.device``)."""
     run = open_run(run_dir)
@@ -41,8 +48,9 @@ def selected_weights(run: TrainedRun, site: str, model: str, state_dir: Path | N
     return personal_weights(run, site, state_dir) if model == PERSONALIZED else run.global_weights
 
 
-def predict_inputs(net: torch.nn.Module, network: dict[str, Any], inputs: list[Path], out: Path,
-                   batch_size: int) -> list[Path]:
+def predict_inputs(
+    net: torch.nn.Module, network: dict[str, Any], inputs: list[Path], out: Path, batch_size: int
+) -> list[Path]:
     """Masks of every file/folder in ``inputs`` written under ``out``, prepared for ``network``
     (``image_size``, ``context``, ``in_channels``, ``num_classes``): a run's model or an exported one."""
     written = []
@@ -50,8 +58,10 @@ def predict_inputs(net: torch.nn.Module, network: dict[str, Any], inputs: list[P
         for case in _input_cases(Path(path), network["image_size"]):
             channels = case.image.shape[1] * (2 * network["context"] + 1)
             if channels != network["in_channels"]:
-                raise UserError(f"{case.source}: gives {channels} input channels, the model takes "
-                                f"{network['in_channels']} (an image for a volume model, or the reverse?)")
+                raise UserError(
+                    f"{case.source}: gives {channels} input channels, the model takes "
+                    f"{network['in_channels']} (an image for a volume model, or the reverse?)"
+                )
             pred = predict_original(net, case, network["context"], batch_size)
             written.append(write_prediction(case, pred, out, network["num_classes"]))
     return written
@@ -64,8 +74,10 @@ def personal_weights(run: TrainedRun, site: str, state_dir: Path | None) -> Stat
     if site in run.personal:
         return run.personal[site]
     if state_dir is None:
-        raise UserError(f"{run.path}: site {site} did not publish its personalised model ({OPT_IN}); on "
-                        f"{site}'s own machine pass --state-dir (its node config state-dir)")
+        raise UserError(
+            f"{run.path}: site {site} did not publish its personalised model ({OPT_IN}); on "
+            f"{site}'s own machine pass --state-dir (its node config state-dir)"
+        )
     folder = Path(state_dir) / f"{run.run_key}-{site}"
     snapshot = SiteStateStore(folder).latest()
     weights = unpack(f"best/{site}", snapshot[0]) if snapshot else {}

@@ -24,11 +24,11 @@ class TrainedRun:
 
     path: Path
     cfg: Config
-    network: dict[str, Any]          # in_channels, num_classes, context, regions, image_size, width, depth
-    sites: list[str]                 # the inside sites
+    network: dict[str, Any]  # in_channels, num_classes, context, regions, image_size, width, depth
+    sites: list[str]  # the inside sites
     run_key: str
-    global_weights: StateDict        # val-selected θ*
-    personal: dict[str, StateDict]   # the published val-selected φ_k*, by site (in site order)
+    global_weights: StateDict  # val-selected θ*
+    personal: dict[str, StateDict]  # the published val-selected φ_k*, by site (in site order)
 
     def build(self) -> Callable[[], torch.nn.Module]:
         return network_builder(self.network)
@@ -41,8 +41,10 @@ class TrainedRun:
         return [GLOBAL, *self.personal]
 
 
-OPT_IN = ("on a Flower deployment a site publishes its model only with node config publish-personal='true'; "
-          "in-process with fl.publish_personal=true")
+OPT_IN = (
+    "on a Flower deployment a site publishes its model only with node config publish-personal='true'; "
+    "in-process with fl.publish_personal=true"
+)
 
 
 def open_run(path: Path) -> TrainedRun:

@@ -14,21 +14,27 @@ class RichProgress:
     """Round/client progress bar with the last loss and the last mean val Dice."""
 
     def __init__(self, console: Console):
-        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), TextColumn("{task.fields[status]}"), console=console,
-                            transient=False)
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[status]}"),
+            console=console,
+            transient=False,
+        )
         self.task = None
         self.val = "val dice —"
 
     def start(self, total_rounds: int, first_round: int, trainers_per_round: int) -> None:
         self.bar.start()
         done = (first_round - 1) * trainers_per_round
-        self.task = self.bar.add_task("training", total=total_rounds * trainers_per_round, completed=done,
-                                      status="")
+        self.task = self.bar.add_task("training", total=total_rounds * trainers_per_round, completed=done, status="")
 
     def client_done(self, round_: int, site: str, loss: float) -> None:
-        self.bar.update(self.task, advance=1, description=f"round {round_}",
-                        status=f"{site} loss {loss:.3f} | {self.val}")
+        self.bar.update(
+            self.task, advance=1, description=f"round {round_}", status=f"{site} loss {loss:.3f} | {self.val}"
+        )
 
     def round_done(self, round_: int, val_dice: dict[str, float]) -> None:
         values = [v for v in val_dice.values() if not math.isnan(v)]

@@ -48,8 +48,9 @@ def run_demo(out: Path, overrides: list[str], console: Console | None = None) ->
     _demo_run(holdout_dir, ["fl.method=iopfl", f"data.holdout={target}", *overrides], console)
     console.rule(f"[bold]outside: adapting to unseen {target}")
     run = open_run(holdout_dir)
-    outside = adapt_cases(run, target_cases(run, target), method_names("all"), holdout_dir / "outside", run.cfg,
-                          adapt_runtime(run.cfg))
+    outside = adapt_cases(
+        run, target_cases(run, target), method_names("all"), holdout_dir / "outside", run.cfg, adapt_runtime(run.cfg)
+    )
     inside = read_run_results(RunDir(holdout_dir).results)
     inside.outside = OutsideEntry.model_validate({"target": target, "models": outside})
     write_results(RunDir(holdout_dir).results, inside)

@@ -47,8 +47,11 @@ def synthetic_root(cfg: DataConfig) -> Path:
     from iopfl.data.synthetic import generate_synthetic
 
     s = cfg.synthetic
-    root = Path(cfg.root) if cfg.root else cache_dir(cfg.cache_dir) / (
-        f"synthetic-s{s.sites}-c{s.cases}-{s.size}px-{s.slices}sl-seed{s.seed}")
+    root = (
+        Path(cfg.root)
+        if cfg.root
+        else cache_dir(cfg.cache_dir) / (f"synthetic-s{s.sites}-c{s.cases}-{s.size}px-{s.slices}sl-seed{s.seed}")
+    )
     if not (root / "splits.json").exists():
         log.info("generating synthetic dataset in %s", root)
         generate_synthetic(root, s.sites, s.cases, s.size, s.slices, s.seed)
@@ -59,8 +62,12 @@ def source_of(name: str) -> Source:
     """The :class:`Source` behind a ``data.source`` name (synthetic data is read as prostate)."""
     from iopfl.data import folder, fundus, prostate
 
-    return {"prostate": prostate.SOURCE, "synthetic": prostate.SOURCE, "fundus": fundus.SOURCE,
-            "folder": folder.SOURCE}[name]
+    return {
+        "prostate": prostate.SOURCE,
+        "synthetic": prostate.SOURCE,
+        "fundus": fundus.SOURCE,
+        "folder": folder.SOURCE,
+    }[name]
 
 
 def load_dataset(cfg: DataConfig) -> DatasetSpec:
@@ -76,8 +83,7 @@ def load_dataset(cfg: DataConfig) -> DatasetSpec:
     for name, site in sites.items():
         if not site.all_cases():
             raise UserError(f"{root / name}: no cases")
-    return DatasetSpec(cfg.source, sites, source.in_channels, source.num_classes, source.regions,
-                       source.context)
+    return DatasetSpec(cfg.source, sites, source.in_channels, source.num_classes, source.regions, source.context)
 
 
 def load_unlabelled(path: Path, image_size: int) -> list[Case]:
@@ -99,5 +105,15 @@ def load_unlabelled(path: Path, image_size: int) -> list[Case]:
     return load_image_folder(path, image_size)
 
 
-__all__ = ["Case", "DataConfig", "DatasetSpec", "SiteData", "SliceDataset", "SyntheticConfig", "case_inputs",
-           "load_dataset", "load_unlabelled", "source_of"]
+__all__ = [
+    "Case",
+    "DataConfig",
+    "DatasetSpec",
+    "SiteData",
+    "SliceDataset",
+    "SyntheticConfig",
+    "case_inputs",
+    "load_dataset",
+    "load_unlabelled",
+    "source_of",
+]

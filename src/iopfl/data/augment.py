@@ -54,22 +54,23 @@ def _signed(generator: torch.Generator, n: int, device: torch.device) -> torch.T
     return 2.0 * _uniform(generator, (n,), device) - 1.0
 
 
-def affine_matrices(n: int, height: int, width: int, settings: AugmentSettings, generator: torch.Generator,
-                    device: torch.device) -> torch.Tensor:
+def affine_matrices(
+    n: int, height: int, width: int, settings: AugmentSettings, generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
     """``[n, 2, 3]`` sampling matrices for ``F.affine_grid``: random h/v flips, quarter turns, zoom,
     rotation and shift. The rotation is composed in pixel units (D⁻¹·A·D, D = half the side lengths) so
     that a non-square image is rotated, not sheared."""
     u = _uniform(generator, (n, 7), device)
-    flips = torch.where(u[:, :2] < 0.5, -1.0, 1.0)                                   # [n, 2]
+    flips = torch.where(u[:, :2] < 0.5, -1.0, 1.0)  # [n, 2]
     turns = torch.floor(4 * u[:, 2]).clamp(max=3) * (math.pi / 2)
     log_zoom = math.log1p(settings.scale) * (2 * u[:, 3] - 1)
     angle = turns + math.radians(settings.rotate) * (2 * u[:, 4] - 1)
-    shift = 2 * TRANSLATE * (2 * u[:, 5:7] - 1)                                      # normalised units
+    shift = 2 * TRANSLATE * (2 * u[:, 5:7] - 1)  # normalised units
     cos, sin = torch.cos(angle), torch.sin(angle)
     rot = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)  # [n, 2, 2]
     linear = rot * torch.exp(log_zoom)[:, None, None] * flips[:, None, :]
     half = torch.tensor([width / 2, height / 2], device=device)
-    linear = linear * half[None, None, :] / half[None, :, None]                     # D⁻¹·A·D
+    linear = linear * half[None, None, :] / half[None, :, None]  # D⁻¹·A·D
     return torch.cat([linear, shift[:, :, None]], dim=2)
 
 
@@ -79,8 +80,9 @@ def warp(images: torch.Tensor, masks: torch.Tensor, theta: torch.Tensor) -> tupl
     z-scored image) and the mask is background."""
     grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
     warped = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    labels = F.grid_sample(masks[:, None].to(images.dtype), grid, mode="nearest", padding_mode="zeros",
-                           align_corners=False)
+    labels = F.grid_sample(
+        masks[:, None].to(images.dtype), grid, mode="nearest", padding_mode="zeros", align_corners=False
+    )
     return warped, labels[:, 0].round().to(masks.dtype)
 
 
@@ -89,15 +91,17 @@ def intensity(images: torch.Tensor, strength: float, colour: bool, generator: to
     ``images [B, C, H, W]`` z-scored. Strength s: γ and contrast in [e^-s, e^s], brightness ±s."""
     b, c = images.shape[:2]
     dev = images.device
-    gamma, contrast, brightness = (torch.exp(strength * _signed(generator, b, dev)),
-                                   torch.exp(strength * _signed(generator, b, dev)),
-                                   strength * _signed(generator, b, dev))
+    gamma, contrast, brightness = (
+        torch.exp(strength * _signed(generator, b, dev)),
+        torch.exp(strength * _signed(generator, b, dev)),
+        strength * _signed(generator, b, dev),
+    )
     lo = images.amin(dim=(1, 2, 3), keepdim=True)
     span = (images.amax(dim=(1, 2, 3), keepdim=True) - lo).clamp_min(1e-6)
     out = lo + ((images - lo) / span).clamp_min(0) ** gamma[:, None, None, None] * span
     out = out * contrast[:, None, None, None] + brightness[:, None, None, None]
     if colour:
-        jitter = (strength / 2) * (2 * _uniform(generator, (b, c, 2), dev) - 1)     # [B, C, (gain, offset)]
+        jitter = (strength / 2) * (2 * _uniform(generator, (b, c, 2), dev) - 1)  # [B, C, (gain, offset)]
         out = out * torch.exp(jitter[..., 0])[..., None, None] + jitter[..., 1, None, None]
     return out
 
@@ -107,13 +111,11 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, radius: int) -> tor
     unchanged), as one grouped convolution per axis over all B·C planes; edges replicated."""
     b, c, h, w = images.shape
     x = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
-    kernel = torch.exp(-x[None] ** 2 / (2 * sigma.clamp_min(1e-6)[:, None] ** 2))   # [B, 2r+1]
+    kernel = torch.exp(-(x[None] ** 2) / (2 * sigma.clamp_min(1e-6)[:, None] ** 2))  # [B, 2r+1]
     kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # [B·C, 2r+1]
     planes = images.reshape(1, b * c, h, w)
-    planes = F.conv2d(F.pad(planes, (radius, radius, 0, 0), mode="replicate"), kernel[:, None, None, :],
-                      groups=b * c)
-    planes = F.conv2d(F.pad(planes, (0, 0, radius, radius), mode="replicate"), kernel[:, None, :, None],
-                      groups=b * c)
+    planes = F.conv2d(F.pad(planes, (radius, radius, 0, 0), mode="replicate"), kernel[:, None, None, :], groups=b * c)
+    planes = F.conv2d(F.pad(planes, (0, 0, radius, radius), mode="replicate"), kernel[:, None, :, None], groups=b * c)
     return planes.reshape(b, c, h, w)
 
 
@@ -130,8 +132,9 @@ def noise_and_blur(images: torch.Tensor, strength: float, generator: torch.Gener
     return gaussian_blur(noisy, blur_sigma, radius) if radius > 0 else noisy
 
 
-def augment_batch(images: torch.Tensor, masks: torch.Tensor, settings: AugmentSettings,
-                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def augment_batch(
+    images: torch.Tensor, masks: torch.Tensor, settings: AugmentSettings, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``standard`` recipe on a training batch: ``images [B, C, H, W]`` float, ``masks [B, H, W]``
     integer class maps → the same shapes and dtypes, on the input's device."""
     height, width = images.shape[-2:]

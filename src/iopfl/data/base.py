@@ -114,8 +114,8 @@ class Source:
     """A data format: how to find its site folders, load one site, and what the network sees."""
 
     name: str
-    discover: Callable[[Path, Any], list[Path]]        # (root, DataConfig) → site folders
-    load_site: Callable[[Path, Path, Any], SiteData]   # (root, site folder, DataConfig) → site
+    discover: Callable[[Path, Any], list[Path]]  # (root, DataConfig) → site folders
+    load_site: Callable[[Path, Path, Any], SiteData]  # (root, site folder, DataConfig) → site
     in_channels: int
     num_classes: int
     regions: dict[str, list[int]]

@@ -46,21 +46,38 @@ def _encode(cases: list[Case]) -> dict[str, np.ndarray]:
             arrays[f"mask{i}"] = c.mask
         if c.original_mask is not None:
             arrays[f"original{i}"] = c.original_mask.planes
-        meta.append({"site": c.site, "case_id": c.case_id, "spacing": list(c.spacing), "source": c.source,
-                     "meta": c.meta, "labelled": c.mask is not None,
-                     "original_shape": c.original_mask.shape if c.original_mask is not None else None,
-                     "original_spacing": c.original_spacing})
+        meta.append(
+            {
+                "site": c.site,
+                "case_id": c.case_id,
+                "spacing": list(c.spacing),
+                "source": c.source,
+                "meta": c.meta,
+                "labelled": c.mask is not None,
+                "original_shape": c.original_mask.shape if c.original_mask is not None else None,
+                "original_spacing": c.original_spacing,
+            }
+        )
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     return arrays
 
 
 def _decode(data: Any) -> list[Case]:
     meta = json.loads(bytes(data["meta"]).decode())
-    return [Case(m["site"], m["case_id"], data[f"image{i}"].astype(np.float32),
-                 data[f"mask{i}"] if m["labelled"] else None, tuple(m["spacing"]), m["source"], m["meta"],
-                 PackedMask(tuple(m["original_shape"]), data[f"original{i}"]) if m["original_shape"] else None,
-                 tuple(m["original_spacing"]) if m["original_spacing"] else None)
-            for i, m in enumerate(meta)]
+    return [
+        Case(
+            m["site"],
+            m["case_id"],
+            data[f"image{i}"].astype(np.float32),
+            data[f"mask{i}"] if m["labelled"] else None,
+            tuple(m["spacing"]),
+            m["source"],
+            m["meta"],
+            PackedMask(tuple(m["original_shape"]), data[f"original{i}"]) if m["original_shape"] else None,
+            tuple(m["original_spacing"]) if m["original_spacing"] else None,
+        )
+        for i, m in enumerate(meta)
+    ]
 
 
 def cached_cases(root: Path, key: str, build: Callable[[], list[Case]]) -> list[Case]:

@@ -23,16 +23,19 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     source: Literal["synthetic", "prostate", "fundus", "folder"] = Field(
-        description="the dataset format (the data formats page describes each layout)")
+        description="the dataset format (the data formats page describes each layout)"
+    )
     root: str | None = Field(None, description="dataset folder (synthetic: where to generate; default: cache)")
     sites: list[str] | None = Field(None, description="site subset, in this order (default: all found)")
     holdout: str | None = Field(None, description="site left out of training (outside personalization)")
     image_size: int = Field(64, gt=0, description="in-plane size after resizing; divisible by 16")
     cache_dir: str | None = Field(None, description="preprocessed-array cache (default ~/.cache/iopfl or $IOPFL_CACHE)")
-    val_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="share of a site's cases drawn for validation "
-                                "where no split is given")
-    test_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="share of a site's cases drawn for testing "
-                                 "where no split is given")
+    val_fraction: float = Field(
+        0.2, ge=0.0, lt=1.0, description="share of a site's cases drawn for validation where no split is given"
+    )
+    test_fraction: float = Field(
+        0.2, ge=0.0, lt=1.0, description="share of a site's cases drawn for testing where no split is given"
+    )
     split_seed: int = Field(0, description="seed of those drawn splits")
     max_cases_per_site: int | None = Field(None, gt=0, description="debugging knob: load only the first N cases")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)

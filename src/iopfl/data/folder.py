@@ -56,10 +56,10 @@ def _cases(site: str, pairs: dict[str, tuple[Path, Path]], stems: list[str], siz
 def load_flat_site(site_dir: Path, cfg: DataConfig) -> SiteData:
     pairs = pair_files(site_dir / "images", site_dir / "masks")
     stems = list(pairs)[: cfg.max_cases_per_site] if cfg.max_cases_per_site else list(pairs)
-    split = random_split(stems, cfg.val_fraction, cfg.test_fraction, cfg.split_seed, site_dir.name,
-                         sequence_groups(site_dir, stems))
-    return SiteData(site_dir.name, *(_cases(site_dir.name, pairs, split[p], cfg.image_size)
-                                     for p in SPLIT_NAMES))
+    split = random_split(
+        stems, cfg.val_fraction, cfg.test_fraction, cfg.split_seed, site_dir.name, sequence_groups(site_dir, stems)
+    )
+    return SiteData(site_dir.name, *(_cases(site_dir.name, pairs, split[p], cfg.image_size) for p in SPLIT_NAMES))
 
 
 def load_split_site(site_dir: Path, cfg: DataConfig) -> SiteData:
@@ -84,5 +84,4 @@ def load_site(root: Path, site_dir: Path, cfg: DataConfig) -> SiteData:
     return load_flat_site(site_dir, cfg) if is_flat(site_dir) else load_split_site(site_dir, cfg)
 
 
-SOURCE = Source("folder", discover, load_site, in_channels=3, num_classes=2,
-                regions={"foreground": [1]}, context=0)
+SOURCE = Source("folder", discover, load_site, in_channels=3, num_classes=2, regions={"foreground": [1]}, context=0)

@@ -34,11 +34,13 @@ def load_site(root: Path, site_dir: Path, cfg: DataConfig) -> SiteData:
         rois = site_dir / split / "ROIs"
         pairs = pair_files(rois / "image", rois / "mask") if rois.is_dir() else {}
         ids = list(pairs)[: cfg.max_cases_per_site] if cfg.max_cases_per_site else list(pairs)
-        parts[split] = [image_to_case(name, f"{split}/{s}", *pairs[s], cfg.image_size, fundus_classes)
-                        for s in ids]
+        parts[split] = [image_to_case(name, f"{split}/{s}", *pairs[s], cfg.image_size, fundus_classes) for s in ids]
     ids = [c.case_id for c in parts["train"]]
-    draw = random_split(ids, cfg.val_fraction, 0.0, cfg.split_seed, name) if len(ids) >= 2 else \
-        {"train": ids, "val": [], "test": []}
+    draw = (
+        random_split(ids, cfg.val_fraction, 0.0, cfg.split_seed, name)
+        if len(ids) >= 2
+        else {"train": ids, "val": [], "test": []}
+    )
     by_id = {c.case_id: c for c in parts["train"]}
     if len(ids) >= 2 and not draw["val"]:
         draw = {"train": ids[1:], "val": ids[:1]}
@@ -49,5 +51,6 @@ def discover(root: Path, cfg: DataConfig) -> list[Path]:
     return site_dirs(root, cfg.sites, _is_domain, "train|test/ROIs/image|mask/")
 
 
-SOURCE = Source("fundus", discover, load_site, in_channels=3, num_classes=3,
-                regions={"disc": [1, 2], "cup": [2]}, context=0)
+SOURCE = Source(
+    "fundus", discover, load_site, in_channels=3, num_classes=3, regions={"disc": [1, 2], "cup": [2]}, context=0
+)

@@ -48,8 +48,14 @@ def pair_files(image_dir: Path, mask_dir: Path) -> dict[str, tuple[Path, Path]]:
     return {s: (images[s], masks[s]) for s in images}
 
 
-def image_to_case(site: str, case_id: str, image_path: Path, mask_path: Path | None, size: int,
-                  mask_rule: MaskRule = any_channel_foreground) -> Case:
+def image_to_case(
+    site: str,
+    case_id: str,
+    image_path: Path,
+    mask_path: Path | None,
+    size: int,
+    mask_rule: MaskRule = any_channel_foreground,
+) -> Case:
     """Read an RGB image (grey replicated) and its mask; normalise per image; resize to size² (the mask
     is also kept at the image's own size, where it is scored)."""
     rgb = read_image(image_path, "RGB")
@@ -57,8 +63,10 @@ def image_to_case(site: str, case_id: str, image_path: Path, mask_path: Path | N
     if mask_path is not None:
         raw = read_mask_rgb(mask_path)
         if raw.shape[:2] != rgb.shape[:2]:
-            raise UserError(f"{mask_path}: mask size {raw.shape[1]}×{raw.shape[0]} differs from its image "
-                            f"{rgb.shape[1]}×{rgb.shape[0]}")
+            raise UserError(
+                f"{mask_path}: mask size {raw.shape[1]}×{raw.shape[0]} differs from its image "
+                f"{rgb.shape[1]}×{rgb.shape[0]}"
+            )
         full = mask_rule(raw)[None]
         mask = resize_masks(full, size)
         original = original_labels(full, mask)

@@ -86,14 +86,15 @@ def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
 
 
 # Tolerances of the image/mask grid check: headers written by different tools round differently.
-SPACING_TOL = 1e-3    # relative, per axis
-ORIGIN_TOL = 1e-2     # of the smallest voxel size
+SPACING_TOL = 1e-3  # relative, per axis
+ORIGIN_TOL = 1e-2  # of the smallest voxel size
 DIRECTION_TOL = 1e-3  # per element of the unit direction cosines
 
 
 def check_same_grid(image: Path, image_affine: np.ndarray, label: Path, label_affine: np.ndarray) -> None:
     """A mask must lie on its image's voxel grid: the same spacing, origin and direction (within
     small tolerances), not only the same shape — else it labels the wrong voxels."""
+
     def split(affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         linear = affine[:3, :3]
         spacing = np.linalg.norm(linear, axis=0)

@@ -74,8 +74,7 @@ def volume_to_case(site: str, case_id: str, image_path: Path, label_path: Path |
     image = storage_round(resize_images(slices, size))
     spacing = (zooms[2], zooms[0] * x / size, zooms[1] * y / size)
     meta = {"format": "nifti", "shape": [x, y, z], "affine": affine.tolist()}
-    return Case(site, case_id, image, mask, spacing, str(image_path), meta, original,
-                (zooms[2], zooms[0], zooms[1]))
+    return Case(site, case_id, image, mask, spacing, str(image_path), meta, original, (zooms[2], zooms[0], zooms[1]))
 
 
 def resolve_splits(root: Path, site: str, case_ids: list[str], cfg: DataConfig) -> Split:
@@ -127,8 +126,15 @@ def discover(root: Path, cfg: DataConfig) -> list[Path]:
     return site_dirs(root, cfg.sites, has_nifti, "CaseNN.nii.gz + CaseNN_segmentation.nii.gz files")
 
 
-SOURCE = Source("prostate", discover, load_site, in_channels=1 + 2 * CONTEXT, num_classes=2,
-                regions={"prostate": [1]}, context=CONTEXT)
+SOURCE = Source(
+    "prostate",
+    discover,
+    load_site,
+    in_channels=1 + 2 * CONTEXT,
+    num_classes=2,
+    regions={"prostate": [1]},
+    context=CONTEXT,
+)
 
 
 def load_volume_folder(folder: Path, size: int) -> list[Case]:
@@ -139,7 +145,13 @@ def load_volume_folder(folder: Path, size: int) -> list[Case]:
     cases = []
     for path in images:
         stem = nifti_stem(path)
-        label = next((p for p in folder.iterdir() if is_nifti(p) and (m := SEGMENTATION.match(nifti_stem(p)))
-                      and m["case"] == stem), None)
+        label = next(
+            (
+                p
+                for p in folder.iterdir()
+                if is_nifti(p) and (m := SEGMENTATION.match(nifti_stem(p))) and m["case"] == stem
+            ),
+            None,
+        )
         cases.append(volume_to_case(folder.name, stem, path, label, size))
     return cases

@@ -36,8 +36,14 @@ def read_split_file(path: Path) -> dict[str, Split]:
         raise UserError(f"{path}: not a valid split file ({exc})") from None
 
 
-def random_split(case_ids: list[str], val_fraction: float, test_fraction: float, seed: int, site: str,
-                 groups: dict[str, str] | None = None) -> Split:
+def random_split(
+    case_ids: list[str],
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    site: str,
+    groups: dict[str, str] | None = None,
+) -> Split:
     """Seeded draw of whole groups (default: one group per case) into train/val/test.
 
     Val and test each get at least one group when there are three or more groups.
@@ -62,5 +68,4 @@ def check_split(split: Split, existing: set[str], site: str, origin: str) -> Non
     for part, ids in split.items():
         for case_id in ids:
             if case_id not in existing:
-                raise UserError(f"{origin}: site {site} {part} split names case '{case_id}', "
-                                f"which does not exist")
+                raise UserError(f"{origin}: site {site} {part} split names case '{case_id}', which does not exist")

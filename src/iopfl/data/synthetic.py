@@ -35,15 +35,15 @@ class SiteStyle:
     gamma: float
     contrast: float
     offset: float
-    organ_level: float      # organ intensity relative to tissue 0.4 (below 0.4: darker organ)
-    bias: float             # bias-field strength
-    blur: float             # in-plane Gaussian sigma, voxels
+    organ_level: float  # organ intensity relative to tissue 0.4 (below 0.4: darker organ)
+    bias: float  # bias-field strength
+    blur: float  # in-plane Gaussian sigma, voxels
     noise: float
     spacing_xy: float
     spacing_z: float
     organ_scale: float
-    shift: float            # organ centre offset, fraction of the field of view
-    annotation: int         # label boundary: +n dilations / −n erosions
+    shift: float  # organ centre offset, fraction of the field of view
+    annotation: int  # label boundary: +n dilations / −n erosions
 
 
 def site_styles(n: int, seed: int) -> list[SiteStyle]:
@@ -55,20 +55,22 @@ def site_styles(n: int, seed: int) -> list[SiteStyle]:
     styles = []
     for i in range(n):
         j = i % 6
-        styles.append(SiteStyle(
-            gamma=gammas[j] * float(rng.uniform(0.95, 1.05)),
-            contrast=float(rng.uniform(0.6, 1.6)),
-            offset=float(rng.uniform(-0.2, 0.2)),
-            organ_level=organ_levels[j],
-            bias=float(rng.uniform(0.0, 0.5)),
-            blur=float(rng.choice([0.0, 0.6, 1.2])),
-            noise=float(rng.uniform(0.02, 0.12)),
-            spacing_xy=float(rng.uniform(0.5, 1.0)),
-            spacing_z=float(rng.uniform(2.5, 4.0)),
-            organ_scale=float(rng.uniform(0.8, 1.2)),
-            shift=float(rng.uniform(-0.12, 0.12)),
-            annotation=annotations[j],
-        ))
+        styles.append(
+            SiteStyle(
+                gamma=gammas[j] * float(rng.uniform(0.95, 1.05)),
+                contrast=float(rng.uniform(0.6, 1.6)),
+                offset=float(rng.uniform(-0.2, 0.2)),
+                organ_level=organ_levels[j],
+                bias=float(rng.uniform(0.0, 0.5)),
+                blur=float(rng.choice([0.0, 0.6, 1.2])),
+                noise=float(rng.uniform(0.02, 0.12)),
+                spacing_xy=float(rng.uniform(0.5, 1.0)),
+                spacing_z=float(rng.uniform(2.5, 4.0)),
+                organ_scale=float(rng.uniform(0.8, 1.2)),
+                shift=float(rng.uniform(-0.12, 0.12)),
+                annotation=annotations[j],
+            )
+        )
     return styles
 
 
@@ -86,8 +88,7 @@ def _ellipsoid(grid: tuple[np.ndarray, ...], centre, radii) -> np.ndarray:
 def make_case(rng: np.random.Generator, style: SiteStyle, size: int, slices: int) -> tuple[np.ndarray, np.ndarray]:
     """One volume ``[X, Y, Z]`` (float32) and its label (uint8)."""
     shape = (size, size, slices)
-    grid = np.meshgrid(np.linspace(-1, 1, size), np.linspace(-1, 1, size), np.linspace(-1, 1, slices),
-                       indexing="ij")
+    grid = np.meshgrid(np.linspace(-1, 1, size), np.linspace(-1, 1, size), np.linspace(-1, 1, slices), indexing="ij")
     centre = (style.shift + rng.uniform(-0.08, 0.08), rng.uniform(-0.08, 0.08), rng.uniform(-0.1, 0.1))
     radii = np.array([0.32, 0.26, 0.6]) * style.organ_scale * rng.uniform(0.85, 1.15, size=3)
     organ = _ellipsoid(grid, centre, radii) + 0.35 * _smooth_field(rng, shape) < 1.0
@@ -121,12 +122,16 @@ def _save(path: Path, array: np.ndarray, style: SiteStyle) -> None:
 def _splits(case_ids: list[str]) -> dict[str, list[str]]:
     n = len(case_ids)
     n_eval = max(1, round(0.25 * n))
-    return {"train": case_ids[: n - 2 * n_eval], "val": case_ids[n - 2 * n_eval : n - n_eval],
-            "test": case_ids[n - n_eval :]}
+    return {
+        "train": case_ids[: n - 2 * n_eval],
+        "val": case_ids[n - 2 * n_eval : n - n_eval],
+        "test": case_ids[n - n_eval :],
+    }
 
 
-def generate_synthetic(out_dir: Path, sites: int = 6, cases: int = 8, size: int = 64, slices: int = 16,
-                       seed: int = 0) -> Path:
+def generate_synthetic(
+    out_dir: Path, sites: int = 6, cases: int = 8, size: int = 64, slices: int = 16, seed: int = 0
+) -> Path:
     """Write the dataset to ``out_dir`` (created atomically: a crash leaves no partial dataset)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -147,8 +152,13 @@ def generate_synthetic(out_dir: Path, sites: int = 6, cases: int = 8, size: int 
                 _save(tmp / name / f"{case_id}_segmentation.nii.gz", label, style)
             splits[name] = _splits(ids)
         (tmp / "splits.json").write_text(json.dumps({"splits": splits}, indent=1))
-        info = {"generator": "iopfl synthetic", "seed": seed, "size": size, "slices": slices,
-                "sites": {SITE_NAMES[i]: asdict(st) for i, st in enumerate(styles)}}
+        info = {
+            "generator": "iopfl synthetic",
+            "seed": seed,
+            "size": size,
+            "slices": slices,
+            "sites": {SITE_NAMES[i]: asdict(st) for i, st in enumerate(styles)},
+        }
         (tmp / "sites.json").write_text(json.dumps(info, indent=1))
         if out_dir.exists():
             out_dir.rmdir()  # empty, checked above

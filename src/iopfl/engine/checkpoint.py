@@ -23,8 +23,10 @@ from iopfl.fileio import atomic_write
 
 STATE_KEY = "iopfl_state"
 RUN_FORMAT = 2
-ENGINES = {"inprocess": "`iopfl train` (the in-process engine): continue it with `iopfl train CONFIG --out RUN --resume`",
-           "flower": "a Flower deployment: continue it by running the ServerApp again with the same run-dir"}
+ENGINES = {
+    "inprocess": "`iopfl train` (the in-process engine): continue it with `iopfl train CONFIG --out RUN --resume`",
+    "flower": "a Flower deployment: continue it by running the ServerApp again with the same run-dir",
+}
 
 
 def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
@@ -56,23 +58,27 @@ def pack(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 def unpack(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Inverse of :func:`pack` for one prefix."""
     head = f"{prefix}/"
-    return {k[len(head):]: v for k, v in tensors.items() if k.startswith(head) and "/" not in k[len(head):]}
+    return {k[len(head) :]: v for k, v in tensors.items() if k.startswith(head) and "/" not in k[len(head) :]}
 
 
-def save_run_checkpoint(path: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any], engine: str,
-                        config_hash: str) -> None:
+def save_run_checkpoint(
+    path: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any], engine: str, config_hash: str
+) -> None:
     """A run's checkpoint: ``state`` plus the format, the engine and the config hash."""
     save_checkpoint(path, tensors, {"format": RUN_FORMAT, "engine": engine, "config_hash": config_hash, **state})
 
 
-def read_run_checkpoint(path: Path, engine: str | None = None,
-                        config_hash: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_run_checkpoint(
+    path: Path, engine: str | None = None, config_hash: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A run's checkpoint, checked: a known format; written by ``engine`` and with ``config_hash``
     when they are given (resuming). Every mismatch is a UserError naming the file."""
     tensors, state = load_checkpoint(path)
     if state.get("format") != RUN_FORMAT or state.get("engine") not in ENGINES:
-        raise UserError(f"{path}: checkpoint format {state.get('format')!r} of engine {state.get('engine')!r} is "
-                        f"not one this iopfl reads (format {RUN_FORMAT}); start the run again in a new folder")
+        raise UserError(
+            f"{path}: checkpoint format {state.get('format')!r} of engine {state.get('engine')!r} is "
+            f"not one this iopfl reads (format {RUN_FORMAT}); start the run again in a new folder"
+        )
     if engine is not None and state["engine"] != engine:
         raise UserError(f"{path}: this run was written by {ENGINES[state['engine']]}")
     if config_hash is not None and state.get("config_hash") != config_hash:

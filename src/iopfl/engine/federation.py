@@ -22,16 +22,24 @@ import torch
 
 from iopfl.config import Config
 from iopfl.engine.checkpoint import pack, read_run_checkpoint, save_checkpoint, save_run_checkpoint, unpack
-from iopfl.engine.rounds import check_reply, check_weights, initial_weights, is_eval_round, metric_lines, results_json, \
-    sample_clients, val_dice_by_site
+from iopfl.engine.rounds import (
+    check_reply,
+    check_weights,
+    initial_weights,
+    is_eval_round,
+    metric_lines,
+    results_json,
+    sample_clients,
+    val_dice_by_site,
+)
 from iopfl.engine.rundir import RunDir, RunLog, manifest
 from iopfl.engine.site import Scores, Selected, val_dice
 from iopfl.engine.transport import Progress, Roster, Sites
 from iopfl.errors import UserError
 from iopfl.fileio import atomic_write_text
 from iopfl.fl import ClientReply
-from iopfl.models import StateDict, network_builder
 from iopfl.fl.training import TrainSettings, round_lr
+from iopfl.models import StateDict, network_builder
 from iopfl.results import GLOBAL, LOCAL, PERSONALIZED, TrainLine, write_results
 from iopfl.track import TensorBoard, remove_logs
 
@@ -40,8 +48,9 @@ class Federation:
     """One federated run over ``sites``, writing ``run_dir`` (config, manifest, metrics, checkpoint,
     published experts, results, report)."""
 
-    def __init__(self, cfg: Config, run_dir: Path, sites: Sites, progress: Progress | None = None,
-                 runlog: RunLog | None = None):
+    def __init__(
+        self, cfg: Config, run_dir: Path, sites: Sites, progress: Progress | None = None, runlog: RunLog | None = None
+    ):
         self.cfg, self.dir, self.sites, self.progress = cfg, RunDir(run_dir), sites, progress
         self.log = runlog or RunLog(self.dir, logging.getLogger(__name__))
         self.strategy = sites.strategy  # one per run: the transport's
@@ -86,8 +95,10 @@ class Federation:
                 self._evaluate_round(round_)
             self._save()
             # where the time goes, for choosing eval.eval_every, workers, devices
-            self.log.info(f"round {round_}: trained in {trained - started:.1f} s, evaluated and "
-                          f"checkpointed in {time.perf_counter() - trained:.1f} s")
+            self.log.info(
+                f"round {round_}: trained in {trained - started:.1f} s, evaluated and "
+                f"checkpointed in {time.perf_counter() - trained:.1f} s"
+            )
         return self._finish()
 
     def _train_round(self, round_: int) -> None:
@@ -100,13 +111,16 @@ class Federation:
                 continue
             good[name] = reply
             loss = float(reply.metrics.get("loss", float("nan")))
-            self.dir.append_metrics([TrainLine(round=round_, model=LOCAL, split="train", site=name, loss=loss,
-                                               lr=self._lr(round_))])
+            self.dir.append_metrics(
+                [TrainLine(round=round_, model=LOCAL, split="train", site=name, loss=loss, lr=self._lr(round_))]
+            )
             if self.progress:
                 self.progress.client_done(round_, name, loss)
         if len(good) < self.cfg.fl.min_clients:
-            raise UserError(f"round {round_}: {len(good)} of {len(chosen)} sites replied, "
-                            f"fewer than fl.min_clients={self.cfg.fl.min_clients}; stopping")
+            raise UserError(
+                f"round {round_}: {len(good)} of {len(chosen)} sites replied, "
+                f"fewer than fl.min_clients={self.cfg.fl.min_clients}; stopping"
+            )
         # in the sampled order whatever the order of arrival: the float sums are the same every time
         replies = [(good[s].weights, good[s].num_samples) for s in chosen if s in good]
         self.global_weights = self.strategy.aggregate(self.global_weights, replies)
@@ -140,8 +154,7 @@ class Federation:
         sites = self.roster.sites
         vals = [val_dice(scores[s][GLOBAL]) for s in sites]
         mean_val = None if any(v is None for v in vals) else sum(vals) / len(vals)
-        self.best_global.offer(round_, mean_val, {s: scores[s][GLOBAL]["test"] for s in sites},
-                               self.global_weights)
+        self.best_global.offer(round_, mean_val, {s: scores[s][GLOBAL]["test"] for s in sites}, self.global_weights)
 
     def _finish(self) -> dict[str, Any]:
         """Publish the opted-in experts, then write results.json and report.md."""
@@ -157,8 +170,9 @@ class Federation:
             if reason:
                 self.log.note(f"site {site} published a model that is not this run's network ({reason}); not stored")
                 continue
-            save_checkpoint(self.dir.expert(site), published[site],
-                            {"site": site, "round": self.personal_best[site]["round"]})
+            save_checkpoint(
+                self.dir.expert(site), published[site], {"site": site, "round": self.personal_best[site]["round"]}
+            )
             stored.append(site)
             self.log.info(f"site {site} published its personalised model: {self.dir.expert(site)}")
         results = results_json(self, stored)
@@ -176,8 +190,9 @@ class Federation:
         """The checkpoint to resume from, checked (None: a new run)."""
         exists = self.dir.checkpoint.exists()
         if exists and not resume:
-            raise UserError(f"{self.dir.path}: already holds a run; pass --resume to continue it "
-                            "or choose another --out")
+            raise UserError(
+                f"{self.dir.path}: already holds a run; pass --resume to continue it or choose another --out"
+            )
         if exists:
             return read_run_checkpoint(self.dir.checkpoint, self.sites.engine, self.cfg.digest())
         self.dir.metrics.unlink(missing_ok=True)  # what a run that died before its first checkpoint left
@@ -187,16 +202,23 @@ class Federation:
 
     def _start(self) -> None:
         atomic_write_text(self.dir.path / "config.yaml", self.cfg.to_yaml())
-        self.dir.write_json("manifest.json", {**manifest(self.cfg.seed, self.cfg.digest()),
-                                              "engine": self.sites.engine, "run_key": self.run_key,
-                                              "devices": self.roster.devices})
+        self.dir.write_json(
+            "manifest.json",
+            {
+                **manifest(self.cfg.seed, self.cfg.digest()),
+                "engine": self.sites.engine,
+                "run_key": self.run_key,
+                "devices": self.roster.devices,
+            },
+        )
 
     # --- tracking (a mirror: never read back) -----------------------------------------------------
     def _lr(self, round_: int) -> float:
         """The learning rate every site trained round ``round_`` with (the schedule of ``train``)."""
         t = self.cfg.train
-        return round_lr(TrainSettings(lr=t.lr, lr_schedule=t.lr_schedule, lr_min=t.lr_min,
-                                      rounds=self.cfg.fl.rounds), round_)
+        return round_lr(
+            TrainSettings(lr=t.lr, lr_schedule=t.lr_schedule, lr_min=t.lr_min, rounds=self.cfg.fl.rounds), round_
+        )
 
     def _open_tensorboard(self, fresh: bool) -> None:
         """Mirror metrics lines into RUN/tensorboard/ from the next round on; a new run also logs its config."""
@@ -216,17 +238,32 @@ class Federation:
         if GLOBAL in self.strategy.models and self.best_global.round:
             chosen.append(("selection/global", self.best_global.round, round_))
         if PERSONALIZED in self.strategy.models:
-            chosen += [(f"selection/personalized/{s}", best["round"], round_)
-                       for s, best in self.personal_best.items() if best.get("round")]
+            chosen += [
+                (f"selection/personalized/{s}", best["round"], round_)
+                for s, best in self.personal_best.items()
+                if best.get("round")
+            ]
         self.dir.tensorboard.scalars(chosen)
 
     def _save(self) -> None:
         site_tensors, site_state = self.sites.state()
-        tensors = {**pack(GLOBAL, self.global_weights), **pack(f"best/{GLOBAL}", self.best_global.weights),
-                   **site_tensors, "rng/torch": torch.get_rng_state()}
-        state = {"method": self.strategy.name, "run_key": self.run_key, "sites": self.roster.sites,
-                 "network": self.roster.network, "round": self.round, "best_global": self.best_global.state(),
-                 "last_eval": self.last_eval, "personal_best": self.personal_best, "site_state": site_state}
+        tensors = {
+            **pack(GLOBAL, self.global_weights),
+            **pack(f"best/{GLOBAL}", self.best_global.weights),
+            **site_tensors,
+            "rng/torch": torch.get_rng_state(),
+        }
+        state = {
+            "method": self.strategy.name,
+            "run_key": self.run_key,
+            "sites": self.roster.sites,
+            "network": self.roster.network,
+            "round": self.round,
+            "best_global": self.best_global.state(),
+            "last_eval": self.last_eval,
+            "personal_best": self.personal_best,
+            "site_state": site_state,
+        }
         save_run_checkpoint(self.dir.checkpoint, tensors, state, self.sites.engine, self.cfg.digest())
 
     def _restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:

@@ -16,8 +16,8 @@ from iopfl.engine.site import SiteClient, SiteFailure, make_client, network_desc
 from iopfl.engine.transport import EvalReply, Reply, Roster
 from iopfl.fl import build_strategy
 from iopfl.models import StateDict
-from iopfl.runtime import Runtime
 from iopfl.results import GLOBAL, PERSONALIZED
+from iopfl.runtime import Runtime
 
 POOLED = "pooled"
 
@@ -34,8 +34,8 @@ class InProcessSites:
     def __init__(self, cfg: Config, runtime: Runtime, overlay_dir: Path):
         self.cfg, self.runtime, self.overlay_dir = cfg, runtime, overlay_dir
         self.strategy = build_strategy(cfg.fl.method, cfg.fl.strategy_params())
-        self.clients: dict[str, SiteClient] = {}      # the evaluated sites
-        self.trainers: dict[str, SiteClient] = {}     # who trains: the same objects unless pooled
+        self.clients: dict[str, SiteClient] = {}  # the evaluated sites
+        self.trainers: dict[str, SiteClient] = {}  # who trains: the same objects unless pooled
 
     def connect(self, run_key: str, known_sites: list[str] | None) -> Roster:
         cfg, runtime = self.cfg, self.runtime
@@ -48,8 +48,9 @@ class InProcessSites:
         else:
             self.clients = {s: make_client(cfg, runtime, spec, s, spec.sites[s], spec.sites[s].train) for s in sites}
             self.trainers = self.clients
-        return Roster(sites, list(self.trainers), network_description(cfg, spec),
-                      dict.fromkeys(sites, runtime.describe()))
+        return Roster(
+            sites, list(self.trainers), network_description(cfg, spec), dict.fromkeys(sites, runtime.describe())
+        )
 
     def fit(self, round_: int, names: list[str], weights: StateDict) -> Iterator[tuple[str, Reply]]:
         for name in names:

@@ -70,8 +70,10 @@ def check_weights(weights: StateDict, reference: StateDict, complete: bool = Fal
         if ref is None:
             return f"it sent '{key}', which the model does not have"
         if value.shape != ref.shape or value.dtype != ref.dtype:
-            return (f"'{key}' has shape {tuple(value.shape)} and dtype {value.dtype}, the model "
-                    f"{tuple(ref.shape)} and {ref.dtype}")
+            return (
+                f"'{key}' has shape {tuple(value.shape)} and dtype {value.dtype}, the model "
+                f"{tuple(ref.shape)} and {ref.dtype}"
+            )
         if value.is_floating_point() and not torch.isfinite(value).all():
             return f"'{key}' holds non-finite values"
     return None
@@ -80,10 +82,12 @@ def check_weights(weights: StateDict, reference: StateDict, complete: bool = Fal
 def metric_lines(round_: int, scores: dict[str, Scores]) -> list[EvalLine]:
     """metrics.jsonl lines of one evaluation: one per (model, split, site)."""
     keys = ("dice", "hd95", "assd", "ref_dice", "n")
-    return [EvalLine(round=round_, model=model, split=split, site=site,
-                     **{k: summary[k] for k in keys if k in summary})
-            for site, by_model in scores.items() for model, by_split in by_model.items()
-            for split, summary in by_split.items()]
+    return [
+        EvalLine(round=round_, model=model, split=split, site=site, **{k: summary[k] for k in keys if k in summary})
+        for site, by_model in scores.items()
+        for model, by_split in by_model.items()
+        for split, summary in by_split.items()
+    ]
 
 
 def val_dice_by_site(scores: dict[str, Scores]) -> dict[str, float]:

@@ -15,12 +15,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from iopfl.fileio import atomic_write_text
 from iopfl.errors import UserError
+from iopfl.fileio import atomic_write_text
 from iopfl.results import METRICS_FILE, RESULTS_FILE, EvalLine, TrainLine, append_metrics, read_metrics, write_metrics
 from iopfl.track import TensorBoard
 
@@ -100,8 +100,14 @@ class RunLog:
 def git_commit() -> str | None:
     """The commit of the iopfl source tree, when it is a git checkout."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=5, check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -128,5 +134,5 @@ def manifest(seed: int, config_digest: str) -> dict[str, Any]:
         "config_hash": config_digest,
         "git_commit": git_commit(),
         "command": sys.argv,
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
     }

@@ -23,8 +23,8 @@ from iopfl.fl import ClientReply, Strategy
 from iopfl.fl.aggregation import clone_state
 from iopfl.fl.training import LocalTrainer
 from iopfl.models import StateDict, network_builder
-from iopfl.runtime import Runtime
 from iopfl.results import GLOBAL, PERSONALIZED
+from iopfl.runtime import Runtime
 from iopfl.seeding import derive_generator
 
 SPLITS = ("val", "test")
@@ -71,9 +71,16 @@ class SiteClient:
     ``trainer`` is None for a site that only evaluates (centralised training trains one pooled client).
     """
 
-    def __init__(self, name: str, trainer: LocalTrainer | None, data: SiteData | None,
-                 spec: DatasetSpec, build: Callable[[], torch.nn.Module], eval_batch: int,
-                 device: torch.device = torch.device("cpu")):
+    def __init__(
+        self,
+        name: str,
+        trainer: LocalTrainer | None,
+        data: SiteData | None,
+        spec: DatasetSpec,
+        build: Callable[[], torch.nn.Module],
+        eval_batch: int,
+        device: torch.device = torch.device("cpu"),
+    ):
         self.name, self.trainer, self.data, self.spec = name, trainer, data, spec
         self.build, self.eval_batch, self.device = build, eval_batch, device
         self.personal: StateDict = {}
@@ -111,8 +118,7 @@ class SiteClient:
         from iopfl.evaluation.evaluate import evaluate_cases
 
         model = self._model(weights)
-        return {split: evaluate_cases(model, getattr(self.data, split), self.spec, self.eval_batch)
-                for split in SPLITS}
+        return {split: evaluate_cases(model, getattr(self.data, split), self.spec, self.eval_batch) for split in SPLITS}
 
     def evaluate(self, strategy: Strategy, global_weights: StateDict, seed: int, round_: int) -> Scores:
         """Score every model the strategy reports; offer the personalised one to val selection."""
@@ -148,15 +154,25 @@ class SiteClient:
         mid = slices // 2
         where = f", slice {mid + 1}/{slices}" if slices > 1 else ""
         path = Path(out_dir) / f"{self.name}_{case.case_id.replace('/', '__')}.png"
-        save_overlay(path, case.image[mid].mean(axis=0), case.mask[mid], pred[mid],
-                     f"{self.name} · {case.case_id}{where}", label, {r: s["dice"] for r, s in scores.items()})
+        save_overlay(
+            path,
+            case.image[mid].mean(axis=0),
+            case.mask[mid],
+            pred[mid],
+            f"{self.name} · {case.case_id}{where}",
+            label,
+            {r: s["dice"] for r, s in scores.items()},
+        )
         return path
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Everything the site carries from round to round (an fp16 trainer's gradient scale too)."""
         scaler = self.trainer.scaler_state() if self.trainer else {}
-        return {**pack(f"personal/{self.name}", self.personal), **pack(f"best/{self.name}", self.best.weights),
-                **pack(f"scaler/{self.name}", scaler)}
+        return {
+            **pack(f"personal/{self.name}", self.personal),
+            **pack(f"best/{self.name}", self.best.weights),
+            **pack(f"scaler/{self.name}", scaler),
+        }
 
     def load_state(self, tensors: dict[str, torch.Tensor], best_state: dict[str, Any]) -> None:
         self.personal = unpack(f"personal/{self.name}", tensors)
@@ -167,11 +183,18 @@ class SiteClient:
 
 # --- set-up shared by every engine ---------------------------------------------------------------
 
+
 def network_description(cfg: Config, spec: DatasetSpec) -> dict[str, Any]:
     """What a checkpoint's reader needs to rebuild the network and prepare inputs for it."""
-    return {"in_channels": spec.in_channels, "num_classes": spec.num_classes, "context": spec.context,
-            "regions": spec.regions, "image_size": cfg.data.image_size,
-            "width": cfg.model.width, "depth": cfg.model.depth}
+    return {
+        "in_channels": spec.in_channels,
+        "num_classes": spec.num_classes,
+        "context": spec.context,
+        "regions": spec.regions,
+        "image_size": cfg.data.image_size,
+        "width": cfg.model.width,
+        "depth": cfg.model.depth,
+    }
 
 
 def training_sites(cfg: Config, spec: DatasetSpec) -> list[str]:
@@ -184,8 +207,9 @@ def training_sites(cfg: Config, spec: DatasetSpec) -> list[str]:
     return sites
 
 
-def make_client(cfg: Config, runtime: Runtime, spec: DatasetSpec, name: str, data: SiteData | None,
-                train: list[Case] | None) -> SiteClient:
+def make_client(
+    cfg: Config, runtime: Runtime, spec: DatasetSpec, name: str, data: SiteData | None, train: list[Case] | None
+) -> SiteClient:
     """A site's client computing where ``runtime`` says, training on the cases ``train`` (None: a
     site that only evaluates)."""
     build = network_builder(network_description(cfg, spec))

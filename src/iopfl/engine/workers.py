@@ -137,9 +137,12 @@ class WorkerSites:
         for i in range(max(self.home.values()) + 1):
             mine = [s for s in sites if self.home[s] == i]
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_serve, args=(child, self.cfg.model_dump_json(), mine, self._device(i),
-                                                    str(self.overlay_dir)),
-                               name=f"iopfl-worker-{i}", daemon=True)
+            proc = ctx.Process(
+                target=_serve,
+                args=(child, self.cfg.model_dump_json(), mine, self._device(i), str(self.overlay_dir)),
+                name=f"iopfl-worker-{i}",
+                daemon=True,
+            )
             proc.start()
             child.close()
             self.conns.append(parent)
@@ -209,8 +212,10 @@ class WorkerSites:
         return self._merged("evaluate", {i: (round_, mine, weights) for i, mine in self._split(sites).items()})
 
     def publish(self, selected_global: StateDict, overlay_sites: list[str]) -> dict[str, StateDict | None]:
-        return self._merged("publish", {i: (selected_global, [s for s in overlay_sites if self.home[s] == i])
-                                        for i in range(len(self.conns))})
+        return self._merged(
+            "publish",
+            {i: (selected_global, [s for s in overlay_sites if self.home[s] == i]) for i in range(len(self.conns))},
+        )
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors: dict[str, torch.Tensor] = {}

@@ -25,8 +25,9 @@ def predict_probs(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> to
     mode on the model's device (the CPU for a model without parameters: an ONNX Runtime session)."""
     model.eval()
     device = next(model.parameters(), torch.empty(0)).device
-    outs = [model(inputs[i : i + batch_size].to(device)).softmax(dim=1).cpu()
-            for i in range(0, len(inputs), batch_size)]
+    outs = [
+        model(inputs[i : i + batch_size].to(device)).softmax(dim=1).cpu() for i in range(0, len(inputs), batch_size)
+    ]
     return torch.cat(outs)
 
 

@@ -62,15 +62,17 @@ def _surface_distances(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float
     objects, rather than by MONAI's per-call cropping and tensor conversions (most of the cost on
     megapixel original grids)."""
     edges = [m ^ ndimage.binary_erosion(m) for m in (pred, gt)]
-    pred_to_gt, gt_to_pred = (torch.from_numpy(get_surface_distance(a, b, "euclidean", spacing))
-                              for a, b in (edges, edges[::-1]))
+    pred_to_gt, gt_to_pred = (
+        torch.from_numpy(get_surface_distance(a, b, "euclidean", spacing)) for a, b in (edges, edges[::-1])
+    )
     hd95 = max(torch.quantile(d, 0.95).item() for d in (pred_to_gt, gt_to_pred))
     assd = torch.cat([pred_to_gt, gt_to_pred]).mean().item()
     return hd95, assd
 
 
-def case_metrics(pred: np.ndarray, gt: np.ndarray, regions: dict[str, list[int]],
-                 spacing: Sequence[float]) -> dict[str, dict[str, float]]:
+def case_metrics(
+    pred: np.ndarray, gt: np.ndarray, regions: dict[str, list[int]], spacing: Sequence[float]
+) -> dict[str, dict[str, float]]:
     """Per-region metrics of one case.
 
     Args:
@@ -86,8 +88,7 @@ def case_metrics(pred: np.ndarray, gt: np.ndarray, regions: dict[str, list[int]]
     # metrics need (with one background voxel around, so the edges are those of the full frame)
     box = foreground_box((pred > 0) | (gt > 0))
     pred, gt = pred[box], gt[box]
-    return {name: _region_scores(np.isin(pred, ids), np.isin(gt, ids), spacing, diag)
-            for name, ids in regions.items()}
+    return {name: _region_scores(np.isin(pred, ids), np.isin(gt, ids), spacing, diag) for name, ids in regions.items()}
 
 
 def _dice_from_counts(a: int, b: int, both: int) -> float:
@@ -114,11 +115,9 @@ def summarize_cases(per_case: list[dict]) -> dict:
     """
     n = len(per_case)
     if n == 0:
-        return {"dice": math.nan, "hd95": math.nan, "assd": math.nan, "ref_dice": math.nan, "n": 0,
-                "regions": {}}
+        return {"dice": math.nan, "hd95": math.nan, "assd": math.nan, "ref_dice": math.nan, "n": 0, "regions": {}}
     names = list(per_case[0]["regions"])
-    regions = {r: {m: float(np.mean([c["regions"][r][m] for c in per_case])) for m in METRICS}
-               for r in names}
+    regions = {r: {m: float(np.mean([c["regions"][r][m] for c in per_case])) for m in METRICS} for r in names}
     out: dict[str, Any] = {m: float(np.mean([regions[r][m] for r in names])) for m in METRICS}
     out["ref_dice"] = float(np.mean([c["ref_dice"] for c in per_case]))
     out["n"] = n
@@ -134,6 +133,5 @@ def summarize_sites(site_summaries: list[dict]) -> dict:
         return {m: math.nan for m in (*METRICS, "ref_dice")}
     out: dict[str, Any] = {m: float(np.mean([s[m] for s in scored])) for m in (*METRICS, "ref_dice") if m in scored[0]}
     names = scored[0].get("regions", {})
-    out["regions"] = {r: {m: float(np.mean([s["regions"][r][m] for s in scored])) for m in METRICS}
-                      for r in names}
+    out["regions"] = {r: {m: float(np.mean([s["regions"][r][m] for s in scored])) for m in METRICS} for r in names}
     return out

@@ -38,8 +38,10 @@ ALPHA = "apfl.alpha"
 
 def mixture(local: StateDict, shared: StateDict, alpha: float, params: Collection[str]) -> StateDict:
     """α·local + (1−α)·shared on the keys in ``params``; every other entry (buffers) from ``local``."""
-    return {k: (alpha * v + (1 - alpha) * shared[k]).detach().clone() if k in params else v.detach().clone()
-            for k, v in local.items()}
+    return {
+        k: (alpha * v + (1 - alpha) * shared[k]).detach().clone() if k in params else v.detach().clone()
+        for k, v in local.items()
+    }
 
 
 def mixed_forward(model: nn.Module, shared: StateDict, alpha: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -68,8 +70,9 @@ class APFL(Strategy):
     Params = APFLParams
     params: APFLParams
 
-    def client_round(self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict,
-                     generator: torch.Generator) -> ClientReply:
+    def client_round(
+        self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict, generator: torch.Generator
+    ) -> ClientReply:
         reply = super().client_round(trainer, global_weights, personal, generator)
         learn = self.params.apfl_learn_alpha
         alpha = (personal[ALPHA] if personal else torch.tensor(self.params.apfl_alpha)).detach().clone().float()
@@ -80,13 +83,19 @@ class APFL(Strategy):
                 alpha.clamp_(0.0, 1.0)
 
         local_start = {k: v for k, v in personal.items() if k != ALPHA} or global_weights
-        local = trainer.train(local_start, generator, forward=mixed_forward(trainer.model, reply.weights, alpha),
-                              extra_params=[alpha] if learn else [], after_step=project if learn else None)
+        local = trainer.train(
+            local_start,
+            generator,
+            forward=mixed_forward(trainer.model, reply.weights, alpha),
+            extra_params=[alpha] if learn else [],
+            after_step=project if learn else None,
+        )
         reply.personal = {**local.weights, ALPHA: alpha.detach().clone()}
         return reply
 
-    def personalized_weights(self, trainer: LocalTrainer, global_weights: StateDict,
-                             personal: StateDict, generator: torch.Generator) -> StateDict | None:
+    def personalized_weights(
+        self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict, generator: torch.Generator
+    ) -> StateDict | None:
         if not personal:
             return None
         local = {k: v for k, v in personal.items() if k != ALPHA}

@@ -69,8 +69,9 @@ class Strategy:
     def __init__(self, params: StrategyParams | Mapping[str, Any] | None = None):
         self.params = params if isinstance(params, StrategyParams) else self.Params(**(params or {}))
 
-    def client_round(self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict,
-                     generator: torch.Generator) -> ClientReply:
+    def client_round(
+        self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict, generator: torch.Generator
+    ) -> ClientReply:
         """Train from the global weights and send the result; no personal state by default."""
         result = trainer.train(global_weights, generator)
         return ClientReply(result.weights, trainer.num_samples, {"loss": result.loss})
@@ -83,8 +84,9 @@ class Strategy:
         merged.update(weighted_average([w for w, _ in replies], [n for _, n in replies]))
         return merged
 
-    def personalized_weights(self, trainer: LocalTrainer, global_weights: StateDict,
-                             personal: StateDict, generator: torch.Generator) -> StateDict | None:
+    def personalized_weights(
+        self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict, generator: torch.Generator
+    ) -> StateDict | None:
         """The client's personalised model, or None when the strategy has none."""
         return None
 
@@ -104,11 +106,13 @@ class PartlyLocal(Strategy):
         """Which state-dict keys of ``model`` stay at the site."""
         raise NotImplementedError
 
-    def client_round(self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict,
-                     generator: torch.Generator) -> ClientReply:
+    def client_round(
+        self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict, generator: torch.Generator
+    ) -> ClientReply:
         result = trainer.train(merge_states(global_weights, personal), generator)
         return split_reply(result.weights, trainer.num_samples, result.loss, self.kept(trainer.model))
 
-    def personalized_weights(self, trainer: LocalTrainer, global_weights: StateDict,
-                             personal: StateDict, generator: torch.Generator) -> StateDict | None:
+    def personalized_weights(
+        self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict, generator: torch.Generator
+    ) -> StateDict | None:
         return merge_states(global_weights, personal) if personal else None

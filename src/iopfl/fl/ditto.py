@@ -27,13 +27,15 @@ class Ditto(Strategy):
     Params = DittoParams
     params: DittoParams
 
-    def client_round(self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict,
-                     generator: torch.Generator) -> ClientReply:
+    def client_round(
+        self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict, generator: torch.Generator
+    ) -> ClientReply:
         reply = super().client_round(trainer, global_weights, personal, generator)
         penalty = proximal_term(global_weights, self.params.ditto_lambda)
         reply.personal = trainer.train(personal or global_weights, generator, penalty=penalty).weights
         return reply
 
-    def personalized_weights(self, trainer: LocalTrainer, global_weights: StateDict,
-                             personal: StateDict, generator: torch.Generator) -> StateDict | None:
+    def personalized_weights(
+        self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict, generator: torch.Generator
+    ) -> StateDict | None:
         return personal or None

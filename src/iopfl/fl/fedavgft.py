@@ -26,8 +26,9 @@ class FedAvgFT(Strategy):
     Params = FedAvgFTParams
     params: FedAvgFTParams
 
-    def personalized_weights(self, trainer: LocalTrainer, global_weights: StateDict,
-                             personal: StateDict, generator: torch.Generator) -> StateDict | None:
+    def personalized_weights(
+        self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict, generator: torch.Generator
+    ) -> StateDict | None:
         if self.params.finetune_epochs == 0:
             return None
         return trainer.train(global_weights, generator, epochs=self.params.finetune_epochs).weights

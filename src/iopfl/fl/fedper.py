@@ -17,4 +17,4 @@ from iopfl.fl.fedrep import FedRep
 class FedPer(PartlyLocal):
     name = "fedper"
 
-    kept = FedRep.kept   # the same head; trained with the body in one phase (PartlyLocal.client_round)
+    kept = FedRep.kept  # the same head; trained with the body in one phase (PartlyLocal.client_round)

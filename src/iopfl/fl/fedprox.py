@@ -45,7 +45,8 @@ class FedProx(Strategy):
     Params = FedProxParams
     params: FedProxParams
 
-    def client_round(self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict,
-                     generator: torch.Generator) -> ClientReply:
+    def client_round(
+        self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict, generator: torch.Generator
+    ) -> ClientReply:
         result = trainer.train(global_weights, generator, penalty=proximal_term(global_weights, self.params.mu))
         return ClientReply(result.weights, trainer.num_samples, {"loss": result.loss})

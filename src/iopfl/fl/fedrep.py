@@ -42,8 +42,9 @@ class FedRep(PartlyLocal):
         prefixes = head_prefixes(model)
         return lambda key: key.startswith(prefixes)
 
-    def client_round(self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict,
-                     generator: torch.Generator) -> ClientReply:
+    def client_round(
+        self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict, generator: torch.Generator
+    ) -> ClientReply:
         in_head = self.kept(trainer.model)
         head_phase = trainer.train(merge_states(global_weights, personal), generator, trainable=in_head)
         body_phase = trainer.train(head_phase.weights, generator, trainable=lambda k: not in_head(k))

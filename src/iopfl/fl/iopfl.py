@@ -33,8 +33,9 @@ class IOPFLInside(Strategy):
     Params = IOPFLParams
     params: IOPFLParams
 
-    def client_round(self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict,
-                     generator: torch.Generator) -> ClientReply:
+    def client_round(
+        self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict, generator: torch.Generator
+    ) -> ClientReply:
         reply = super().client_round(trainer, global_weights, personal, generator)
         reply.personal = self.update_personal(personal, reply.weights)
         return reply
@@ -45,6 +46,7 @@ class IOPFLInside(Strategy):
             return clone_state(local)
         return ema(personal, local, self.params.alpha)
 
-    def personalized_weights(self, trainer: LocalTrainer, global_weights: StateDict,
-                             personal: StateDict, generator: torch.Generator) -> StateDict | None:
+    def personalized_weights(
+        self, trainer: LocalTrainer, global_weights: StateDict, personal: StateDict, generator: torch.Generator
+    ) -> StateDict | None:
         return personal or None

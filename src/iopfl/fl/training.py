@@ -118,8 +118,9 @@ class LocalTrainer:
         settings: the local recipe.
     """
 
-    def __init__(self, build: Callable[[], nn.Module], images: torch.Tensor, masks: torch.Tensor,
-                 settings: TrainSettings):
+    def __init__(
+        self, build: Callable[[], nn.Module], images: torch.Tensor, masks: torch.Tensor, settings: TrainSettings
+    ):
         if len(images) == 0:
             raise ValueError("a client needs at least one training sample")
         self.settings = settings
@@ -141,11 +142,17 @@ class LocalTrainer:
     def num_samples(self) -> int:
         return len(self.images)
 
-    def train(self, weights: StateDict, generator: torch.Generator, epochs: int | None = None,
-              penalty: Penalty | None = None, trainable: Callable[[str], bool] | None = None,
-              forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
-              extra_params: Sequence[torch.Tensor] = (),
-              after_step: Callable[[], None] | None = None) -> TrainResult:
+    def train(
+        self,
+        weights: StateDict,
+        generator: torch.Generator,
+        epochs: int | None = None,
+        penalty: Penalty | None = None,
+        trainable: Callable[[str], bool] | None = None,
+        forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        extra_params: Sequence[torch.Tensor] = (),
+        after_step: Callable[[], None] | None = None,
+    ) -> TrainResult:
         """Load ``weights``, run the local epochs, return the new weights (a deep copy).
 
         Args:
@@ -160,15 +167,25 @@ class LocalTrainer:
         model.train()
         with frozen_except(model, trainable) as params:
             # the fused kernel updates all parameters in one pass (no per-tensor dispatch overhead)
-            optimizer = torch.optim.Adam([*params, *extra_params], lr=round_lr(self.settings, self.round),
-                                         amsgrad=self.settings.amsgrad, weight_decay=self.settings.weight_decay,
-                                         fused=True)
+            optimizer = torch.optim.Adam(
+                [*params, *extra_params],
+                lr=round_lr(self.settings, self.round),
+                amsgrad=self.settings.amsgrad,
+                weight_decay=self.settings.weight_decay,
+                fused=True,
+            )
             total, steps = self._epochs(forward or self.forward, optimizer, generator, epochs, penalty, after_step)
         return TrainResult(clone_state(model.state_dict()), total / max(steps, 1), steps)
 
-    def _epochs(self, run: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,
-                generator: torch.Generator, epochs: int | None, penalty: Penalty | None,
-                after_step: Callable[[], None] | None) -> tuple[float, int]:
+    def _epochs(
+        self,
+        run: Callable[[torch.Tensor], torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        generator: torch.Generator,
+        epochs: int | None,
+        penalty: Penalty | None,
+        after_step: Callable[[], None] | None,
+    ) -> tuple[float, int]:
         """The local epochs; returns (summed loss, optimizer steps)."""
         model = self.model
         total, steps = 0.0, 0
@@ -202,13 +219,20 @@ class LocalTrainer:
         if self.scaler is None:
             return {}
         state = self.scaler.state_dict()
-        return {"scale": torch.tensor(float(state.get("scale", self.scaler.get_scale()))),
-                "growth_tracker": torch.tensor(int(state.get("_growth_tracker", 0)))}
+        return {
+            "scale": torch.tensor(float(state.get("scale", self.scaler.get_scale()))),
+            "growth_tracker": torch.tensor(int(state.get("_growth_tracker", 0))),
+        }
 
     def load_scaler_state(self, tensors: dict[str, torch.Tensor]) -> None:
         if self.scaler is not None and tensors:
-            self.scaler.load_state_dict({**self.scaler.state_dict(), "scale": float(tensors["scale"]),
-                                         "_growth_tracker": int(tensors["growth_tracker"])})
+            self.scaler.load_state_dict(
+                {
+                    **self.scaler.state_dict(),
+                    "scale": float(tensors["scale"]),
+                    "_growth_tracker": int(tensors["growth_tracker"]),
+                }
+            )
 
     def _batch(self, idx: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Images ``[B, C, H, W]`` and masks ``[B, H, W]`` of the indexed samples on the training device,

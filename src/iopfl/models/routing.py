@@ -41,8 +41,7 @@ NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 class Router(nn.Module):
     """Per-sample gates ``[B, E]`` from a layer input ``[B, C, H, W]``."""
 
-    def __init__(self, in_channels: int, experts: int, gate_norm: GateNorm = "sigmoid",
-                 gate_init: GateInit = "paper"):
+    def __init__(self, in_channels: int, experts: int, gate_norm: GateNorm = "sigmoid", gate_init: GateInit = "paper"):
         super().__init__()
         last = nn.Linear(2 * in_channels, experts)
         self.mlp = nn.Sequential(nn.Linear(in_channels, 2 * in_channels), nn.Dropout(0.2), last)
@@ -96,8 +95,9 @@ class _RoutedBase(nn.Module):
     weight: torch.Tensor
     bias: torch.Tensor | None
 
-    def __init__(self, convs: Sequence[nn.Conv2d] | Sequence[nn.ConvTranspose2d], gate_norm: GateNorm,
-                 gate_init: GateInit):
+    def __init__(
+        self, convs: Sequence[nn.Conv2d] | Sequence[nn.ConvTranspose2d], gate_norm: GateNorm, gate_init: GateInit
+    ):
         super().__init__()
         first = convs[0]
         self.register_buffer("weight", torch.stack([c.weight.detach() for c in convs]))
@@ -131,17 +131,24 @@ class RoutedConv2d(_RoutedBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
         weight, bias = self.mixed(self.router(x))
-        out = F.conv2d(x.reshape(1, -1, h, w), weight.reshape(-1, *weight.shape[2:]),
-                       None if bias is None else bias.reshape(-1), self.stride, self.padding,
-                       self.dilation, self.groups * b)
+        out = F.conv2d(
+            x.reshape(1, -1, h, w),
+            weight.reshape(-1, *weight.shape[2:]),
+            None if bias is None else bias.reshape(-1),
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups * b,
+        )
         return out.reshape(b, self.out_channels, *out.shape[2:])
 
 
 class RoutedConvTranspose2d(_RoutedBase):
     """Routed ``nn.ConvTranspose2d`` (kernel layout ``[C_in, C_out/groups, k, k]``)."""
 
-    def __init__(self, convs: Sequence[nn.ConvTranspose2d], gate_norm: GateNorm = "sigmoid",
-                 gate_init: GateInit = "paper"):
+    def __init__(
+        self, convs: Sequence[nn.ConvTranspose2d], gate_norm: GateNorm = "sigmoid", gate_init: GateInit = "paper"
+    ):
         super().__init__(convs, gate_norm, gate_init)
         self.output_padding = convs[0].output_padding
 
@@ -150,9 +157,16 @@ class RoutedConvTranspose2d(_RoutedBase):
         weight, bias = self.mixed(self.router(x))
         # a transposed convolution's padding is a tuple (torch types it with Conv2d's "same"/"valid")
         padding = cast(tuple[int, ...], self.padding)
-        out = F.conv_transpose2d(x.reshape(1, -1, h, w), weight.reshape(-1, *weight.shape[2:]),
-                                 None if bias is None else bias.reshape(-1), self.stride, padding,
-                                 self.output_padding, self.groups * b, self.dilation)
+        out = F.conv_transpose2d(
+            x.reshape(1, -1, h, w),
+            weight.reshape(-1, *weight.shape[2:]),
+            None if bias is None else bias.reshape(-1),
+            self.stride,
+            padding,
+            self.output_padding,
+            self.groups * b,
+            self.dilation,
+        )
         return out.reshape(b, self.out_channels, *out.shape[2:])
 
 
@@ -176,9 +190,13 @@ def use_batch_statistics(model: nn.Module, min_batch: int = 1) -> None:
             setattr(model.get_submodule(parent) if parent else model, child, StreamBatchNorm2d(m, min_batch))
 
 
-def route_experts(states: Sequence[dict[str, torch.Tensor]], build: Callable[[], nn.Module],
-                  gate_norm: GateNorm = "sigmoid", gate_init: GateInit = "paper",
-                  min_batch_stats: int = 1) -> nn.Module:
+def route_experts(
+    states: Sequence[dict[str, torch.Tensor]],
+    build: Callable[[], nn.Module],
+    gate_norm: GateNorm = "sigmoid",
+    gate_init: GateInit = "paper",
+    min_batch_stats: int = 1,
+) -> nn.Module:
     """One routed network from E same-architecture state dicts; ``states[0]`` is the global expert.
 
     Every Conv2d / ConvTranspose2d becomes its routed version over the E experts; everything else

@@ -36,8 +36,9 @@ class StreamBatchNorm2d(nn.BatchNorm2d):
         running_mean, running_var = source.running_mean, source.running_var
         if running_mean is None or running_var is None:
             raise ValueError("StreamBatchNorm2d needs a BatchNorm2d that tracks running statistics (the prior)")
-        super().__init__(source.num_features, source.eps, affine=source.affine, track_running_stats=False,
-                         device=running_mean.device)
+        super().__init__(
+            source.num_features, source.eps, affine=source.affine, track_running_stats=False, device=running_mean.device
+        )
         if source.affine:  # the same Parameter objects: adapting them adapts this layer
             self.weight, self.bias = source.weight, source.bias
         self.min_batch = min_batch

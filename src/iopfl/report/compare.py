@@ -11,13 +11,13 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from iopfl.errors import UserError  # noqa: E402
-from iopfl.fl import STRATEGIES  # noqa: E402
-from iopfl.report.tables import COLUMNS, markdown_table  # noqa: E402
-from iopfl.results import RESULTS_FILE, ModelEntry, Results, RunResults, read_results  # noqa: E402
+from iopfl.errors import UserError
+from iopfl.fl import STRATEGIES
+from iopfl.report.tables import COLUMNS, markdown_table
+from iopfl.results import RESULTS_FILE, ModelEntry, Results, RunResults, read_results
 
 SELECTIONS = ("val-selected", "last round")
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from iopfl.fileio import atomic_write, atomic_write_text  # noqa: E402
+from iopfl.fileio import atomic_write, atomic_write_text
 
 
 def write_gates(summary: dict, out_dir: Path) -> tuple[Path, Path]:
@@ -31,8 +31,7 @@ def write_gates(summary: dict, out_dir: Path) -> tuple[Path, Path]:
     ax.set_xticks(range(len(experts)), experts, rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(len(layers)), layers, fontsize=7)
     for (i, j), value in np.ndenumerate(gates):
-        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                color="black" if value > 0.6 else "white")
+        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="black" if value > 0.6 else "white")
     ax.set_xlabel("expert")
     title = "mean gate per routed layer"
     guard = summary.get("safeguard")

@@ -8,15 +8,22 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.lines import Line2D
 
-from iopfl.fileio import atomic_write_text  # noqa: E402
-from iopfl.report.tables import models_table, regions_table  # noqa: E402
-from iopfl.results import GLOBAL, METRICS_FILE, PERSONALIZED, RESULTS_FILE, EvalLine, TrainLine  # noqa: E402
-from iopfl.results import read_metrics, read_run_results  # noqa: E402
-
+from iopfl.fileio import atomic_write_text
+from iopfl.report.tables import models_table, regions_table
+from iopfl.results import (
+    GLOBAL,
+    METRICS_FILE,
+    PERSONALIZED,
+    RESULTS_FILE,
+    EvalLine,
+    TrainLine,
+    read_metrics,
+    read_run_results,
+)
 
 # Contours a reader tells apart at a glance, red-green colour blind too: truth solid cyan, prediction dashed magenta
 TRUTH = {"label": "ground truth", "color": "#00d8ff", "linestyle": "solid"}
@@ -31,8 +38,14 @@ def dice_text(dice: dict[str, float]) -> str:
     return "case Dice " + " · ".join(f"{region} {100 * d:.1f}%" for region, d in dice.items())
 
 
-def overlay_figure(image: np.ndarray, gt: np.ndarray | None, pred: np.ndarray, title: str, model: str,
-                   dice: dict[str, float] | None = None) -> plt.Figure:
+def overlay_figure(
+    image: np.ndarray,
+    gt: np.ndarray | None,
+    pred: np.ndarray,
+    title: str,
+    model: str,
+    dice: dict[str, float] | None = None,
+) -> plt.Figure:
     """Image ``[H, W]`` with truth and prediction contours (``[H, W]`` labels, foreground > 0), a legend
     of the two, and a title: ``title`` (the case) above the model and the case's Dice per region
     (``dice``, when scored)."""
@@ -41,8 +54,10 @@ def overlay_figure(image: np.ndarray, gt: np.ndarray | None, pred: np.ndarray, t
     for mask, style in ((gt, TRUTH), (pred, PREDICTION)):
         if mask is not None and mask.any():
             ax.contour(mask > 0, levels=[0.5], colors=style["color"], linestyles=style["linestyle"], linewidths=1.2)
-    handles = [Line2D([], [], color=s["color"], linestyle=s["linestyle"], label=s["label"])
-               for s in ((TRUTH, PREDICTION) if gt is not None else (PREDICTION,))]
+    handles = [
+        Line2D([], [], color=s["color"], linestyle=s["linestyle"], label=s["label"])
+        for s in ((TRUTH, PREDICTION) if gt is not None else (PREDICTION,))
+    ]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
     ax.set_title(f"{title}\n{model}" + (f" · {dice_text(dice)}" if dice else ""), fontsize=8)
     ax.axis("off")
@@ -50,8 +65,15 @@ def overlay_figure(image: np.ndarray, gt: np.ndarray | None, pred: np.ndarray, t
     return fig
 
 
-def save_overlay(path: Path, image: np.ndarray, gt: np.ndarray | None, pred: np.ndarray, title: str,
-                 model: str, dice: dict[str, float] | None = None) -> None:
+def save_overlay(
+    path: Path,
+    image: np.ndarray,
+    gt: np.ndarray | None,
+    pred: np.ndarray,
+    title: str,
+    model: str,
+    dice: dict[str, float] | None = None,
+) -> None:
     """:func:`overlay_figure` as a PNG at ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig = overlay_figure(image, gt, pred, title, model, dice)

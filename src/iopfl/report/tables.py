@@ -15,7 +15,10 @@ def fmt(value: float, scale: float = 1.0) -> str:
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
+    ]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
@@ -42,9 +45,16 @@ def regions_table(models: dict[str, ModelEntry]) -> str:
     if len(regions) < 2:
         return ""
     sites = list(first.sites)
-    rows = [[name, region, *(fmt(_regions(entry.sites[s])[region].dice, 100.0) for s in sites),
-             fmt(_regions(entry.mean)[region].dice, 100.0)]
-            for name, entry in models.items() for region in regions]
+    rows = [
+        [
+            name,
+            region,
+            *(fmt(_regions(entry.sites[s])[region].dice, 100.0) for s in sites),
+            fmt(_regions(entry.mean)[region].dice, 100.0),
+        ]
+        for name, entry in models.items()
+        for region in regions
+    ]
     return markdown_table(["model", "region (Dice %)", *sites, "mean"], rows)
 
 
@@ -54,8 +64,16 @@ def _regions(scores: Scores) -> dict[str, RegionScores]:
 
 def safeguard_table(safeguard: dict[str, SafeguardSummary]) -> str:
     """Per adaptive method: batches, how many fell back (by reason) and how many got BN-adapt's prediction."""
-    rows = [[name, str(s.batches), str(s.fallbacks),
-             ", ".join(f"{k} {v}" for k, v in s.reasons.items()) or "—", str(s.to_bn)]
-            for name, s in safeguard.items()]
-    return ("Safeguard (label-free collapse check after every batch):\n\n"
-            + markdown_table(["method", "batches", "fell back", "why", "given BN-adapt's prediction"], rows))
+    rows = [
+        [
+            name,
+            str(s.batches),
+            str(s.fallbacks),
+            ", ".join(f"{k} {v}" for k, v in s.reasons.items()) or "—",
+            str(s.to_bn),
+        ]
+        for name, s in safeguard.items()
+    ]
+    return "Safeguard (label-free collapse check after every batch):\n\n" + markdown_table(
+        ["method", "batches", "fell back", "why", "given BN-adapt's prediction"], rows
+    )

@@ -38,8 +38,8 @@ from iopfl.engine.flower.state import EVALUATE, PUBLISH, TRAIN, SiteStateStore
 from iopfl.engine.site import make_client, network_description, training_sites
 from iopfl.errors import UserError
 from iopfl.fl import Strategy, build_strategy
-from iopfl.runtime import Runtime
 from iopfl.results import GLOBAL, PERSONALIZED
+from iopfl.runtime import Runtime
 
 app = ClientApp()
 log_user_errors_in_one_line()  # a user's mistake (e.g. a bad node config) is one line in the SuperNode's log
@@ -63,8 +63,10 @@ def _resolve_site(cfg: Config, node_config: dict) -> str:
     sites = training_sites(cfg, _dataset(cfg))
     pid, parts = int(node_config["partition-id"]), int(node_config.get("num-partitions", len(sites)))
     if parts != len(sites):
-        raise UserError(f"simulation: {parts} SuperNodes for {len(sites)} training sites ({', '.join(sites)}); "
-                        f"run with --federation-config \"num-supernodes={len(sites)}\"")
+        raise UserError(
+            f"simulation: {parts} SuperNodes for {len(sites)} training sites ({', '.join(sites)}); "
+            f'run with --federation-config "num-supernodes={len(sites)}"'
+        )
     return sites[pid]
 
 
@@ -78,8 +80,9 @@ class SiteNode:
         self.site = _resolve_site(run_cfg, nc)
         self.cfg: Config = run_cfg.for_sites([self.site], str(nc["data-root"]) if "data-root" in nc else None)
         # each hospital computes on its own hardware (node config 'device', else the run's runtime.device)
-        self.runtime = Runtime.resolve(self.cfg.runtime, str(nc["device"]) if "device" in nc else None,
-                                       "node config 'device'")
+        self.runtime = Runtime.resolve(
+            self.cfg.runtime, str(nc["device"]) if "device" in nc else None, "node config 'device'"
+        )
         self.runtime.apply()
         self.spec = _dataset(self.cfg)
         data = self.spec.sites[self.site]
@@ -113,9 +116,14 @@ def _opted_in(node_config: dict) -> bool:
 def query(msg: Message, context: Context) -> Message:
     """Which site this node serves, its sample count, and the network the data needs."""
     node = SiteNode(msg, context)
-    body = wire.info_reply(node.site, **{"num-examples": node.client.trainer.num_samples,
-                                         "network": network_description(node.cfg, node.spec),
-                                         "device": node.runtime.describe()})
+    body = wire.info_reply(
+        node.site,
+        **{
+            "num-examples": node.client.trainer.num_samples,
+            "network": network_description(node.cfg, node.spec),
+            "device": node.runtime.describe(),
+        },
+    )
     return Message(body, reply_to=msg)
 
 
@@ -148,7 +156,6 @@ def publish(msg: Message, context: Context) -> Message:
     client = node.client
     if bool(msg.content["config"]["overlay"]):
         label = PERSONALIZED if PERSONALIZED in node.strategy.models else GLOBAL
-        client.draw_overlay(client.selected(node.strategy, node.global_weights), node.store.folder / "overlays",
-                            label)
+        client.draw_overlay(client.selected(node.strategy, node.global_weights), node.store.folder / "overlays", label)
     personal = client.best.weights if node.publishes and PERSONALIZED in node.strategy.models else None
     return Message(wire.publish_reply(node.site, personal or None), reply_to=msg)

@@ -33,8 +33,9 @@ class Messenger:
     def message(self, kind: str, node: int, round_: int, weights=None, **extra: Any) -> Message:
         # the TTL ends when the server stops waiting: a node back later never gets a stale round
         body = wire.instruction(self.config_json, round_, self.run_key, weights, **extra)
-        return Message(body, dst_node_id=node, message_type=kind, group_id=str(round_),
-                       ttl=max(self.reply_timeout, 10.0))
+        return Message(
+            body, dst_node_id=node, message_type=kind, group_id=str(round_), ttl=max(self.reply_timeout, 10.0)
+        )
 
     def exchange(self, messages: dict[Any, Message], timeout: float | None = None) -> dict[Any, Message]:
         if not messages:
@@ -62,8 +63,8 @@ class NodeDirectory:
 
     def __init__(self, grid: Grid, cfg: Config, messenger: Messenger, note: Note, info: Note):
         self.grid, self.cfg, self.messenger, self.note, self.info = grid, cfg, messenger, note, info
-        self.nodes: dict[str, int] = {}       # site -> node id of the SuperNode serving it
-        self.ignored: set[int] = set()        # nodes that serve no training site of this run
+        self.nodes: dict[str, int] = {}  # site -> node id of the SuperNode serving it
+        self.ignored: set[int] = set()  # nodes that serve no training site of this run
         self.network: dict[str, Any] | None = None
         self.devices: dict[str, dict[str, Any]] = {}  # site -> where it computes, as it said
 
@@ -73,8 +74,9 @@ class NodeDirectory:
     def _query(self, node_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
         node_ids = list(node_ids)
         timeout = min(self.messenger.reply_timeout, QUERY_TIMEOUT)
-        replies = self.messenger.exchange({n: self.messenger.message(MessageType.QUERY, n, 0) for n in node_ids},
-                                          timeout)
+        replies = self.messenger.exchange(
+            {n: self.messenger.message(MessageType.QUERY, n, 0) for n in node_ids}, timeout
+        )
         infos = {}
         for node in node_ids:
             reply = replies.get(node)
@@ -104,8 +106,10 @@ class NodeDirectory:
             self.devices[site] = info.get("device", {})
             self.network = self.network or info["network"]
             if info["network"] != self.network:
-                raise UserError(f"site {site}: its data needs network {info['network']}, "
-                                f"other sites {self.network} (same data settings everywhere?)")
+                raise UserError(
+                    f"site {site}: its data needs network {info['network']}, "
+                    f"other sites {self.network} (same data settings everywhere?)"
+                )
 
     def discover(self, known_sites: list[str] | None, expected_nodes: int, join_timeout: float) -> list[str]:
         """Wait for the SuperNodes, learn which site each serves; the run's sites in the in-process order."""
@@ -118,11 +122,14 @@ class NodeDirectory:
             time.sleep(0.5)
             online = self.online()
         if len(online) < expected:
-            self.note(f"{len(online)} of {expected} expected SuperNodes joined within {join_timeout:g} s; "
-                      "starting with them")
+            self.note(
+                f"{len(online)} of {expected} expected SuperNodes joined within {join_timeout:g} s; starting with them"
+            )
         if not expected_nodes and not wanted:
-            self.note(f"run config 'nodes' is not set: the run's sites are those of the {len(online)} "
-                      "SuperNode(s) online now; set nodes=<number of sites> to wait for every site")
+            self.note(
+                f"run config 'nodes' is not set: the run's sites are those of the {len(online)} "
+                "SuperNode(s) online now; set nodes=<number of sites> to wait for every site"
+            )
         self._adopt(self._query(online), known_sites or cfg.data.sites)
         # the in-process order: the configured sites, else sorted by name (as sites are discovered)
         sites = list(known_sites) if known_sites else (wanted or sorted(self.nodes))
@@ -130,8 +137,10 @@ class NodeDirectory:
         if missing:
             self.note(f"no SuperNode serves {', '.join(missing)} yet")
         if len(self.nodes) < cfg.fl.min_clients:
-            raise UserError(f"only {len(self.nodes)} site(s) joined ({', '.join(self.nodes) or 'none'}); "
-                            f"fl.min_clients is {cfg.fl.min_clients}")
+            raise UserError(
+                f"only {len(self.nodes)} site(s) joined ({', '.join(self.nodes) or 'none'}); "
+                f"fl.min_clients is {cfg.fl.min_clients}"
+            )
         self.info(f"sites: {', '.join(f'{s} (node {self.nodes[s]})' for s in sites if s in self.nodes)}")
         return sites
 

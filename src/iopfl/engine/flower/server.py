@@ -72,10 +72,15 @@ class Settings:
         if not str(rc["config"]).strip() or not str(rc["run-dir"]).strip():
             raise UserError("run config needs config='<iopfl yaml>' and run-dir='<run directory>'")
         raw = str(rc["overrides"]).strip()
-        return cls(Path(str(rc["config"])).expanduser(), Path(str(rc["run-dir"])).expanduser(),
-                   [x.strip() for x in raw.split(";") if x.strip()],
-                   nodes=int(rc["nodes"]), join_timeout=float(rc["join-timeout"]),
-                   reply_timeout=float(rc["reply-timeout"]), poll_interval=float(rc["poll-interval"]))
+        return cls(
+            Path(str(rc["config"])).expanduser(),
+            Path(str(rc["run-dir"])).expanduser(),
+            [x.strip() for x in raw.split(";") if x.strip()],
+            nodes=int(rc["nodes"]),
+            join_timeout=float(rc["join-timeout"]),
+            reply_timeout=float(rc["reply-timeout"]),
+            poll_interval=float(rc["poll-interval"]),
+        )
 
 
 class FlowerSites:
@@ -86,8 +91,9 @@ class FlowerSites:
     def __init__(self, cfg: Config, settings: Settings, grid: Grid, runlog: RunLog):
         self.cfg, self.settings, self.log = cfg, settings, runlog
         self.strategy = build_strategy(cfg.fl.method, cfg.fl.strategy_params())
-        self.messenger = Messenger(grid, json.dumps(cfg.model_dump(mode="json")), settings.reply_timeout,
-                                   settings.poll_interval)
+        self.messenger = Messenger(
+            grid, json.dumps(cfg.model_dump(mode="json")), settings.reply_timeout, settings.poll_interval
+        )
         self.directory = NodeDirectory(grid, cfg, self.messenger, runlog.note, runlog.info)
         self.sites: list[str] = []
 
@@ -96,15 +102,17 @@ class FlowerSites:
         self.sites = self.directory.discover(known_sites, self.settings.nodes, self.settings.join_timeout)
         return Roster(self.sites, self.sites, self.directory.network, self.directory.devices)
 
-    def _send(self, kind: str, sites: list[str], round_: int, weights: StateDict,
-              **extra: Any) -> dict[str, Message | str]:
+    def _send(
+        self, kind: str, sites: list[str], round_: int, weights: StateDict, **extra: Any
+    ) -> dict[str, Message | str]:
         """One message per site; by site, its reply or why there is none."""
         start = time.monotonic()
         nodes = self.directory.nodes
         out: dict[str, Message | str] = {s: "no SuperNode online" for s in sites if s not in nodes}
         targets = {s: nodes[s] for s in sites if s in nodes}
-        messages = {s: self.messenger.message(kind, node, round_, weights, **extra.get(s, {}))
-                    for s, node in targets.items()}
+        messages = {
+            s: self.messenger.message(kind, node, round_, weights, **extra.get(s, {})) for s, node in targets.items()
+        }
         replies = self.messenger.exchange(messages)
         for site in targets:
             reply = replies.get(site)
@@ -128,8 +136,14 @@ class FlowerSites:
                 yield site, reply
                 continue
             reply_site, sent, n, metrics = wire.read_train_reply(reply.content)
-            yield site, (ClientReply(sent, n, metrics) if reply_site == site
-                         else f"node {self.directory.nodes.get(site)} answered for {reply_site}")
+            yield (
+                site,
+                (
+                    ClientReply(sent, n, metrics)
+                    if reply_site == site
+                    else f"node {self.directory.nodes.get(site)} answered for {reply_site}"
+                ),
+            )
 
     def evaluate(self, round_: int, sites: list[str], weights: StateDict) -> dict[str, EvalReply | str]:
         replies = self._send(MessageType.EVALUATE, sites, round_, weights)
@@ -165,8 +179,10 @@ class FlowerSites:
 def flower_run(cfg: Config, settings: Settings, grid: Grid) -> Federation:
     """The federation core over this grid's SuperNodes, writing ``settings.run_dir``."""
     if STRATEGIES[cfg.fl.method].pooled:
-        raise UserError(f"fl.method={cfg.fl.method} pools every site's data in one place: not a "
-                        "federated method, so it has no Flower deployment (use `iopfl train`)")
+        raise UserError(
+            f"fl.method={cfg.fl.method} pools every site's data in one place: not a "
+            "federated method, so it has no Flower deployment (use `iopfl train`)"
+        )
     runlog = RunLog(RunDir(settings.run_dir), log)
     return Federation(cfg, settings.run_dir, FlowerSites(cfg, settings, grid, runlog), runlog=runlog)
 

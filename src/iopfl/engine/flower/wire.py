@@ -52,8 +52,15 @@ def pack_weights(weights: StateDict) -> tuple[list[dict[str, Any]], np.ndarray]:
     for name, tensor in weights.items():
         flat = tensor.detach().cpu().contiguous().reshape(-1)
         raw = flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
-        index.append({"name": name, "dtype": str(tensor.dtype).removeprefix("torch."),
-                      "shape": list(tensor.shape), "offset": offset, "nbytes": raw.numel()})
+        index.append(
+            {
+                "name": name,
+                "dtype": str(tensor.dtype).removeprefix("torch."),
+                "shape": list(tensor.shape),
+                "offset": offset,
+                "nbytes": raw.numel(),
+            }
+        )
         chunks.append(raw.numpy())
         offset += raw.numel()
     data = np.concatenate(chunks) if chunks else np.empty(0, dtype=np.uint8)
@@ -64,7 +71,7 @@ def unpack_weights(index: list[dict[str, Any]], data: np.ndarray) -> StateDict:
     buffer = torch.from_numpy(np.ascontiguousarray(data, dtype=np.uint8))
     out = {}
     for item in index:
-        raw = buffer[item["offset"]: item["offset"] + item["nbytes"]].clone()
+        raw = buffer[item["offset"] : item["offset"] + item["nbytes"]].clone()
         out[item["name"]] = raw.view(getattr(torch, item["dtype"])).reshape(item["shape"])
     return out
 
@@ -85,11 +92,13 @@ def record_weight_names(record: ArrayRecord) -> list[str]:
     return [item["name"] for item in json.loads(record["index"].numpy().tobytes().decode())]
 
 
-def instruction(config_json: str, round_: int, run_key: str, weights: StateDict | None = None,
-                **extra: bool | int | float | str) -> RecordDict:
+def instruction(
+    config_json: str, round_: int, run_key: str, weights: StateDict | None = None, **extra: bool | int | float | str
+) -> RecordDict:
     """The body of a server → site message (``extra``: further config values of that message)."""
-    records: dict[str, Any] = {"config": ConfigRecord({"round": round_, "run-key": run_key,
-                                                        "iopfl-config": config_json, **extra})}
+    records: dict[str, Any] = {
+        "config": ConfigRecord({"round": round_, "run-key": run_key, "iopfl-config": config_json, **extra})
+    }
     if weights is not None:
         records["arrays"] = weights_record(weights)
     return RecordDict(records)
@@ -116,9 +125,13 @@ def read_publish_reply(content: RecordDict) -> StateDict | None:
 
 def train_reply(site: str, weights: StateDict, num_samples: int, metrics: dict[str, Any]) -> RecordDict:
     numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != NUM_EXAMPLES}
-    return RecordDict({"arrays": weights_record(weights),
-                       "metrics": MetricRecord({NUM_EXAMPLES: int(num_samples), **numbers}),
-                       "info": ConfigRecord({"site": site})})
+    return RecordDict(
+        {
+            "arrays": weights_record(weights),
+            "metrics": MetricRecord({NUM_EXAMPLES: int(num_samples), **numbers}),
+            "info": ConfigRecord({"site": site}),
+        }
+    )
 
 
 def read_train_reply(content: RecordDict) -> tuple[str, StateDict, int, dict[str, float]]:
