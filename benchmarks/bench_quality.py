@@ -10,7 +10,8 @@ Outside: per held-out site and seed, IOP-FL is trained on the other sites and ev
 is run on the held-out site's images (labels only for scoring) → ``OUT/outside.md`` (+ ``.json``), with
 an oracle row (the site's own Local model: an upper bound, not an outside method).
 
-    python benchmarks/bench_quality.py --suite synthetic --seeds 3 [--jobs 2] [--out benchmarks/results/quality-synthetic]
+    python benchmarks/bench_quality.py --suite synthetic --seeds 3 [--jobs 2] \
+        [--out benchmarks/results/quality-synthetic]
     # the polyp inside design (issue 22): the paired comparison with 3 seeds, the other methods with one
     python benchmarks/bench_quality.py --suite polyp --parts inside --methods iopfl fedbn silobn ditto --seeds 3 \
         --rest local centralized fedprox fedavgft fedrep fedper apfl --jobs 2
@@ -128,7 +129,7 @@ def run_all(job, args: list[tuple], jobs: int) -> list[Path]:
     with ProcessPoolExecutor(
         jobs, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads, initargs=(threads,)
     ) as pool:
-        return list(pool.map(job, *zip(*args)))
+        return list(pool.map(job, *zip(*args, strict=True)))
 
 
 def inside_design(methods: list[str], seeds: int, rest: list[str], rest_seeds: int) -> list[tuple[str, int]]:
@@ -223,7 +224,7 @@ def run_outside(
     if train_only:
         return {}
     scores: dict[str, dict[str, list[float]]] = {}
-    for (target, _), result_file in zip(pairs, files):
+    for (target, _), result_file in zip(pairs, files, strict=True):
         for method, entry in json.loads(result_file.read_text()).items():
             scores.setdefault(method, {}).setdefault(target, []).append(entry["mean"]["dice"])
     oracle = oracle_scores(out, sites, seeds)

@@ -176,7 +176,7 @@ class Budgeted:
         seconds = self.elapsed() - start
         try:
             result.get()
-        except Exception as exc:  # one failed run is reported; the others go on
+        except Exception as exc:  # noqa: BLE001 — one failed run is reported; the others go on
             self.log.append({"run": f"{method}-s{seed}", "status": f"failed: {exc}", "seconds": round(seconds, 1)})
             return
         self.durations.setdefault(method, []).append(seconds)

@@ -41,7 +41,7 @@ def test_transforms_invert():
     x = torch.randn(8, 2, 6, 6)
     flips, turns = draw_transforms(8, g)
     assert torch.equal(invert_transforms(apply_transforms(x, flips, turns), flips, turns), x)
-    assert len(set(zip(flips, turns))) > 1
+    assert len(set(zip(flips, turns, strict=True))) > 1
 
 
 def test_consistency_is_zero_for_an_equivariant_model_without_noise():
@@ -89,7 +89,7 @@ def test_methods_are_deterministic_and_output_probabilities(name):
     cfg = AdaptConfig(steps_per_batch=2, passes=2, seed=3)
     a = build_method(name, states, build, cfg).adapt_and_predict(batches)
     b = build_method(name, states, build, cfg).adapt_and_predict(batches)
-    assert len(a) == 3 and all(torch.equal(x, y) for x, y in zip(a, b))
+    assert len(a) == 3 and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     for p in a:
         assert p.shape == (3, 2, 16, 16)
         assert torch.allclose(p.sum(1), torch.ones(3, 16, 16), atol=1e-5)
@@ -120,7 +120,7 @@ def test_global_gate_init_is_bn_adapt_before_any_step(gate_norm):
     bn = build_method("bn", states, build, AdaptConfig()).adapt_and_predict(batches)
     cfg = AdaptConfig(steps_per_batch=0, gate_init="global", gate_norm=gate_norm)
     routed = build_method("iopfl", states, build, cfg).adapt_and_predict(batches)
-    for a, b in zip(routed, bn):
+    for a, b in zip(routed, bn, strict=True):
         assert (a - b).abs().max().item() < 1e-5
     # the default start is not the global expert: the default routers mix all experts
     paper = build_method("iopfl", states, build, AdaptConfig(steps_per_batch=0)).adapt_and_predict(batches)
@@ -149,7 +149,7 @@ def test_uniform_gate_init_is_the_mean_of_the_experts(gate_norm):
     routed = build_method("iopfl", states, build, cfg).adapt_and_predict(batches)
     net = _averaged_network(build, states)
     with torch.no_grad():
-        for p, x in zip(routed, batches):
+        for p, x in zip(routed, batches, strict=True):
             assert (p - net(x).softmax(1)).abs().max().item() < 1e-5
 
 
@@ -283,7 +283,7 @@ def test_bn_adapt_one_image_at_a_time_follows_the_stream_by_hand():
     # the stream: 4 pseudo-images with the source's statistics, then every image predicted so far
     firsts, seconds = [bn.running_mean] * 4, [bn.running_var + bn.running_mean**2] * 4
     with torch.no_grad():
-        for x, p in zip(batches, got):
+        for x, p in zip(batches, got, strict=True):
             h = net[0](x)
             firsts.append(h.mean((0, 2, 3)))
             seconds.append((h**2).mean((0, 2, 3)))

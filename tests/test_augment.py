@@ -72,7 +72,7 @@ def test_a_pure_quarter_turn_moves_pixels_exactly():
     theta = affine_matrices(6, 16, 16, AugmentSettings(scale=0.0, rotate=0.0), derive_generator(2, "aug"), masks.device)
     theta[:, :, 2] = 0  # drop the shift
     _, out = warp(torch.zeros(6, 1, 16, 16), masks, theta)
-    for m, o in zip(masks, out):
+    for m, o in zip(masks, out, strict=True):
         symmetries = [torch.rot90(f, k, dims=(0, 1)) for f in (m, m.flip(1)) for k in range(4)]
         assert any(torch.equal(o, s) for s in symmetries)
 

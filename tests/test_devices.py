@@ -97,10 +97,10 @@ def test_each_test_time_method_on_each_device(device, name):
     here = build_method(name, states, build, cfg, torch.device(device)).adapt_and_predict(batches)
     again = build_method(name, states, build, cfg, torch.device(device)).adapt_and_predict(batches)
     assert all(p.device.type == "cpu" and p.shape == (3, 2, 16, 16) for p in here)
-    assert all(torch.equal(a, b) for a, b in zip(here, again))  # deterministic on the device
+    assert all(torch.equal(a, b) for a, b in zip(here, again, strict=True))  # deterministic on the device
     if device != "cpu":  # the same method on the CPU: equal up to kernel rounding
         cpu = build_method(name, states, build, cfg).adapt_and_predict(batches)
-        assert all(torch.allclose(a, b, atol=1e-3) for a, b in zip(here, cpu))
+        assert all(torch.allclose(a, b, atol=1e-3) for a, b in zip(here, cpu, strict=True))
 
 
 def test_routed_convolution_equals_the_per_sample_loop_on_each_device(device):

@@ -182,11 +182,15 @@ def assert_same_metrics(a: dict, b: dict) -> None:
 
 
 def assert_same_metric_lines(run: Path, inprocess: Path) -> None:
-    key = lambda line: (line["round"], line["model"], line["split"], line["site"])
-    read = lambda p: sorted((json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()), key=key)
+    def key(line: dict) -> tuple:
+        return line["round"], line["model"], line["split"], line["site"]
+
+    def read(p: Path) -> list[dict]:
+        return sorted((json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()), key=key)
+
     a, b = read(run), read(inprocess)
     assert [key(x) for x in a] == [key(x) for x in b]
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert x == pytest.approx(y, abs=1e-5)
 
 

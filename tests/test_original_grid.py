@@ -215,7 +215,7 @@ def test_predicted_masks_have_each_inputs_size_and_the_reported_dice(folder_run,
     assert len(sizes) > 1  # the test split really mixes sizes
     written = run_predict(root / "run", "A", [Path(c.source) for c in test_cases], tmp_path / "pred", "personalized")
     dice = []
-    for case, path in zip(test_cases, written):
+    for case, path in zip(test_cases, written, strict=True):
         out = np.asarray(Image.open(path)) > 127
         truth = np.asarray(Image.open(Path(case.source).parents[1] / "masks" / Path(case.source).name)) > 127
         assert out.shape == truth.shape == case.original_size

@@ -234,7 +234,7 @@ def test_one_slice_at_a_time_stays_close_to_batches_of_four(holdout_b):
             preds = assemble(
                 build_method(m, run.experts(), run.build(), c.adapt).adapt_and_predict(batches), owners, cases
             )
-            scores = [score_case(p, k, run.network["regions"]) for p, k in zip(preds, cases)]
+            scores = [score_case(p, k, run.network["regions"]) for p, k in zip(preds, cases, strict=True)]
             dice[batch, m] = summarize_cases(scores)["dice"]
             foreground[batch, m] = np.mean([p.mean() for p in preds])
     for m in ("bn", "iopfl"):

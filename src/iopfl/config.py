@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -270,7 +271,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return tree
 
 
-def build_config(tree: dict[str, Any], overrides: list[str] = (), origin: str = "config") -> Config:
+def build_config(tree: dict[str, Any], overrides: Sequence[str] = (), origin: str = "config") -> Config:
     """Validate ``tree`` with ``overrides`` applied; errors name the offending key."""
     tree = json.loads(json.dumps(tree))  # deep copy of plain data
     for key, value in parse_overrides(list(overrides)):
@@ -281,7 +282,7 @@ def build_config(tree: dict[str, Any], overrides: list[str] = (), origin: str = 
         raise UserError(_format_error(err, origin)) from None
 
 
-def load_config(path: Path | None, overrides: list[str] = ()) -> Config:
+def load_config(path: Path | None, overrides: Sequence[str] = ()) -> Config:
     """The config in ``path`` (defaults when None) with ``overrides`` applied."""
     tree = read_yaml(path) if path is not None else {}
     return build_config(tree, overrides, origin=str(path) if path else "config")

@@ -227,8 +227,9 @@ def _param_default(param: click.Parameter) -> str:
 def _declared_help(command: click.Command, param: click.Parameter) -> str:
     """The help typer was given for ``param``. Click 8.5 resets an Argument's ``help`` after typer set
     it (so ``--help`` omits it too); the declaration on the command's function still holds it."""
-    if getattr(param, "help", None):
-        return param.help
+    help_text = getattr(param, "help", None)
+    if help_text:
+        return help_text
     import typer.utils
 
     function = getattr(command.callback, "__wrapped__", None)
@@ -238,7 +239,7 @@ def _declared_help(command: click.Command, param: click.Parameter) -> str:
 
 def _param_help(command: click.Command, param: click.Parameter) -> str:
     text = _declared_help(command, param)
-    if isinstance(param.type, tuple(RANGES)):
+    if isinstance(param.type, click.IntRange | click.FloatRange):  # the keys of RANGES
         text += f" ({_range_text(param.type)})"
     return _cell(text)
 

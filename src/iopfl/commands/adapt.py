@@ -94,10 +94,10 @@ def assemble(probs: list[torch.Tensor], owners: list[list[int]], cases: list[Cas
     """Per-case class maps ``[S, H0, W0]`` on each case's original grid from per-batch probabilities
     ``[B, K, H, W]`` whose rows belong to the cases ``owners`` names."""
     parts: list[list[torch.Tensor]] = [[] for _ in cases]
-    for p, rows in zip(probs, owners):
+    for p, rows in zip(probs, owners, strict=True):
         for row, i in enumerate(rows):
             parts[i].append(p[row : row + 1])
-    return [labels_on_original_grid(torch.cat(chunks), case) for chunks, case in zip(parts, cases)]
+    return [labels_on_original_grid(torch.cat(chunks), case) for chunks, case in zip(parts, cases, strict=True)]
 
 
 def method_names(method: str) -> list[str]:
@@ -131,10 +131,10 @@ def adapt_cases(
     traces: dict[str, list[dict]] | None = None,
 ) -> dict[str, Any]:
     """Each method online over the same batches, on ``runtime``'s device; masks and the per-batch
-    trace under ``out/<method>``; metrics with labels, on the cases whose ids are in ``scored`` (default: every case; adaptation
-    always sees them all), and under ``"subsets"`` on each of ``subsets``' case sets (benchmarks: the
-    cases a setting is chosen on, apart from those it is reported on). ``safeguard`` receives each
-    adaptive method's fallback summary, ``traces`` its per-batch trace."""
+    trace under ``out/<method>``; metrics with labels, on the cases whose ids are in ``scored`` (default:
+    every case; adaptation always sees them all), and under ``"subsets"`` on each of ``subsets``' case
+    sets (benchmarks: the cases a setting is chosen on, apart from those it is reported on).
+    ``safeguard`` receives each adaptive method's fallback summary, ``traces`` its per-batch trace."""
     batches, owners = batches_of(cases, run.network["context"], cfg.adapt.batch_size)
     labelled = all(c.mask is not None for c in cases)
     regions = run.network["regions"]
@@ -146,7 +146,7 @@ def adapt_cases(
         if safeguard is not None and guarded:
             safeguard[name] = method.fallbacks.summary()
         if out is not None:
-            for case, pred in zip(cases, preds):
+            for case, pred in zip(cases, preds, strict=True):
                 write_prediction(case, pred, out / name, run.network["num_classes"])
             if method.trace:
                 write_trace(method.trace, out / name / "trace.jsonl")
@@ -156,7 +156,7 @@ def adapt_cases(
                 summary = method.gate_summary(run.expert_names())
                 write_gates({**summary, "safeguard": method.fallbacks.summary()} if guarded else summary, out)
         if labelled:
-            per_case = [score_case(p, c, regions) for p, c in zip(preds, cases)]
+            per_case = [score_case(p, c, regions) for p, c in zip(preds, cases, strict=True)]
             summary = summarize_cases([s for s in per_case if scored is None or s["case"] in scored])
             models[name] = {"sites": {cases[0].site: summary}, "mean": summary}
             if subsets:

@@ -172,6 +172,7 @@ def write_onnx(net: nn.Module, example: torch.Tensor, meta: dict[str, Any], path
             dynamic_shapes=shapes,
             verbose=False,
         )
+    assert program is not None  # only the legacy exporter (dynamo=False) returns None
     program.rename_axes({f"{step}*height_blocks": "height", f"{step}*width_blocks": "width"})
     program.model.metadata_props[META_KEY] = json.dumps(meta)
     program.model.doc_string = describe(meta)
@@ -221,7 +222,7 @@ class OnnxModel(nn.Module):
 
         try:
             self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
+        except Exception as exc:  # noqa: BLE001 — onnxruntime raises its own exception types for unreadable models
             raise UserError(f"{path}: not a readable ONNX model ({str(exc).splitlines()[0][:200]})") from None
         self.metadata_map = self.session.get_modelmeta().custom_metadata_map
 

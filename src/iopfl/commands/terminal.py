@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 
@@ -23,7 +23,7 @@ class RichProgress:
             console=console,
             transient=False,
         )
-        self.task = None
+        self.task: TaskID | None = None  # set by start
         self.val = "val dice —"
 
     def start(self, total_rounds: int, first_round: int, trainers_per_round: int) -> None:
@@ -32,6 +32,7 @@ class RichProgress:
         self.task = self.bar.add_task("training", total=total_rounds * trainers_per_round, completed=done, status="")
 
     def client_done(self, round_: int, site: str, loss: float) -> None:
+        assert self.task is not None, "client_done before start"
         self.bar.update(
             self.task, advance=1, description=f"round {round_}", status=f"{site} loss {loss:.3f} | {self.val}"
         )

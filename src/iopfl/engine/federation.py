@@ -41,12 +41,14 @@ from iopfl.fl import ClientReply
 from iopfl.fl.training import TrainSettings, round_lr
 from iopfl.models import StateDict, network_builder
 from iopfl.results import GLOBAL, LOCAL, PERSONALIZED, TrainLine, write_results
-from iopfl.track import TensorBoard, remove_logs
+from iopfl.track import Scalar, TensorBoard, remove_logs
 
 
 class Federation:
     """One federated run over ``sites``, writing ``run_dir`` (config, manifest, metrics, checkpoint,
     published experts, results, report)."""
+
+    roster: Roster  # who takes part: set when the run connects to its sites
 
     def __init__(
         self, cfg: Config, run_dir: Path, sites: Sites, progress: Progress | None = None, runlog: RunLog | None = None
@@ -60,7 +62,6 @@ class Federation:
         self.last_eval: dict[str, Any] = {}
         self.personal_best: dict[str, dict[str, Any]] = {}
         self.run_key = ""
-        self.roster: Roster | None = None
 
     # --- the run ---------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict[str, Any]:
@@ -106,7 +107,7 @@ class Federation:
         good: dict[str, ClientReply] = {}
         for name, reply in self.sites.fit(round_, chosen, self.global_weights):
             reason = reply if isinstance(reply, str) else check_reply(reply, self.global_weights)
-            if reason:
+            if reason or isinstance(reply, str):  # a str reply is the reason, even an empty one
                 self.log.note(f"round {round_}: site {name} is left out of training: {reason}")
                 continue
             good[name] = reply
@@ -152,8 +153,8 @@ class Federation:
         if GLOBAL not in self.strategy.models:
             return
         sites = self.roster.sites
-        vals = [val_dice(scores[s][GLOBAL]) for s in sites]
-        mean_val = None if any(v is None for v in vals) else sum(vals) / len(vals)
+        vals = [v for s in sites if (v := val_dice(scores[s][GLOBAL])) is not None]
+        mean_val = sum(vals) / len(vals) if len(vals) == len(sites) else None
         self.best_global.offer(round_, mean_val, {s: scores[s][GLOBAL]["test"] for s in sites}, self.global_weights)
 
     def _finish(self) -> dict[str, Any]:
@@ -164,15 +165,14 @@ class Federation:
         published = self.sites.publish(self.best_global.weights, overlay_sites)
         stored = []
         for site in self.roster.sites:
-            if not published.get(site):
+            weights = published.get(site)
+            if not weights:
                 continue
-            reason = check_weights(published[site], self.global_weights, complete=True)
+            reason = check_weights(weights, self.global_weights, complete=True)
             if reason:
                 self.log.note(f"site {site} published a model that is not this run's network ({reason}); not stored")
                 continue
-            save_checkpoint(
-                self.dir.expert(site), published[site], {"site": site, "round": self.personal_best[site]["round"]}
-            )
+            save_checkpoint(self.dir.expert(site), weights, {"site": site, "round": self.personal_best[site]["round"]})
             stored.append(site)
             self.log.info(f"site {site} published its personalised model: {self.dir.expert(site)}")
         results = results_json(self, stored)
@@ -234,7 +234,7 @@ class Federation:
         """The rounds val selection has chosen so far: the global model's, each site's personalised one's."""
         if self.dir.tensorboard is None:
             return
-        chosen = []
+        chosen: list[Scalar] = []
         if GLOBAL in self.strategy.models and self.best_global.round:
             chosen.append(("selection/global", self.best_global.round, round_))
         if PERSONALIZED in self.strategy.models:

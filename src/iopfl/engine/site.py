@@ -89,6 +89,7 @@ class SiteClient:
 
     def fit(self, strategy: Strategy, global_weights: StateDict, seed: int, round_: int) -> ClientReply:
         """The strategy's client half; the personal state is kept here, only the reply's weights leave."""
+        assert self.trainer is not None, f"site {self.name} only evaluates"  # only trainers are asked to fit
         gen = derive_generator(seed, "train", round_, self.name)
         self.trainer.set_round(round_)
         reply = strategy.client_round(self.trainer, global_weights, self.personal, gen)
@@ -100,9 +101,10 @@ class SiteClient:
 
     def personalized(self, strategy: Strategy, global_weights: StateDict, seed: int, round_: int) -> StateDict:
         """This site's personalised model; the global one until the strategy has made one."""
+        # a site without a trainer serves pooled training, which reports the global model alone
+        assert self.trainer is not None, f"site {self.name} only evaluates: it has no personalised model"
         gen = derive_generator(seed, "personalize", round_, self.name)
-        if self.trainer is not None:  # fine-tuning strategies train here, at this round's learning rate
-            self.trainer.set_round(round_)
+        self.trainer.set_round(round_)  # fine-tuning strategies train here, at this round's learning rate
         personal = strategy.personalized_weights(self.trainer, global_weights, self.personal, gen)
         return global_weights if personal is None else personal
 
@@ -147,17 +149,18 @@ class SiteClient:
         if not self.data or not self.data.test:
             return None
         case = self.data.test[0]
+        labels = case.labels()  # a site's test cases are labelled: they are scored
         probs = predict_probs(self._model(weights), case_inputs(case, self.spec.context), self.eval_batch)
         pred = channel_argmax(probs).numpy()  # the training grid, which the image is drawn on
         scores = score_case(labels_on_original_grid(probs, case), case, self.spec.regions)["regions"]
-        slices = len(case.mask)
+        slices = len(labels)
         mid = slices // 2
         where = f", slice {mid + 1}/{slices}" if slices > 1 else ""
         path = Path(out_dir) / f"{self.name}_{case.case_id.replace('/', '__')}.png"
         save_overlay(
             path,
             case.image[mid].mean(axis=0),
-            case.mask[mid],
+            labels[mid],
             pred[mid],
             f"{self.name} · {case.case_id}{where}",
             label,

@@ -21,6 +21,7 @@ import multiprocessing
 import signal
 import traceback
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
@@ -73,11 +74,12 @@ def _answer(conn: Connection, call: Callable[[], Any]) -> Any:
     return None
 
 
-def _fit(conn: Connection, local: InProcessSites, args: tuple) -> None:
-    """Stream each site's reply as soon as it is done."""
-    for name, reply in local.fit(*args):
-        conn.send(("reply", (name, reply)))
-    conn.send(("done", None))
+def _handle(conn: Connection, local: InProcessSites, op: str, args: tuple) -> None:
+    """Answer one call; a fit streams each site's reply as soon as it is done."""
+    if op == "fit":
+        for name, reply in local.fit(*args):
+            conn.send(("reply", (name, reply)))
+    conn.send(("done", None if op == "fit" else getattr(local, op)(*args)))
 
 
 def _serve(conn: Connection, cfg_json: str, sites: list[str], device: str | None, overlay_dir: str) -> None:
@@ -96,10 +98,7 @@ def _serve(conn: Connection, cfg_json: str, sites: list[str], device: str | None
             return
         if op == "stop":
             return
-        if op == "fit":
-            _answer(conn, lambda: _fit(conn, local, args))
-        else:
-            _answer(conn, lambda: conn.send(("done", getattr(local, op)(*args))))
+        _answer(conn, partial(_handle, conn, local, op, args))
 
 
 def assign(sites: list[str], loads: dict[str, int], workers: int) -> dict[str, int]:
@@ -122,7 +121,7 @@ class WorkerSites:
         self.cfg, self.overlay_dir, self.workers = cfg, overlay_dir, workers
         self.strategy = build_strategy(cfg.fl.method, cfg.fl.strategy_params())
         self.conns: list[Connection] = []
-        self.procs: list[multiprocessing.Process] = []
+        self.procs: list[multiprocessing.process.BaseProcess] = []
         self.home: dict[str, int] = {}  # site -> index of the worker serving it
 
     def connect(self, run_key: str, known_sites: list[str] | None) -> Roster:
@@ -171,6 +170,7 @@ class WorkerSites:
         pending = {self.conns[i]: i for i in workers}
         while pending:
             for conn in wait(list(pending)):
+                assert isinstance(conn, Connection)  # wait returns some of the objects it is given: our pipes
                 i = pending[conn]
                 try:
                     kind, value = conn.recv()

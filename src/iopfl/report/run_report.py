@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal, TypedDict
 
 import matplotlib
 
@@ -25,9 +26,16 @@ from iopfl.results import (
     read_run_results,
 )
 
+
+class ContourStyle(TypedDict):
+    label: str
+    color: str
+    linestyle: Literal["solid", "dashed"]
+
+
 # Contours a reader tells apart at a glance, red-green colour blind too: truth solid cyan, prediction dashed magenta
-TRUTH = {"label": "ground truth", "color": "#00d8ff", "linestyle": "solid"}
-PREDICTION = {"label": "prediction", "color": "#ff3ccf", "linestyle": "dashed"}
+TRUTH: ContourStyle = {"label": "ground truth", "color": "#00d8ff", "linestyle": "solid"}
+PREDICTION: ContourStyle = {"label": "prediction", "color": "#ff3ccf", "linestyle": "dashed"}
 
 
 def dice_text(dice: dict[str, float]) -> str:
@@ -94,7 +102,7 @@ def plot_val_dice(lines: list[TrainLine | EvalLine], path: Path) -> bool:
         for model, style in ((PERSONALIZED, "-"), (GLOBAL, "--")):
             pts = sorted((x.round, x.dice) for x in val if x.site == site and x.model == model)
             if pts:
-                r, d = zip(*pts)
+                r, d = zip(*pts, strict=True)
                 ax.plot(r, [100 * v for v in d], style, color=colours(i % 10), label=f"{site} {model}")
     ax.set_xlabel("round")
     ax.set_ylabel("val Dice %")

@@ -42,7 +42,7 @@ def regions_table(models: dict[str, ModelEntry]) -> str:
     dataset has a single region, whose figures are those of :func:`models_table`."""
     first = next(iter(models.values()), None)
     regions = list(first.mean.regions or {}) if first else []
-    if len(regions) < 2:
+    if first is None or len(regions) < 2:
         return ""
     sites = list(first.sites)
     rows = [

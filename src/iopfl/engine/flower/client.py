@@ -38,6 +38,7 @@ from iopfl.engine.flower.state import EVALUATE, PUBLISH, TRAIN, SiteStateStore
 from iopfl.engine.site import make_client, network_description, training_sites
 from iopfl.errors import UserError
 from iopfl.fl import Strategy, build_strategy
+from iopfl.models import StateDict
 from iopfl.results import GLOBAL, PERSONALIZED
 from iopfl.runtime import Runtime
 
@@ -74,7 +75,7 @@ class SiteNode:
     """The :class:`SiteClient` of this node for one message, restored from / saved to its state store."""
 
     def __init__(self, msg: Message, context: Context):
-        tree, self.round, run_key, self.global_weights = wire.read_instruction(msg.content)
+        tree, self.round, run_key, self._weights = wire.read_instruction(msg.content)
         nc = context.node_config
         run_cfg = build_config(tree, [], origin="config from the server")
         self.site = _resolve_site(run_cfg, nc)
@@ -92,6 +93,12 @@ class SiteNode:
         home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
         state_dir = Path(str(nc.get("state-dir", home / "iopfl-state"))).expanduser()
         self.store = SiteStateStore(state_dir / f"{run_key}-{self.site}")
+
+    @property
+    def global_weights(self) -> StateDict:
+        """The weights the server sent: every message carries them but the plain ``query``."""
+        assert self._weights is not None, "this message carries no weights"
+        return self._weights
 
     def restore(self, phase: int) -> None:
         self.store.check_not_stale(self.round)
@@ -116,10 +123,12 @@ def _opted_in(node_config: dict) -> bool:
 def query(msg: Message, context: Context) -> Message:
     """Which site this node serves, its sample count, and the network the data needs."""
     node = SiteNode(msg, context)
+    trainer = node.client.trainer
+    assert trainer is not None  # a node trains on its site's cases (make_client is given them)
     body = wire.info_reply(
         node.site,
         **{
-            "num-examples": node.client.trainer.num_samples,
+            "num-examples": trainer.num_samples,
             "network": network_description(node.cfg, node.spec),
             "device": node.runtime.describe(),
         },

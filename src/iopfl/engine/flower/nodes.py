@@ -42,7 +42,8 @@ class Messenger:
             return {}
         keys = list(messages)
         ids = list(self.grid.push_messages([messages[k] for k in keys]))
-        key_of = {i: k for k, i in zip(keys, ids) if i}
+        # not strict: a refused push (payload too large) returns no ids at all; its nodes then go unanswered
+        key_of = {i: k for k, i in zip(keys, ids, strict=False) if i}
         pending = set(key_of)
         replies: dict[Any, Message] = {}
         deadline = time.monotonic() + (self.reply_timeout if timeout is None else timeout)

@@ -100,7 +100,10 @@ class FlowerSites:
     def connect(self, run_key: str, known_sites: list[str] | None) -> Roster:
         self.messenger.run_key = run_key
         self.sites = self.directory.discover(known_sites, self.settings.nodes, self.settings.join_timeout)
-        return Roster(self.sites, self.sites, self.directory.network, self.directory.devices)
+        network = self.directory.network
+        # discover raises unless fl.min_clients (>= 1) sites joined, and each one joining sets the network
+        assert network is not None
+        return Roster(self.sites, self.sites, network, self.directory.devices)
 
     def _send(
         self, kind: str, sites: list[str], round_: int, weights: StateDict, **extra: Any

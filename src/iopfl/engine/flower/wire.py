@@ -104,11 +104,19 @@ def instruction(
     return RecordDict(records)
 
 
+def _number(record: ConfigRecord | MetricRecord, key: str) -> int | float:
+    """The number this module wrote under ``key`` (a record's values may also be lists, bytes, ...)."""
+    value = record[key]
+    if not isinstance(value, int | float):
+        raise TypeError(f"message field '{key}': expected a number, got {type(value).__name__}")
+    return value
+
+
 def read_instruction(content: RecordDict) -> tuple[dict[str, Any], int, str, StateDict | None]:
     """(config tree, round, run key, global weights or None) of a server → site message."""
-    cfg = content["config"]
-    weights = record_weights(content["arrays"]) if "arrays" in content else None
-    return json.loads(str(cfg["iopfl-config"])), int(cfg["round"]), str(cfg["run-key"]), weights
+    cfg = content.config_records["config"]
+    weights = record_weights(content.array_records["arrays"]) if "arrays" in content else None
+    return json.loads(str(cfg["iopfl-config"])), int(_number(cfg, "round")), str(cfg["run-key"]), weights
 
 
 def publish_reply(site: str, weights: StateDict | None) -> RecordDict:
@@ -120,7 +128,7 @@ def publish_reply(site: str, weights: StateDict | None) -> RecordDict:
 
 
 def read_publish_reply(content: RecordDict) -> StateDict | None:
-    return record_weights(content["arrays"]) if read_info(content)["published"] else None
+    return record_weights(content.array_records["arrays"]) if read_info(content)["published"] else None
 
 
 def train_reply(site: str, weights: StateDict, num_samples: int, metrics: dict[str, Any]) -> RecordDict:
@@ -136,9 +144,10 @@ def train_reply(site: str, weights: StateDict, num_samples: int, metrics: dict[s
 
 def read_train_reply(content: RecordDict) -> tuple[str, StateDict, int, dict[str, float]]:
     """(site, sent weights, sample count, metrics) of a train reply."""
-    metrics = dict(content["metrics"])
-    n = int(metrics.pop(NUM_EXAMPLES))
-    return str(content["info"]["site"]), record_weights(content["arrays"]), n, metrics
+    record = content.metric_records["metrics"]
+    n = int(_number(record, NUM_EXAMPLES))
+    metrics = {k: float(_number(record, k)) for k in record if k != NUM_EXAMPLES}  # floats: see train_reply
+    return str(content["info"]["site"]), record_weights(content.array_records["arrays"]), n, metrics
 
 
 def info_reply(site: str, **values: Any) -> RecordDict:
