@@ -59,10 +59,11 @@ def test_site_overlay_shows_the_dice_of_the_drawn_case(tmp_path, monkeypatch):
     from iopfl.engine.site import make_client, network_builder, network_description
     from iopfl.evaluation.evaluate import predict_original, score_case
     from iopfl.report import run_report
+    from iopfl.runtime import Runtime
 
     cfg = tiny_config(tmp_path / "cache")
     spec = load_dataset(cfg.data)
-    client = make_client(cfg, spec, "SiteB", spec.sites["SiteB"], None)
+    client = make_client(cfg, Runtime.resolve(cfg.runtime), spec, "SiteB", spec.sites["SiteB"], None)
     torch.manual_seed(0)
     model = network_builder(network_description(cfg, spec))().eval()
     drawn = {}
