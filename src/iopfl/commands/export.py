@@ -250,10 +250,10 @@ def load_exported(path: Path, device: str | None = None) -> tuple[nn.Module, dic
 
 
 def load_torchscript(path: Path, device: str | None) -> tuple[nn.Module, dict[str, Any]]:
-    from iopfl.runtime import resolve_device
+    from iopfl.runtime import Runtime, RuntimeConfig
 
     extra = {EXTRA_FILE: ""}
-    where = resolve_device(device, "--device") if device else torch.device("cpu")
+    where = Runtime.resolve(RuntimeConfig(device="cpu"), device, "--device").device
     try:
         net = torch.jit.load(str(path), map_location=where, _extra_files=extra)
     except RuntimeError as exc:

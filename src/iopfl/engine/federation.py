@@ -1,13 +1,12 @@
-"""The federation core: the round loop, val-based model selection, the run directory and the
-checkpoint, written once for every engine.
+"""The federation core: the round loop, val-based model selection, the run directory and the checkpoint, written once
+for every engine.
 
-An engine is only a transport (:class:`Sites`): it reaches the sites to fit a round, evaluate a round
-and, at the end, publish the val-selected personal models of the sites that opted in. The in-process
-engine calls site objects directly (:mod:`iopfl.engine.inprocess`); the Flower ServerApp sends messages
-(:mod:`iopfl.engine.flower.server`). One round: sample the trainers (seeded by the round), each runs
-the strategy's client half, every valid reply is aggregated in site order. Every ``eval_every`` rounds
-(and at the last) each site scores the global and its personalised model on val and test; model
-selection reads val only. The checkpoint after every round makes resuming exact.
+An engine is only a transport (:class:`Sites`): it reaches the sites to fit a round, evaluate a round and, at the
+end, publish the val-selected personal models of the sites that opted in. The in-process engine calls site objects
+directly (:mod:`iopfl.engine.inprocess`); the Flower ServerApp sends messages (:mod:`iopfl.engine.flower.server`).
+One round: sample the trainers (seeded by the round), each runs the strategy's client half, every valid reply is
+aggregated in site order. Every ``eval_every`` rounds (and at the last) each site scores the global and its
+personalised model on val and test; selection reads val only. A checkpoint after every round makes resuming exact.
 """
 
 from __future__ import annotations
@@ -34,14 +33,14 @@ from iopfl.engine.rounds import (
 )
 from iopfl.engine.rundir import RunDir, RunLog, manifest
 from iopfl.engine.site import Scores, Selected, val_dice
+from iopfl.engine.tracking import open_board, selection_scalars, training_lr
 from iopfl.engine.transport import Progress, Roster, Sites
 from iopfl.errors import UserError
 from iopfl.fileio import atomic_write_text
 from iopfl.fl import ClientReply
-from iopfl.fl.training import TrainSettings, round_lr
 from iopfl.models import StateDict, network_builder
-from iopfl.results import GLOBAL, LOCAL, PERSONALIZED, TrainLine, write_results
-from iopfl.track import Scalar, TensorBoard, remove_logs
+from iopfl.results import GLOBAL, LOCAL, TrainLine, write_results
+from iopfl.track import remove_logs
 
 
 class Federation:
@@ -82,7 +81,7 @@ class Federation:
             self._restore(*checkpoint)
         else:
             self._start()
-        self._open_tensorboard(fresh=checkpoint is None)
+        open_board(self.cfg, self.dir, self.log.note, self.strategy.models, None if checkpoint is None else self.round)
         total = self.cfg.fl.rounds
         if self.progress:
             self.progress.start(total, self.round + 1, len(sample_clients(self.cfg, self.roster.trainers, 1)))
@@ -113,7 +112,11 @@ class Federation:
             good[name] = reply
             loss = float(reply.metrics.get("loss", float("nan")))
             self.dir.append_metrics(
-                [TrainLine(round=round_, model=LOCAL, split="train", site=name, loss=loss, lr=self._lr(round_))]
+                [
+                    TrainLine(
+                        round=round_, model=LOCAL, split="train", site=name, loss=loss, lr=training_lr(self.cfg, round_)
+                    )
+                ]
             )
             if self.progress:
                 self.progress.client_done(round_, name, loss)
@@ -143,7 +146,10 @@ class Federation:
         scores = {s: good[s].scores for s in sites}
         self._select(round_, scores)
         self.dir.append_metrics(metric_lines(round_, scores))
-        self._track_selection(round_)
+        if self.dir.tensorboard is not None:
+            self.dir.tensorboard.scalars(
+                selection_scalars(self.strategy.models, self.best_global.round, self.personal_best, round_)
+            )
         if self.progress:
             self.progress.round_done(round_, val_dice_by_site(scores))
 
@@ -211,39 +217,6 @@ class Federation:
                 "devices": self.roster.devices,
             },
         )
-
-    # --- tracking (a mirror: never read back) -----------------------------------------------------
-    def _lr(self, round_: int) -> float:
-        """The learning rate every site trained round ``round_`` with (the schedule of ``train``)."""
-        t = self.cfg.train
-        return round_lr(
-            TrainSettings(lr=t.lr, lr_schedule=t.lr_schedule, lr_min=t.lr_min, rounds=self.cfg.fl.rounds), round_
-        )
-
-    def _open_tensorboard(self, fresh: bool) -> None:
-        """Mirror metrics lines into RUN/tensorboard/ from the next round on; a new run also logs its config."""
-        if not self.cfg.track.tensorboard:
-            return
-        board = TensorBoard(self.dir.tensorboard_dir, self.log.note, first_step=0 if fresh else self.round + 1)
-        if fresh:
-            metrics = [f"test/dice/{model}/mean" for model in self.strategy.models]
-            board.config(self.cfg.model_dump(mode="json"), self.cfg.to_yaml(), metrics)
-        self.dir.tensorboard = board
-
-    def _track_selection(self, round_: int) -> None:
-        """The rounds val selection has chosen so far: the global model's, each site's personalised one's."""
-        if self.dir.tensorboard is None:
-            return
-        chosen: list[Scalar] = []
-        if GLOBAL in self.strategy.models and self.best_global.round:
-            chosen.append(("selection/global", self.best_global.round, round_))
-        if PERSONALIZED in self.strategy.models:
-            chosen += [
-                (f"selection/personalized/{s}", best["round"], round_)
-                for s, best in self.personal_best.items()
-                if best.get("round")
-            ]
-        self.dir.tensorboard.scalars(chosen)
 
     def _save(self) -> None:
         site_tensors, site_state = self.sites.state()
