@@ -1,4 +1,4 @@
-"""Evidence records of long benchmark runs (docs/BENCHMARKS.md, "Records").
+"""Evidence records of long benchmark runs (docs/development.md, "Benchmark records").
 
 A training run lives in a work folder outside the repository (weights: checkpoints, published experts);
 when it finishes, its small record — ``config.yaml``, ``manifest.json``, ``results.json``,

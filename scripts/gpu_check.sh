@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check, for a machine with an NVIDIA GPU (README, "GPUs"); about 5-8 minutes on one H100/H200.
+# The GPU check, for a machine with an NVIDIA GPU (docs/gpus.md); about 5-8 minutes on one H100/H200.
 #   (a) the device tests on CUDA (tests/test_devices.py and the routing/adaptation device tests),
 #   (b) benchmarks/bench_train.py --device cuda at the demo and the published size
 #       (plain GPU loop vs ours in fp32, fp32 channels-last, bf16, bf16 channels-last, with torch.compile),

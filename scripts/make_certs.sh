@@ -12,7 +12,7 @@
 #                              register supernode-<i>.pub with `flwr supernode register` first
 # SuperLink: --ssl-ca-certfile ca.crt --ssl-certfile server.pem --ssl-keyfile server.key
 # SuperNodes and the flwr CLI trust ca.crt (--root-certificates / root-certificates in config.toml).
-# Keep ca.key and the SuperNode private keys secret; see docs/flower.md.
+# Keep ca.key and the SuperNode private keys secret; see docs/deployment.md.
 set -euo pipefail
 out=${1:?usage: make_certs.sh OUTDIR [HOST...]}
 shift

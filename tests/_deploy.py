@@ -1,6 +1,6 @@
 """Start and stop Flower processes for iopfl on this machine, and run the iopfl app on them (the tests'
 deployments): a SuperLink, one SuperNode per site, ``flwr run`` of the app folder. For several
-machines run the same commands on each host (README, "Several machines (Flower)"). It drives Flower's
+machines run the same commands on each host (docs/deployment.md). It drives Flower's
 command-line tools: every process's environment, ``$FLWR_HOME/config.toml``, arguments, and what
 ``flwr run`` reports.
 

@@ -135,9 +135,7 @@ def report(
     console.print(f"wrote {out}, {out.with_suffix('.csv')}, {out.with_suffix('.png')}")
 
 
-flower = typer.Typer(
-    help='The Flower app for deployments across machines (README, "Several machines (Flower)").', no_args_is_help=True
-)
+flower = typer.Typer(help="The Flower app for deployments across machines (docs/deployment.md).", no_args_is_help=True)
 app.add_typer(flower, name="flower")
 
 CopyTo = Annotated[

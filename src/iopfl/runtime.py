@@ -98,7 +98,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
     CUDA: devices that support bf16 (Ampere and later). CPU: AVX-512 or AMX capability; without it
     oneDNN emulates bf16 convolutions, 8.7× slower than fp32 for the demo U-Net on an AVX2-only EPYC
-    (README, "Speed"), so ``auto`` must not pick it there.
+    (docs/results.md, "Speed"), so ``auto`` must not pick it there.
     """
     if precision != "auto":
         return precision

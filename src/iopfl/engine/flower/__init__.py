@@ -11,7 +11,7 @@ this package is the transport:
 - ``app/``: the Flower app folder given to ``flwr run`` (package data: ``app_folder()``, ``iopfl flower
   app``; its pyproject.toml holds the run-config defaults).
 
-See README, "Several machines (Flower)". Importing this package does not import ``flwr``.
+See docs/deployment.md. Importing this package does not import ``flwr``.
 """
 
 from pathlib import Path
