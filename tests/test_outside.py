@@ -26,6 +26,11 @@ from iopfl.evaluation.metrics import summarize_cases
 pytestmark = pytest.mark.slow
 
 
+def iopfl_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``iopfl ARGS`` in a fresh interpreter, as a user runs it (output captured)."""
+    return subprocess.run([sys.executable, "-m", "iopfl.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
 def train_without(site: str, rounds: int, root: Path):
     """IOP-FL on four tiny sites with ``site`` held out: (config, root of ``run/`` and ``cache/``)."""
     cfg = tiny_config(root / "cache", [f"data.holdout={site}", f"fl.rounds={rounds}"], sites=4)
@@ -148,24 +153,7 @@ def test_bad_adapt_inputs(holdout_run, tmp_path, problem):
 
 def test_cli_adapt_prints_the_table(holdout_run, tmp_path):
     cfg, root = holdout_run
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "iopfl.cli",
-            "adapt",
-            str(root / "run"),
-            "--target",
-            "SiteC",
-            "--method",
-            "all",
-            "--out",
-            str(tmp_path / "o"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = iopfl_cli("adapt", str(root / "run"), "--target", "SiteC", "--method", "all", "--out", str(tmp_path / "o"))
     assert done.returncode == 0, done.stderr
     for method in ("global", "bn", "tent", "ensemble", "iopfl"):
         assert f"| {method} | Dice %" in done.stdout
@@ -179,24 +167,7 @@ def _routed_conv_count(run):
 
 def test_cli_adapt_iopfl_writes_the_gates(holdout_run, tmp_path):
     cfg, root = holdout_run
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "iopfl.cli",
-            "adapt",
-            str(root / "run"),
-            "--target",
-            "SiteC",
-            "--method",
-            "iopfl",
-            "--out",
-            str(tmp_path / "o"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = iopfl_cli("adapt", str(root / "run"), "--target", "SiteC", "--method", "iopfl", "--out", str(tmp_path / "o"))
     assert done.returncode == 0, done.stderr
     summary = json.loads((tmp_path / "o" / "gates.json").read_text())
     assert (tmp_path / "o" / "gates.png").stat().st_size > 0
@@ -270,47 +241,22 @@ def test_safeguard_stops_a_collapse(holdout_b, tmp_path, method):
 
 def test_cli_adapt_warns_when_the_safeguard_fell_back(holdout_b, tmp_path):
     cfg, root = holdout_b
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "iopfl.cli",
-            "adapt",
-            str(root / "run"),
-            "--target",
-            "SiteB",
-            "--method",
-            "tent",
-            "--out",
-            str(tmp_path / "o"),
-            "-o",
-            "adapt.lr=1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    done = iopfl_cli(
+        "adapt",
+        str(root / "run"),
+        "--target",
+        "SiteB",
+        "--method",
+        "tent",
+        "--out",
+        str(tmp_path / "o"),
+        "-o",
+        "adapt.lr=1",
     )
     assert done.returncode == 0, done.stderr
     warning = [line for line in done.stderr.splitlines() if "safeguard" in line]
     assert warning and "tent:" in " ".join(warning)
-    quiet = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "iopfl.cli",
-            "adapt",
-            str(root / "run"),
-            "--target",
-            "SiteB",
-            "--method",
-            "bn",
-            "--out",
-            str(tmp_path / "q"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    quiet = iopfl_cli("adapt", str(root / "run"), "--target", "SiteB", "--method", "bn", "--out", str(tmp_path / "q"))
     assert quiet.returncode == 0 and "safeguard" not in quiet.stderr
 
 
@@ -355,27 +301,19 @@ def test_adapt_applies_the_runtime_section(holdout_run, tmp_path):
     """`iopfl adapt` resolves and applies its runtime once: one thread computes, in fp32 (adaptation has
     no mixed precision, whatever runtime.precision says), as its results record."""
     cfg, root = holdout_run
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "iopfl.cli",
-            "adapt",
-            str(root / "run"),
-            "--target",
-            "SiteC",
-            "--method",
-            "bn",
-            "--out",
-            str(tmp_path / "o"),
-            "-o",
-            "runtime.threads=1",
-            "-o",
-            "runtime.precision=bf16",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    done = iopfl_cli(
+        "adapt",
+        str(root / "run"),
+        "--target",
+        "SiteC",
+        "--method",
+        "bn",
+        "--out",
+        str(tmp_path / "o"),
+        "-o",
+        "runtime.threads=1",
+        "-o",
+        "runtime.precision=bf16",
     )
     assert done.returncode == 0, done.stderr
     compute = json.loads((tmp_path / "o" / "results.json").read_text())["compute"]

@@ -216,6 +216,16 @@ def adapt(
     console.print(f"predictions written to {out_dir}")
 
 
+# a Flower site's own copy of its personalised model (predict and export read it the same way)
+StateDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--state-dir",
+        help="On a Flower site's own machine: its node config state-dir, for a personalised model it did not publish.",
+    ),
+]
+
+
 @app.command()
 def predict(
     paths: Annotated[
@@ -232,14 +242,7 @@ def predict(
     model: Annotated[
         str | None, typer.Option("--model", help=f"{PERSONALIZED} | {GLOBAL} (default {PERSONALIZED}).")
     ] = None,
-    state_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--state-dir",
-            help="On a Flower site's own machine: its node config state-dir, for a "
-            "personalised model it did not publish.",
-        ),
-    ] = None,
+    state_dir: StateDirOption = None,
     device: Annotated[
         str | None,
         typer.Option(
@@ -276,14 +279,7 @@ def export_model(
     out: Annotated[Path, typer.Option("--out", help="The file to write.")],
     model: Annotated[str, typer.Option("--model", help=f"{PERSONALIZED} | {GLOBAL}.")] = PERSONALIZED,
     fmt: Annotated[str, typer.Option("--format", help="onnx | torchscript.")] = "onnx",
-    state_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--state-dir",
-            help="On a Flower site's own machine: its node config state-dir, for a "
-            "personalised model it did not publish.",
-        ),
-    ] = None,
+    state_dir: StateDirOption = None,
 ):
     """Export a site's val-selected model to ONNX or TorchScript, with its input preprocessing and class
     names in the file's metadata (docs/EXPORT.md); `iopfl predict --model-file` runs it."""
