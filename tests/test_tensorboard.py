@@ -140,9 +140,21 @@ def test_a_failing_tracker_does_not_stop_a_run(tmp_path, monkeypatch):
     def broken(self, *args, **kwargs):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr("tensorboardX.SummaryWriter.add_scalar", broken)
+    monkeypatch.setattr("iopfl.track.SyncEventWriter.add_scalar", broken)
     cfg = tiny_config(tmp_path / "cache", ["fl.rounds=1"], sites=2)
     results = in_process_run(cfg, tmp_path / "run").run()
     assert results["last_round"]["round"] == 1
     log = (tmp_path / "run" / "run.log").read_text()
     assert log.count("WARNING TensorBoard: writing metrics") == 1 and "Input/output error" in log
+
+
+@pytest.mark.slow
+def test_a_run_resumed_after_its_last_round_hides_nothing(tmp_path):
+    """A crash after the last checkpoint (while writing results and overlays): the resumed run only
+    finishes, and its overlays at the last round's step must not make TensorBoard hide that round."""
+    cfg = tiny_config(tmp_path / "cache", ["fl.rounds=2", "data.holdout=SiteC"])
+    in_process_run(cfg, tmp_path / "run").run()
+    in_process_run(cfg, tmp_path / "run").run(resume=True)  # finishes again, as after a crash at the end
+    seen = assert_events_match_metrics(tmp_path / "run")
+    assert [s for s, _ in seen["test/dice/global/mean"]] == [1, 2]
+    assert len(list((tmp_path / "run" / "tensorboard").glob("*.finish"))) == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -83,21 +84,63 @@ def _is_number(value: Any) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
 
+class SyncEventWriter:
+    """TensorBoard's event file, written synchronously: every event is on disk when a write returns.
+    tensorboardX's SummaryWriter queues events for a background thread, so a run killed right after a
+    checkpoint could lose the scalars of the round it had just checkpointed — which its resume never
+    writes again. ``purge_step``: TensorBoard hides what earlier files hold from that step on."""
+
+    def __init__(self, logdir: Path, suffix: str, purge_step: int | None):
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+        logdir.mkdir(parents=True, exist_ok=True)
+        self.file = EventsWriter(str(logdir / "events"), suffix)  # writes the file-version header
+        if purge_step is not None:
+            self.file.write_event(Event(step=purge_step, session_log=SessionLog(status=SessionLog.START)))
+        self.file.flush()
+
+    def add_summary(self, summary: Any, step: int) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+
+        self.file.write_event(Event(wall_time=time.time(), step=step, summary=summary))
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        from tensorboardX.summary import scalar
+
+        self.add_summary(scalar(tag, value), step)
+
+    def add_text(self, tag: str, text: str, step: int) -> None:
+        from tensorboardX.summary import text as text_summary
+
+        self.add_summary(text_summary(tag, text), step)
+
+    def add_image(self, tag: str, pixels: np.ndarray, step: int, dataformats: str = "HWC") -> None:
+        from tensorboardX.summary import image
+
+        self.add_summary(image(tag, pixels, dataformats=dataformats), step)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
 class TensorBoard:
     """One TensorBoard run folder written from this process. ``first_step``: the first step this writer
     writes; TensorBoard hides what an earlier, interrupted writer wrote from that step on (a resumed
-    run re-runs those rounds), so a resumed run shows every step once."""
+    run re-runs those rounds), so a resumed run shows every step once. ``None``: hide nothing — a run
+    resumed after its last round only finishes (its end-of-run images go at the last round's step, and
+    hiding from there on would hide that round's scalars as well)."""
 
-    def __init__(self, logdir: Path, warn: Callable[[str], None], first_step: int = 0):
+    def __init__(self, logdir: Path, warn: Callable[[str], None], first_step: int | None = 0):
         self.logdir, self.warn = Path(logdir), warn
         self.writer: Any = None
         try:
-            from tensorboardX import SummaryWriter
-
             # a name of its own: two writers opened within one second would otherwise share (overwrite) a file
-            self.writer = SummaryWriter(
-                str(self.logdir), purge_step=first_step, filename_suffix=f".from-step-{first_step:06d}"
-            )
+            suffix = ".finish" if first_step is None else f".from-step-{first_step:06d}"
+            self.writer = SyncEventWriter(self.logdir, suffix, first_step)
         except Exception as exc:  # noqa: BLE001 — tracking must never end a run
             self._give_up("opening", exc)
 
@@ -149,8 +192,8 @@ class TensorBoard:
 
             self.writer.add_text("config", "\n".join(f"    {row}" for row in yaml_text.splitlines()), 0)
             experiment, session_start, _ = hparams(flat_hparams(tree), dict.fromkeys(metric_tags))
-            self.writer.file_writer.add_summary(experiment)
-            self.writer.file_writer.add_summary(session_start)
+            self.writer.add_summary(experiment, 0)
+            self.writer.add_summary(session_start, 0)
             self.writer.flush()
 
         self._safe("writing the config to", write)

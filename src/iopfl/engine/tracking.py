@@ -24,10 +24,12 @@ def open_board(
     cfg: Config, run: RunDir, note: Callable[[str], None], models: tuple[str, ...], last_round: int | None
 ) -> None:
     """Mirror ``run``'s metrics lines into RUN/tensorboard/ from the round after ``last_round`` on (None: a
-    new run, which also logs its config); nothing when ``track.tensorboard`` is off."""
+    new run, which also logs its config; the last round: the run only finishes, and hides nothing);
+    nothing when ``track.tensorboard`` is off."""
     if not cfg.track.tensorboard:
         return
-    board = TensorBoard(run.tensorboard_dir, note, first_step=0 if last_round is None else last_round + 1)
+    first = 0 if last_round is None else None if last_round >= cfg.fl.rounds else last_round + 1
+    board = TensorBoard(run.tensorboard_dir, note, first_step=first)
     if last_round is None:
         board.config(cfg.model_dump(mode="json"), cfg.to_yaml(), [f"test/dice/{m}/mean" for m in models])
     run.tensorboard = board
