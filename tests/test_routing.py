@@ -215,3 +215,18 @@ def test_stream_norm_with_min_batch_one_is_plain_batch_statistics():
     x = torch.randn(1, 3, 6, 6)
     assert torch.allclose(norm(x), plain(x), atol=1e-10)
     assert torch.equal(norm.stream_mean, bn.running_mean)
+
+
+def test_router_layers_draw_their_init_in_order():
+    """The hidden layer's default init comes first from the RNG, then the gate layer's (paper init): a
+    reordering changes every routed result, so the order is pinned against plain nn.Linear draws."""
+    from torch import nn
+
+    from iopfl.models.routing import Router
+
+    torch.manual_seed(7)
+    router = Router(4, 3, gate_init="paper")
+    torch.manual_seed(7)
+    hidden, last = nn.Linear(4, 8), nn.Linear(8, 3)
+    assert torch.equal(router.mlp[0].weight, hidden.weight) and torch.equal(router.mlp[0].bias, hidden.bias)
+    assert torch.equal(router.mlp[2].weight, last.weight)

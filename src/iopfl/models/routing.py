@@ -43,8 +43,9 @@ class Router(nn.Module):
 
     def __init__(self, in_channels: int, experts: int, gate_norm: GateNorm = "sigmoid", gate_init: GateInit = "paper"):
         super().__init__()
-        last = nn.Linear(2 * in_channels, experts)
-        self.mlp = nn.Sequential(nn.Linear(in_channels, 2 * in_channels), nn.Dropout(0.2), last)
+        # created in this order: their default inits draw from the RNG in it (the routers' starting point)
+        hidden, last = nn.Linear(in_channels, 2 * in_channels), nn.Linear(2 * in_channels, experts)
+        self.mlp = nn.Sequential(hidden, nn.Dropout(0.2), last)
         self.gate_norm = gate_norm
         init_gates(last, gate_init, gate_norm)
         self.last_gates: torch.Tensor | None = None
