@@ -40,7 +40,7 @@ from iopfl.engine.rundir import RunDir
 from iopfl.fl import STRATEGIES
 from iopfl.report.compare import cell, compare_runs
 from iopfl.report.tables import markdown_table
-from iopfl.results import PERSONALIZED, read_run_results
+from iopfl.results import GLOBAL, PERSONALIZED, read_run_results
 
 SUITES: dict[str, tuple[str, list[str], bool]] = {
     # name: (config file, overrides, has outside hold-outs)
@@ -155,28 +155,28 @@ def write_inside_tables(out: Path) -> list[Path]:
     return records
 
 
-REFERENCE = ("iopfl", "global")  # IOP-FL's global model is trained by FedAvg: the reference of every pair
+REFERENCE = ("iopfl", GLOBAL)  # IOP-FL's global model is trained by FedAvg: the reference of every pair
 
 
 def paired_differences(records: list[Path]) -> dict:
     """(method, model) → {"seeds": [...], "mean": [diff per seed], site: [diff per seed]}: each run's
     Dice minus the FedAvg global model's of the same seed (the ``iopfl`` run's global model), so that
     what the seed changes (split of the data stays, initialisation and order change) cancels."""
-    runs = {(r["method"], r["seed"]): r for r in (json.loads((p / "results.json").read_text()) for p in records)}
+    runs = {(r.method, r.seed): r for r in (read_run_results(RunDir(p).results) for p in records)}
     pairs: dict = {}
-    for (method, seed), results in sorted(runs.items()):
+    for (method, seed), results in sorted(runs.items(), key=lambda item: (item[0][0], item[0][1] or 0)):
         reference = runs.get((REFERENCE[0], seed))
         if reference is None:
             continue
-        ref = reference["models"][REFERENCE[1]]
-        for model, entry in results["models"].items():
+        ref = reference.models[REFERENCE[1]]
+        for model, entry in results.models.items():
             if (method, model) == REFERENCE:
                 continue
             row = pairs.setdefault(f"{method}/{model}", {"seeds": []})
             row["seeds"].append(seed)
-            for site, scores in [("mean", entry["mean"]), *entry["sites"].items()]:
-                other = ref["mean"] if site == "mean" else ref["sites"][site]
-                row.setdefault(site, []).append(100 * (scores["dice"] - other["dice"]))
+            for site, scores in [("mean", entry.mean), *entry.sites.items()]:
+                other = ref.mean if site == "mean" else ref.sites[site]
+                row.setdefault(site, []).append(100 * (scores.dice - other.dice))
     return pairs
 
 
