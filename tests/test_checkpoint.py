@@ -1,5 +1,6 @@
 """Checkpoints: atomic, pickle-free, and damage is a clear error."""
 
+import os
 import pickle
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import torch
 from iopfl.engine import checkpoint
 from iopfl.engine.checkpoint import load_checkpoint, pack, save_checkpoint, unpack
 from iopfl.errors import UserError
+from iopfl.fileio import FILE_MODE, atomic_write_text
 
 
 def test_roundtrip(tmp_path):
@@ -20,6 +22,14 @@ def test_roundtrip(tmp_path):
     assert torch.equal(unpack("global", loaded)["a.w"], torch.arange(4.0))
     assert set(unpack("personal/S1", loaded)) == {"a.w"}
     assert list(tmp_path.iterdir()) == [path]  # no temp file left behind
+
+
+def test_written_files_get_the_umask_mode_not_mkstemps_0600(tmp_path):
+    path = tmp_path / "notes.txt"
+    atomic_write_text(path, "x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == FILE_MODE == 0o666 & ~mask
 
 
 def test_truncated_checkpoint_is_a_user_error(tmp_path):

@@ -22,6 +22,12 @@ def test_help(command):
     assert done.returncode == 0 and "Usage" in done.stdout
 
 
+def test_help_describes_arguments():
+    # click 8.5 drops typer 0.20's help for positional arguments (hence the click pin in pyproject.toml)
+    done = iopfl("train", "--help")
+    assert "YAML config (see configs/)" in done.stdout
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [

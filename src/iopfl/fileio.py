@@ -2,6 +2,8 @@
 
 A crash at any moment leaves the old file or the new one, never a half-written one; the temp file a
 crash may leave behind starts with a dot and ends in ``.tmp`` (run directories sweep them on resume).
+The result gets the permissions a plain ``open(path, "w")`` would give (0666 less the umask), not the
+owner-only 0600 of ``mkstemp``: run folders are often shared by a group on a cluster.
 """
 
 from __future__ import annotations
@@ -10,6 +12,16 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+
+def _umask() -> int:
+    # os.umask can only be read by setting it; done once, at import, before any worker thread exists
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()
 
 
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:
@@ -22,6 +34,7 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
