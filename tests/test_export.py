@@ -5,6 +5,7 @@ metadata how to prepare inputs, and bad input ends in one message."""
 import json
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -16,10 +17,10 @@ import torch
 
 from _tiny import tiny_config
 from iopfl import cli
-from iopfl.commands.export import class_names, export_run_model, load_exported, predict_with_file
+from iopfl.commands.export import export_run_model, load_exported, predict_with_file
 from iopfl.commands.predict import run_predict, selected_weights
 from iopfl.commands.runs import open_run
-from iopfl.data import case_inputs, load_dataset
+from iopfl.data import case_inputs, load_dataset, source_of
 from iopfl.data.images2d import image_to_case
 from iopfl.engine.local import in_process_run
 from iopfl.errors import UserError
@@ -132,9 +133,17 @@ def test_onnx_axes_are_named_dynamic(exported):
         assert dims[0] == "batch" and dims[2:] == ["height", "width"]
 
 
-def test_class_names_follow_the_smallest_region():
-    assert class_names(3, {"disc": [1, 2], "cup": [2]}) == ["background", "disc", "cup"]
-    assert class_names(3, {"foreground": [1]}) == ["background", "foreground", "class2"]
+@pytest.mark.parametrize(
+    "source, names", [("fundus", ("background", "rim", "cup")), ("folder", ("background", "foreground"))]
+)
+def test_class_names_are_the_label_values_meaning(source, names):
+    # fundus masks: 0 cup, 128 rim (disc minus cup), 255 background, read as labels 2, 1, 0
+    assert source_of(source).class_names == names
+
+
+def test_a_source_with_too_few_class_names_is_refused():
+    with pytest.raises(ValueError, match="2 class names for 3 classes"):
+        replace(source_of("folder"), num_classes=3)
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])

@@ -28,6 +28,7 @@ from torch import nn
 from iopfl import __version__
 from iopfl.commands.predict import predict_inputs, selected_weights
 from iopfl.commands.runs import TrainedRun, open_run
+from iopfl.data import source_of
 from iopfl.errors import UserError
 from iopfl.fileio import atomic_write
 from iopfl.models.routing import load_expert
@@ -69,16 +70,6 @@ VOLUME_PREPROCESSING = {
 VOLUME_SOURCES = ("prostate", "synthetic")
 
 
-def class_names(num_classes: int, regions: dict[str, list[int]]) -> list[str]:
-    """Class k's name: the smallest evaluated region containing k (fundus: 1 → disc, 2 → cup); 0 is
-    the background."""
-    names = ["background"]
-    for k in range(1, num_classes):
-        owners = sorted((len(labels), name) for name, labels in regions.items() if k in labels)
-        names.append(owners[0][1] if owners else f"class{k}")
-    return names
-
-
 def export_metadata(run: TrainedRun, site: str, model: str) -> dict[str, Any]:
     """What the exported file records: its origin, the input it expects and the output it gives."""
     n = run.network
@@ -110,7 +101,7 @@ def export_metadata(run: TrainedRun, site: str, model: str) -> dict[str, Any]:
             "num_classes": n["num_classes"],
             "values": "logits: softmax over axis 1 gives the class probabilities, argmax the labels",
         },
-        "class_names": class_names(n["num_classes"], n["regions"]),
+        "class_names": list(source_of(run.cfg.data.source).class_names),
         "regions": n["regions"],
     }
 

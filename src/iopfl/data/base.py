@@ -120,6 +120,11 @@ class Source:
     num_classes: int
     regions: dict[str, list[int]]
     context: int
+    class_names: tuple[str, ...]  # one per label value, 0 (background) first; exported models carry them
+
+    def __post_init__(self) -> None:
+        if len(self.class_names) != self.num_classes:
+            raise ValueError(f"{self.name}: {len(self.class_names)} class names for {self.num_classes} classes")
 
 
 def neighbours(num_slices: int, context: int) -> torch.Tensor:

@@ -84,4 +84,13 @@ def load_site(root: Path, site_dir: Path, cfg: DataConfig) -> SiteData:
     return load_flat_site(site_dir, cfg) if is_flat(site_dir) else load_split_site(site_dir, cfg)
 
 
-SOURCE = Source("folder", discover, load_site, in_channels=3, num_classes=2, regions={"foreground": [1]}, context=0)
+SOURCE = Source(
+    "folder",
+    discover,
+    load_site,
+    in_channels=3,
+    num_classes=2,
+    regions={"foreground": [1]},
+    context=0,
+    class_names=("background", "foreground"),
+)

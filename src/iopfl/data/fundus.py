@@ -52,5 +52,12 @@ def discover(root: Path, cfg: DataConfig) -> list[Path]:
 
 
 SOURCE = Source(
-    "fundus", discover, load_site, in_channels=3, num_classes=3, regions={"disc": [1, 2], "cup": [2]}, context=0
+    "fundus",
+    discover,
+    load_site,
+    in_channels=3,
+    num_classes=3,
+    regions={"disc": [1, 2], "cup": [2]},
+    context=0,
+    class_names=("background", "rim", "cup"),  # label 1 is the disc minus the cup
 )

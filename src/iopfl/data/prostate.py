@@ -134,6 +134,7 @@ SOURCE = Source(
     num_classes=2,
     regions={"prostate": [1]},
     context=CONTEXT,
+    class_names=("background", "prostate"),
 )
 
 
