@@ -9,9 +9,11 @@ import torch.nn.functional as F
 
 from _tiny import tiny_config
 from iopfl.data.augment import AugmentSettings, affine_matrices, augment_batch, gaussian_blur, warp
+from iopfl.engine.tracking import training_lr
 from iopfl.fl.training import LocalTrainer, TrainSettings, iterate_batches, round_lr
 from iopfl.models.losses import segmentation_loss
 from iopfl.models.unet import UNet
+from iopfl.runtime import Runtime
 from iopfl.seeding import derive_generator
 
 
@@ -99,6 +101,14 @@ def test_round_lr_matches_hand_computation():
     assert [round_lr(s, t) for t in range(1, 6)] == pytest.approx(hand, rel=1e-12)
     assert round_lr(TrainSettings(lr=2e-3, lr_schedule="cosine", rounds=1), 1) == 2e-3
     assert round_lr(TrainSettings(lr=2e-3, lr_min=1e-5, rounds=9), 7) == 2e-3  # constant
+
+
+def test_the_logged_lr_is_the_one_sites_train_with(tmp_path):
+    # the server logs the rate from the config alone; the sites train with their TrainSettings
+    cfg = tiny_config(tmp_path, ["fl.rounds=7", "train.lr_schedule=cosine", "train.lr_min=1e-5"])
+    settings = cfg.train_settings(Runtime.resolve(cfg.runtime))
+    assert [training_lr(cfg, t) for t in range(1, 8)] == [round_lr(settings, t) for t in range(1, 8)]
+    assert training_lr(cfg, 1) == cfg.train.lr and training_lr(cfg, 7) == 1e-5
 
 
 def _plain_loop(build, start, images, masks, settings, generator):

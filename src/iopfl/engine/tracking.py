@@ -9,7 +9,7 @@ from typing import Any
 
 from iopfl.config import Config
 from iopfl.engine.rundir import RunDir
-from iopfl.fl.training import TrainSettings, round_lr
+from iopfl.fl.training import scheduled_lr
 from iopfl.results import GLOBAL, PERSONALIZED
 from iopfl.track import Scalar, TensorBoard
 
@@ -17,7 +17,7 @@ from iopfl.track import Scalar, TensorBoard
 def training_lr(cfg: Config, round_: int) -> float:
     """The learning rate every site trained ``round_`` with (``train``'s schedule over ``fl.rounds``)."""
     t = cfg.train
-    return round_lr(TrainSettings(lr=t.lr, lr_schedule=t.lr_schedule, lr_min=t.lr_min, rounds=cfg.fl.rounds), round_)
+    return scheduled_lr(t.lr, t.lr_min, t.lr_schedule, cfg.fl.rounds, round_)
 
 
 def open_board(

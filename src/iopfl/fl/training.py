@@ -50,13 +50,18 @@ class TrainSettings:
     rounds: int = 1
 
 
-def round_lr(settings: TrainSettings, round_: int) -> float:
-    """The learning rate of round ``round_`` (1-based) of ``settings.rounds``: constant, or cosine from
+def scheduled_lr(lr: float, lr_min: float, schedule: str, rounds: int, round_: int) -> float:
+    """The learning rate of round ``round_`` (1-based) of ``rounds``: ``lr`` (constant), or cosine from
     ``lr`` at round 1 down to ``lr_min`` at the last round (one round: ``lr``)."""
-    if settings.lr_schedule == "constant" or settings.rounds == 1:
-        return settings.lr
-    progress = (round_ - 1) / (settings.rounds - 1)
-    return settings.lr_min + (settings.lr - settings.lr_min) * (1 + math.cos(math.pi * progress)) / 2
+    if schedule == "constant" or rounds == 1:
+        return lr
+    progress = (round_ - 1) / (rounds - 1)
+    return lr_min + (lr - lr_min) * (1 + math.cos(math.pi * progress)) / 2
+
+
+def round_lr(settings: TrainSettings, round_: int) -> float:
+    """The learning rate a site trains round ``round_`` with."""
+    return scheduled_lr(settings.lr, settings.lr_min, settings.lr_schedule, settings.rounds, round_)
 
 
 @dataclass
