@@ -31,6 +31,7 @@ flwr = pytest.importorskip("flwr")
 
 from flwr.app import Context, Error, Message, MessageType, RecordDict
 
+from iopfl import CONFIG_DIR
 from iopfl.data import load_dataset
 from iopfl.engine.checkpoint import load_checkpoint
 from iopfl.engine.federation import Federation
@@ -639,3 +640,14 @@ def test_a_site_that_disconnects_is_left_out_and_rejoins(reference, tmp_path, ta
     assert "round 2: not every site was evaluated; model selection skips this round" in log
     assert "round 3 train: 3/3 sites replied" in log
     assert results["last_round"]["round"] == 3 and set(results["models"]["personalized"]["sites"]) == set(SITES)
+
+
+def test_run_config_paths_are_made_absolute_where_the_server_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    default = Settings.from_run_config({})
+    assert default.config == CONFIG_DIR / "demo.yaml" and default.config.is_file()  # the packaged demo
+    assert default.run_dir == tmp_path / "runs" / "flower"
+    given = Settings.from_run_config({"config": "mine.yaml", "run-dir": "/r", "overrides": "a=1; b=2"})
+    assert (given.config, given.run_dir, given.overrides) == (tmp_path / "mine.yaml", Path("/r"), ["a=1", "b=2"])
+    with pytest.raises(UserError, match="run-dir"):
+        Settings.from_run_config({"run-dir": " "})

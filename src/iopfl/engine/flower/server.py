@@ -33,7 +33,7 @@ from typing import Any
 from flwr.app import Context, Message, MessageType
 from flwr.serverapp import Grid, ServerApp
 
-from iopfl.config import Config, load_config
+from iopfl.config import CONFIG_DIR, Config, load_config
 from iopfl.engine.federation import Federation
 from iopfl.engine.flower import wire
 from iopfl.engine.flower.errors import ending_the_run, log_user_errors_in_one_line
@@ -69,12 +69,15 @@ class Settings:
     @classmethod
     def from_run_config(cls, given: dict[str, Any]) -> Settings:
         rc = {**DEFAULTS, **given}
-        if not str(rc["config"]).strip() or not str(rc["run-dir"]).strip():
-            raise UserError("run config needs config='<iopfl yaml>' and run-dir='<run directory>'")
+        if not str(rc["run-dir"]).strip():
+            raise UserError("run config needs run-dir='<run directory>'")
+        config = str(rc["config"]).strip()
         raw = str(rc["overrides"]).strip()
+        # absolute at once: a relative path means the SuperLink's working directory, which the user
+        # of `flwr run` may not know; every message then names the file that was really looked for
         return cls(
-            Path(str(rc["config"])).expanduser(),
-            Path(str(rc["run-dir"])).expanduser(),
+            Path(config).expanduser().absolute() if config else CONFIG_DIR / "demo.yaml",
+            Path(str(rc["run-dir"])).expanduser().absolute(),
             [x.strip() for x in raw.split(";") if x.strip()],
             nodes=int(rc["nodes"]),
             join_timeout=float(rc["join-timeout"]),
@@ -195,5 +198,6 @@ def main(grid: Grid, context: Context) -> None:
     """The entry point of the coordinator: a user's mistake ends the run as failed, in one line."""
     with ending_the_run():
         settings = Settings.from_run_config(dict(context.run_config))
+        log.info("iopfl: config %s, run directory %s", settings.config, settings.run_dir)
         cfg = load_config(settings.config, settings.overrides)
         flower_run(cfg, settings, grid).run(resume=True)  # a restarted server continues its run
