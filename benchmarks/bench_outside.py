@@ -92,20 +92,8 @@ def study_one(suite: str, target: str, seed: int, out: Path, work: Path, availab
     for setting, (method, overrides) in todo.items():
         cfg = outside_config(suite, target, seed, overrides)
         t0 = time.perf_counter()
-        safeguard: dict[str, dict] = {}
-        traces: dict[str, list[dict]] = {}
-        entry = adapt_cases(
-            run,
-            cases,
-            [method],
-            None,
-            cfg,
-            adapt_runtime(cfg),
-            scored=test,
-            safeguard=safeguard,
-            subsets={"dev": dev},
-            traces=traces,
-        )[method]
+        adapted = adapt_cases(run, cases, [method], None, cfg, adapt_runtime(cfg), scored=test, subsets={"dev": dev})
+        entry, safeguard, traces = adapted.models[method], adapted.safeguard, adapted.traces
         done[setting] = {
             "method": method,
             "overrides": overrides,

@@ -103,8 +103,7 @@ def outside_job(
         print(f"outside {name}: {done} in {time.perf_counter() - t0:.0f} s", flush=True)
     if not train_only and not result_file.exists():
         run = open_run(run_dir)
-        safeguard: dict[str, dict] = {}
-        models = adapt_cases(
+        adapted = adapt_cases(
             run,
             target_cases(run, target),
             method_names("all"),
@@ -112,9 +111,9 @@ def outside_job(
             cfg,
             adapt_runtime(cfg),
             scored=test_case_ids(cfg, target),
-            safeguard=safeguard,
         )  # the oracle's cases too
-        for method, summary in safeguard.items():
+        models = adapted.models
+        for method, summary in adapted.safeguard.items():
             models[method]["safeguard"] = summary
         result_file.write_text(json.dumps(models, indent=1))
         print(f"outside {name}: adapted in {time.perf_counter() - t0:.0f} s", flush=True)

@@ -58,12 +58,12 @@ def measure(out: Path, sites: list[str], rounds: int) -> dict:
         run, row = open_run(run_dir), {}
         cases = target_cases(run, site)
         run_cfg = load_config(run_dir / "config.yaml")
-        models = adapt_cases(run, cases, ["global"], None, run_cfg, adapt_runtime(run_cfg))
+        models = adapt_cases(run, cases, ["global"], None, run_cfg, adapt_runtime(run_cfg)).models
         row["global"] = models["global"]["mean"]["dice"]
         for name, (batch, overrides) in SETTINGS.items():
             cfg = load_config(run_dir / "config.yaml", [f"adapt.batch_size={batch}", *overrides])
             t0 = time.perf_counter()
-            models = adapt_cases(run, cases, METHODS, None, cfg, adapt_runtime(cfg))
+            models = adapt_cases(run, cases, METHODS, None, cfg, adapt_runtime(cfg)).models
             row[name] = {m: models[m]["mean"]["dice"] for m in METHODS}
             print(
                 f"{site} {name}: "

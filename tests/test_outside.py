@@ -77,7 +77,7 @@ def test_no_method_reads_labels(holdout_run, tmp_path):
                 case.mask = rng.integers(0, 2, size=case.mask.shape).astype(np.uint8)
             elif labels == "none":
                 case.mask = None
-        scores = adapt_cases(run, cases, methods, tmp_path / labels, cfg, adapt_runtime(cfg))
+        scores = adapt_cases(run, cases, methods, tmp_path / labels, cfg, adapt_runtime(cfg)).models
         assert set(scores) == (set() if labels == "none" else set(methods))
         # masks, per-batch traces (losses, safeguard signals and fallbacks) and gates
         outputs[labels] = {

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,15 @@ def check_experts(run: TrainedRun, methods: list[str]) -> None:
         )
 
 
+@dataclass
+class Adaptation:
+    """What :func:`adapt_cases` measured, per method name."""
+
+    models: dict[str, Any] = field(default_factory=dict)  # scores: "sites", "mean" (+ "subsets"); with labels only
+    safeguard: dict[str, dict] = field(default_factory=dict)  # fallback summary of each method that fell back
+    traces: dict[str, list[dict]] = field(default_factory=dict)  # per-batch trace of each adaptive method
+
+
 def adapt_cases(
     run: TrainedRun,
     cases: list[Case],
@@ -126,25 +136,23 @@ def adapt_cases(
     cfg: Config,
     runtime: Runtime,
     scored: set[str] | None = None,
-    safeguard: dict[str, dict] | None = None,
     subsets: dict[str, set[str]] | None = None,
-    traces: dict[str, list[dict]] | None = None,
-) -> dict[str, Any]:
+) -> Adaptation:
     """Each method online over the same batches, on ``runtime``'s device; masks and the per-batch
     trace under ``out/<method>``; metrics with labels, on the cases whose ids are in ``scored`` (default:
     every case; adaptation always sees them all), and under ``"subsets"`` on each of ``subsets``' case
-    sets (benchmarks: the cases a setting is chosen on, apart from those it is reported on).
-    ``safeguard`` receives each adaptive method's fallback summary, ``traces`` its per-batch trace."""
+    sets (benchmarks: the cases a setting is chosen on, apart from those it is reported on)."""
     batches, owners = batches_of(cases, run.network["context"], cfg.adapt.batch_size)
     labelled = all(c.mask is not None for c in cases)
     regions = run.network["regions"]
-    models: dict[str, Any] = {}
+    done = Adaptation()
+    models = done.models
     for name in methods:
         method = build_method(name, run.experts(), run.build(), cfg.adapt, runtime.device)
         preds = assemble(method.adapt_and_predict(batches), owners, cases)
         guarded = bool(method.trace) and cfg.adapt.safeguard and method.fallbacks.batches > 0
-        if safeguard is not None and guarded:
-            safeguard[name] = method.fallbacks.summary()
+        if guarded:
+            done.safeguard[name] = method.fallbacks.summary()
         if out is not None:
             for case, pred in zip(cases, preds, strict=True):
                 write_prediction(case, pred, out / name, run.network["num_classes"])
@@ -163,9 +171,9 @@ def adapt_cases(
                 models[name]["subsets"] = {
                     label: summarize_cases([s for s in per_case if s["case"] in ids]) for label, ids in subsets.items()
                 }
-        if traces is not None and method.trace:
-            traces[name] = method.trace
-    return models
+        if method.trace:
+            done.traces[name] = method.trace
+    return done
 
 
 def write_trace(trace: list[dict[str, Any]], path: Path) -> None:
@@ -222,8 +230,8 @@ def run_adapt(run_dir: Path, target: str, method: str, out: Path, overrides: lis
     methods = method_names(method)
     check_experts(run, methods)
     cases = target_cases(run, target)
-    safeguard: dict[str, dict] = {}
-    models = adapt_cases(run, cases, methods, out, cfg, runtime, safeguard=safeguard)
+    done = adapt_cases(run, cases, methods, out, cfg, runtime)
+    models, safeguard = done.models, done.safeguard
     results = OutsideResults(
         method="outside",
         dataset=run.cfg.data.source,

@@ -50,7 +50,7 @@ def run_demo(out: Path, overrides: list[str], console: Console | None = None) ->
     run = open_run(holdout_dir)
     outside = adapt_cases(
         run, target_cases(run, target), method_names("all"), holdout_dir / "outside", run.cfg, adapt_runtime(run.cfg)
-    )
+    ).models
     inside = read_run_results(RunDir(holdout_dir).results)
     inside.outside = OutsideEntry.model_validate({"target": target, "models": outside})
     write_results(RunDir(holdout_dir).results, inside)
