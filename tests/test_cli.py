@@ -22,6 +22,13 @@ def test_help(command):
     assert done.returncode == 0 and "Usage" in done.stdout
 
 
+def test_version():
+    from iopfl import __version__
+
+    done = iopfl("--version")
+    assert done.returncode == 0 and done.stdout.startswith(f"iopfl {__version__} (Python 3.")
+
+
 def test_help_describes_arguments():
     # click 8.5 drops typer 0.20's help for positional arguments (hence the click pin in pyproject.toml)
     done = iopfl("train", "--help")

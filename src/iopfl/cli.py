@@ -31,8 +31,27 @@ Overrides = Annotated[
 ]
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        import platform
+
+        import torch
+
+        from iopfl import __version__
+
+        cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU build"
+        print(f"iopfl {__version__} (Python {platform.python_version()}, torch {torch.__version__}, {cuda})")
+        raise typer.Exit()
+
+
 @app.callback()
-def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False):
+def _setup(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the versions and exit."),
+    ] = False,
+):
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(message)s",
