@@ -67,12 +67,12 @@ def test_site_overlay_shows_the_dice_of_the_drawn_case(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = network_builder(network_description(cfg, spec))().eval()
     drawn = {}
-    real = run_report.save_overlay
-    monkeypatch.setattr(run_report, "save_overlay", lambda *a: drawn.update(args=a) or real(*a))
+    real = run_report.overlay_figure
+    monkeypatch.setattr(run_report, "overlay_figure", lambda *a: drawn.update(args=a) or real(*a))
     path = client.draw_overlay(model.state_dict(), tmp_path / "overlays", "global")
     case = spec.sites["SiteB"].test[0]
     expected = score_case(predict_original(model, case, spec.context, 4), case, spec.regions)["regions"]
-    title, label, dice = drawn["args"][4:]
+    title, label, dice = drawn["args"][3:]
     assert path.is_file() and case.case_id in title and label == "global"
     assert dice == {r: s["dice"] for r, s in expected.items()}
     assert 0 < dice["prostate"] < 1  # a case neither model nor truth makes trivial: a wrong Dice shows

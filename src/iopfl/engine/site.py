@@ -144,7 +144,8 @@ class SiteClient:
         site's own machine."""
         from iopfl.data import case_inputs
         from iopfl.evaluation.evaluate import channel_argmax, labels_on_original_grid, predict_probs, score_case
-        from iopfl.report.run_report import save_overlay
+        from iopfl.report.figures import save_figure
+        from iopfl.report.run_report import overlay_figure
 
         if not self.data or not self.data.test:
             return None
@@ -157,8 +158,7 @@ class SiteClient:
         mid = slices // 2
         where = f", slice {mid + 1}/{slices}" if slices > 1 else ""
         path = Path(out_dir) / f"{self.name}_{case.case_id.replace('/', '__')}.png"
-        save_overlay(
-            path,
+        figure = overlay_figure(
             case.image[mid].mean(axis=0),
             labels[mid],
             pred[mid],
@@ -166,7 +166,7 @@ class SiteClient:
             label,
             {r: s["dice"] for r, s in scores.items()},
         )
-        return path
+        return save_figure(figure, path)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Everything the site carries from round to round (an fp16 trainer's gradient scale too)."""

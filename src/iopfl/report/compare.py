@@ -4,18 +4,18 @@ with mean ± std over seeds when runs differ only by seed; markdown, CSV and a b
 from __future__ import annotations
 
 import csv
+import io
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
 from iopfl.errors import UserError
+from iopfl.fileio import atomic_write_text
 from iopfl.fl import STRATEGIES
+from iopfl.report.figures import save_figure
 from iopfl.report.tables import COLUMNS, markdown_table
 from iopfl.results import RESULTS_FILE, ModelEntry, Results, RunResults, read_results
 
@@ -77,10 +77,10 @@ def compare_runs(runs: list[Path], out: Path) -> dict:
                 csv_rows.append([label, name, method, model, *cells])
             md.append(f"\n## {name}, test, {label}\n\n" + markdown_table(["method / model", *sites, "mean"], body))
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(md))
-    with out.with_suffix(".csv").open("w", newline="") as fh:
-        csv.writer(fh).writerows([["selection", "metric", "method", "model", "cells..."], *csv_rows])
+    atomic_write_text(out, "\n".join(md))
+    sheet = io.StringIO(newline="")
+    csv.writer(sheet).writerows([["selection", "metric", "method", "model", "cells..."], *csv_rows])
+    atomic_write_text(out.with_suffix(".csv"), sheet.getvalue())
     _bar_chart(table["val-selected"], out.with_suffix(".png"))
     return table
 
@@ -94,5 +94,4 @@ def _bar_chart(rows: dict, path: Path) -> None:
     ax.set_xticks(range(len(labels)), labels, fontsize=7)
     ax.set_ylabel("mean test Dice % (val-selected)")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)

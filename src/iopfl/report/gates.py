@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from iopfl.fileio import atomic_write, atomic_write_text
+from iopfl.fileio import atomic_write_text
+from iopfl.report.figures import save_figure
 
 
 def write_gates(summary: dict, out_dir: Path) -> tuple[Path, Path]:
@@ -40,6 +38,5 @@ def write_gates(summary: dict, out_dir: Path) -> tuple[Path, Path]:
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02)
     fig.tight_layout()
-    atomic_write(png_path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
+    save_figure(fig, png_path)
     return json_path, png_path

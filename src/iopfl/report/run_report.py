@@ -6,14 +6,12 @@ import json
 from pathlib import Path
 from typing import Literal, TypedDict
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.lines import Line2D
 
 from iopfl.fileio import atomic_write_text
+from iopfl.report.figures import save_figure
 from iopfl.report.tables import models_table, regions_table
 from iopfl.results import (
     GLOBAL,
@@ -73,22 +71,6 @@ def overlay_figure(
     return fig
 
 
-def save_overlay(
-    path: Path,
-    image: np.ndarray,
-    gt: np.ndarray | None,
-    pred: np.ndarray,
-    title: str,
-    model: str,
-    dice: dict[str, float] | None = None,
-) -> None:
-    """:func:`overlay_figure` as a PNG at ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig = overlay_figure(image, gt, pred, title, model, dice)
-    fig.savefig(path)
-    plt.close(fig)
-
-
 def plot_val_dice(lines: list[TrainLine | EvalLine], path: Path) -> bool:
     """Val Dice per round per site: personalised solid, global dashed. False when nothing to plot."""
     val = [x for x in lines if isinstance(x, EvalLine) and x.split == "val"]
@@ -108,8 +90,7 @@ def plot_val_dice(lines: list[TrainLine | EvalLine], path: Path) -> bool:
     ax.set_ylabel("val Dice %")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
