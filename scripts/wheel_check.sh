@@ -55,7 +55,10 @@ echo "== loopback Flower deployment of the packaged app"
 APP=$(iopfl flower app)
 CONFIG=$(iopfl configs)/demo.yaml
 iopfl synth "$WORK/data/synth2" --sites 2 --cases 3 --size 32 --slices 4
-PORT=$(venv/bin/python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+free_port() {  # a port the kernel hands out on 127.0.0.1 (free at this moment)
+  venv/bin/python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"
+}
+PORT=$(free_port)
 mkdir -p "$FLWR_HOME"
 cat > "$FLWR_HOME/config.toml" <<TOML
 [superlink]
@@ -81,7 +84,7 @@ PIDS=$!
 i=0
 for s in SiteA SiteB; do
   i=$((i + 1))
-  NODE_PORT=$(venv/bin/python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+  NODE_PORT=$(free_port)
   setsid flower-supernode --insecure --superlink "127.0.0.1:$PORT" --host 127.0.0.1 --port "$NODE_PORT" \
     --node-config "site='$s' data-root='$WORK/data/synth2' state-dir='$FLWR_HOME/state-$s'" \
     > "supernode-$s.log" 2>&1 &
