@@ -227,29 +227,7 @@ def test_installed_wheel_is_not_the_checkout(venv, tmp_path):
     assert (tmp_path / "my-app" / "pyproject.toml").read_bytes() == (app / "pyproject.toml").read_bytes()
 
 
-# Runs in the installed environment: the tests' deployment driver (tests/_deploy.py) over the installed
-# package (Flower's tools from that environment's bin/, the app folder from the installed package),
-# stopped by PID when done or on SIGTERM.
-DRIVER = """
-import json, signal, sys
-from pathlib import Path
-sys.path.insert(0, TESTS)
-from _deploy import APP_DIR, Deployment
-
-signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-home, data, config, run, pids = map(Path, sys.argv[1:6])
-sites, overrides = json.loads(sys.argv[6]), json.loads(sys.argv[7])
-with Deployment(home) as d:
-    d.start_superlink(timeout=120)
-    for site in sites:
-        d.add_supernode(site, data)
-    pids.write_text(json.dumps([p.pid for p in d.procs.values()]))
-    d.wait_for_nodes(len(sites), timeout=180)  # generous: a loaded 2-core machine starts them slowly
-    outcome = d.run(config, run, overrides=overrides, nodes=len(sites), timeout=240)
-    logs = d.log_text()
-print(json.dumps({"app": str(APP_DIR), "status": outcome.status, "output": outcome.output[-3000:],
-                  "logs": logs[-3000:]}))
-""".replace("TESTS", repr(str(Path(__file__).resolve().parent)))
+DRIVER = Path(__file__).resolve().parent / "_deploy_installed.py"  # run with the installed environment's Python
 
 
 def stop_leftovers(pids_file: Path) -> None:
@@ -272,8 +250,7 @@ def test_loopback_deployment_of_the_packaged_app(venv, tmp_path):
     driver = subprocess.Popen(
         [
             str(venv / "bin" / "python"),
-            "-c",
-            DRIVER,
+            str(DRIVER),
             str(tmp_path / "home"),
             str(tmp_path / "data"),
             str(config),
