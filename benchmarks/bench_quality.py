@@ -23,8 +23,10 @@ import argparse
 import json
 import multiprocessing
 import os
+import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -121,14 +123,38 @@ def outside_job(
 
 
 def run_all(job, args: list[tuple], jobs: int) -> list[Path]:
-    """``job(*a)`` for every ``a``, in ``jobs`` spawned worker processes sharing the cores between them."""
+    """``job(*a)`` for every ``a``, in ``jobs`` spawned worker processes sharing the cores between them.
+
+    A run that fails is reported as it fails, with its traceback, and the others go on (hours of
+    runs should not wait behind one mistake); the failures end the call, naming the runs."""
+    results: dict[int, Path] = {}
+    failed: list[tuple] = []
+
+    def settle(i: int, get) -> None:
+        try:
+            results[i] = get()
+        except Exception as exc:  # noqa: BLE001 -- any run's failure is reported, and the others go on
+            print(f"FAILED {args[i][:3]}:", file=sys.stderr, flush=True)
+            traceback.print_exception(exc)
+            failed.append(args[i][:3])
+
     if jobs == 1:
-        return [job(*a) for a in args]
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    with ProcessPoolExecutor(
-        jobs, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads, initargs=(threads,)
-    ) as pool:
-        return list(pool.map(job, *zip(*args, strict=True)))
+        for i, a in enumerate(args):
+            settle(i, lambda a=a: job(*a))
+    else:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        with ProcessPoolExecutor(
+            jobs,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=torch.set_num_threads,
+            initargs=(threads,),
+        ) as pool:
+            futures = {pool.submit(job, *a): i for i, a in enumerate(args)}
+            for future in as_completed(futures):
+                settle(futures[future], future.result)
+    if failed:
+        raise SystemExit(f"{len(failed)} of {len(args)} runs failed: {', '.join(map(str, failed))}")
+    return [results[i] for i in range(len(args))]
 
 
 def inside_design(methods: list[str], seeds: int, rest: list[str], rest_seeds: int) -> list[tuple[str, int]]:
@@ -140,9 +166,13 @@ def inside_design(methods: list[str], seeds: int, rest: list[str], rest_seeds: i
 def run_inside(
     suite: str, design: list[tuple[str, int]], out: Path, work: Path, extra: list[str], jobs: int = 1
 ) -> list[Path]:
-    """Every (method, seed) of ``design``; the tables from every record under ``out/inside``."""
-    run_all(inside_job, [(suite, m, s, out, work, extra) for m, s in design], jobs)
-    return write_inside_tables(out)
+    """Every (method, seed) of ``design``; the tables from every record under ``out/inside`` (also when
+    some runs failed)."""
+    try:
+        run_all(inside_job, [(suite, m, s, out, work, extra) for m, s in design], jobs)
+    finally:
+        records = write_inside_tables(out)
+    return records
 
 
 def write_inside_tables(out: Path) -> list[Path]:

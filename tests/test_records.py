@@ -119,3 +119,23 @@ def test_inside_design_seed_major():
 
     design = bench_quality.inside_design(["iopfl", "fedbn"], 2, ["local"], 1)
     assert design == [("iopfl", 0), ("fedbn", 0), ("iopfl", 1), ("fedbn", 1), ("local", 0)]
+
+
+def test_a_failing_run_is_reported_and_the_others_go_on(tmp_path, capsys):
+    import bench_quality
+
+    ran = []
+
+    def job(suite, method, seed):
+        ran.append(method)
+        if method == "ditto":
+            raise ImportError("cannot import name 'x'")
+        return tmp_path / f"{method}-s{seed}"
+
+    args = [("polyp", m, 0) for m in ("iopfl", "ditto", "fedbn")]
+    with pytest.raises(SystemExit, match=r"1 of 3 runs failed: \('polyp', 'ditto', 0\)"):
+        bench_quality.run_all(job, args, 1)
+    assert ran == ["iopfl", "ditto", "fedbn"]
+    err = capsys.readouterr().err
+    assert "FAILED ('polyp', 'ditto', 0)" in err and "ImportError: cannot import name 'x'" in err
+    assert bench_quality.run_all(job, args[::2], 1) == [tmp_path / "iopfl-s0", tmp_path / "fedbn-s0"]
