@@ -162,7 +162,7 @@ def adapt_cases(
                     mirror_trace(method.trace, out / "tensorboard" / name)
             if isinstance(method, IOPFLRouting):  # what the router did: out/gates.json + gates.png
                 summary = method.gate_summary(run.expert_names())
-                write_gates({**summary, "safeguard": method.fallbacks.summary()} if guarded else summary, out)
+                write_gates({**summary, "safeguard": done.safeguard[name]} if guarded else summary, out)
         if labelled:
             per_case = [score_case(p, c, regions) for p, c in zip(preds, cases, strict=True)]
             summary = summarize_cases([s for s in per_case if scored is None or s["case"] in scored])

@@ -76,7 +76,6 @@ def plot_val_dice(lines: list[TrainLine | EvalLine], path: Path) -> bool:
     val = [x for x in lines if isinstance(x, EvalLine) and x.split == "val"]
     if not val:
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     sites = sorted({x.site for x in val})
     colours = plt.get_cmap("tab10")
