@@ -54,6 +54,12 @@ class TTAMethod:
         """The network to adapt and predict with (fresh for every call of adapt_and_predict)."""
         return load_expert(self.build, self.experts[0], 0)
 
+    def bn_adapted_global(self) -> nn.Module:
+        """BN-adapt's network: the global expert normalised with the incoming batches' statistics."""
+        model = load_expert(self.build, self.experts[0], 0)
+        use_batch_statistics(model, self.config.min_batch_stats)
+        return model
+
     def trainable(self, model: nn.Module) -> list[nn.Parameter]:
         """Parameters the method updates; none → predict only."""
         return []
@@ -201,8 +207,7 @@ class BNReference:
 
     def __init__(self, method: TTAMethod):
         with torch.random.fork_rng(devices=[]):  # building it draws nothing from the method's random stream
-            self.model = load_expert(method.build, method.experts[0], 0).to(method.device)
-        use_batch_statistics(self.model, method.config.min_batch_stats)
+            self.model = method.bn_adapted_global().to(method.device)
         self.model.eval()
 
     @torch.no_grad()

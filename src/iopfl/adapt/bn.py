@@ -5,13 +5,10 @@ than ``adapt.min_batch_stats`` normalise with the stream's statistics (``StreamB
 from torch import nn
 
 from iopfl.adapt.base import TTAMethod
-from iopfl.models.routing import use_batch_statistics
 
 
 class BNAdapt(TTAMethod):
     name = "bn"
 
     def make_model(self) -> nn.Module:
-        model = super().make_model()
-        use_batch_statistics(model, self.config.min_batch_stats)
-        return model
+        return self.bn_adapted_global()

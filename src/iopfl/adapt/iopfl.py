@@ -92,14 +92,15 @@ class IOPFLRouting(TTAMethod):
     def gate_record(self, model: nn.Module) -> dict[str, list[float]]:
         """Per routed layer, over the last predicted batch: the mean gate sum and the smallest and
         largest gate (the trace's view of whether gates mix or rescale)."""
+        sums, _ = self.gate_state(model)
         gates = last_gates(model)
         return {
-            "gate_sum": [round(float(g.sum(dim=1).mean()), 4) for g in gates],
+            "gate_sum": [round(float(s), 4) for s in sums],
             "gate_min": [round(float(g.min()), 4) for g in gates],
             "gate_max": [round(float(g.max()), 4) for g in gates],
         }
 
-    def gate_state(self, model: nn.Module) -> tuple[torch.Tensor | None, float | None]:
+    def gate_state(self, model: nn.Module) -> tuple[torch.Tensor, float]:
         gates = last_gates(model)  # each [B, E]
         sums = torch.stack([g.sum(dim=1).mean() for g in gates])
         spread = torch.stack([(g.max(dim=1).values - g.min(dim=1).values).mean() for g in gates]).mean()
