@@ -39,6 +39,7 @@ from iopfl.config import CONFIG_DIR, Config, build_config, read_yaml
 from iopfl.data import load_dataset
 from iopfl.engine.local import in_process_run
 from iopfl.engine.rundir import RunDir
+from iopfl.fileio import atomic_write_text
 from iopfl.fl import STRATEGIES
 from iopfl.report.compare import cell, compare_runs
 from iopfl.report.tables import markdown_table
@@ -180,26 +181,30 @@ def write_inside_tables(out: Path) -> list[Path]:
     records = sorted(p.parent for p in (out / "inside").glob("*/results.json"))
     if records:
         compare_runs(records, out / "inside.md")
-        write_paired(paired_differences(records), out / "inside-paired")
+        write_paired({ref: paired_differences(records, ref) for ref in REFERENCES}, out / "inside-paired")
     return records
 
 
-REFERENCE = ("iopfl", GLOBAL)  # IOP-FL's global model is trained by FedAvg: the reference of every pair
+#: What every run is paired with, on the same seed: FedAvg's global model (IOP-FL's global model is
+#: trained by FedAvg), and IOP-FL's personalized models (against the other personalized models only).
+REFERENCES = (("iopfl", GLOBAL), ("iopfl", PERSONALIZED))
 
 
-def paired_differences(records: list[Path]) -> dict:
+def paired_differences(records: list[Path], reference: tuple[str, str]) -> dict:
     """(method, model) → {"seeds": [...], "mean": [diff per seed], site: [diff per seed]}: each run's
-    Dice minus the FedAvg global model's of the same seed (the ``iopfl`` run's global model), so that
-    what the seed changes (split of the data stays, initialisation and order change) cancels."""
+    Dice minus the ``reference`` (method, model) of the same seed, so that what the seed changes (split
+    of the data stays, initialisation and order change) cancels. Paired with a personalized reference,
+    only personalized models are."""
     runs = {(r.method, r.seed): r for r in (read_run_results(RunDir(p).results) for p in records)}
+    ref_method, ref_model = reference
     pairs: dict = {}
     for (method, seed), results in sorted(runs.items(), key=lambda item: (item[0][0], item[0][1] or 0)):
-        reference = runs.get((REFERENCE[0], seed))
-        if reference is None:
+        other_run = runs.get((ref_method, seed))
+        if other_run is None:
             continue
-        ref = reference.models[REFERENCE[1]]
+        ref = other_run.models[ref_model]
         for model, entry in results.models.items():
-            if (method, model) == REFERENCE:
+            if (method, model) == reference or (ref_model == PERSONALIZED and model != PERSONALIZED):
                 continue
             row = pairs.setdefault(f"{method}/{model}", {"seeds": []})
             row["seeds"].append(seed)
@@ -211,6 +216,8 @@ def paired_differences(records: list[Path]) -> dict:
 
 def verdict(diffs: list[float]) -> str:
     """Declared before the runs: a difference counts only when every seed (at least 3) agrees on its sign."""
+    if all(d == 0 for d in diffs):
+        return "identical in every seed"
     if len(diffs) < 3:
         return f"{len(diffs)} seed{'s' if len(diffs) > 1 else ''}: no claim"
     if all(d > 0 for d in diffs):
@@ -220,28 +227,37 @@ def verdict(diffs: list[float]) -> str:
     return "tie (signs differ across seeds)"
 
 
-def write_paired(pairs: dict, path: Path) -> None:
-    """``path.md`` and ``path.json``: the paired differences, per seed and per site."""
+def paired_table(pairs: dict) -> str:
+    """The markdown table of one reference's pairs: per seed, mean, per site, verdict."""
     sites = sorted({k for row in pairs.values() for k in row if k not in ("seeds", "mean")})
-    rows = []
-    for name, row in pairs.items():
-        per_seed = ", ".join(f"{d:+.2f}" for d in row["mean"])
-        rows.append(
-            [
-                name,
-                per_seed,
-                f"{np.mean(row['mean']):+.2f}",
-                *[f"{np.mean(row[s]):+.2f}" for s in sites],
-                verdict(row["mean"]),
-            ]
-        )
-    path.with_suffix(".md").write_text(
-        "# Inside: paired differences to the FedAvg global model (Dice points, test split)\n\n"
-        "Each run minus the global model of the `iopfl` run with the same seed (IOP-FL's global model is "
-        "FedAvg's). Per-seed values are the mean over sites; site columns are means over seeds.\n\n"
-        + markdown_table(["method/model", "per seed", "mean", *sites, "verdict"], rows)
+    rows = [
+        [
+            name,
+            ", ".join(f"{d:+.2f}" for d in row["mean"]),
+            f"{np.mean(row['mean']):+.2f}",
+            *[f"{np.mean(row[s]):+.2f}" for s in sites],
+            verdict(row["mean"]),
+        ]
+        for name, row in pairs.items()
+    ]
+    return markdown_table(["method/model", "per seed", "mean", *sites, "verdict"], rows)
+
+
+def write_paired(by_reference: dict[tuple[str, str], dict], path: Path) -> None:
+    """``path.md`` and ``path.json``: the paired differences to each reference, per seed and per site."""
+    sections = "".join(
+        f"\n## Minus `{method}/{model}` of the same seed\n\n" + paired_table(pairs)
+        for (method, model), pairs in by_reference.items()
     )
-    path.with_suffix(".json").write_text(json.dumps(pairs, indent=1))
+    atomic_write_text(
+        path.with_suffix(".md"),
+        "# Inside: paired differences (Dice points, test split)\n\n"
+        "Each run minus a reference model of the same seed: FedAvg's global model (IOP-FL's global model "
+        "is FedAvg's), then IOP-FL's personalized models. Per-seed values are the mean over sites; site "
+        "columns are means over seeds; a verdict needs every one of at least three seeds to agree.\n" + sections,
+    )
+    by_name = {f"{method}/{model}": pairs for (method, model), pairs in by_reference.items()}
+    atomic_write_text(path.with_suffix(".json"), json.dumps(by_name, indent=1))
 
 
 def run_outside(

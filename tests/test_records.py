@@ -94,9 +94,17 @@ def test_paired_differences_by_hand_and_tables_reproducible(tmp_path):
         )
         _fake_record(out / "inside" / f"fedbn-s{seed}", "fedbn", seed, {"personalized": {"A": bn, "B": bn}})
     _fake_record(out / "inside" / "local-s0", "local", 0, {"personalized": {"A": 0.1, "B": 0.2}})
+    # Ditto's global model is FedAvg's: identical scores
+    _fake_record(
+        out / "inside" / "ditto-s0",
+        "ditto",
+        0,
+        {"global": {"A": 0.5, "B": 0.5}, "personalized": {"A": 0.7, "B": 0.5}},
+    )
 
     records_ = bench_quality.write_inside_tables(out)
-    pairs = json.loads((out / "inside-paired.json").read_text())
+    paired = json.loads((out / "inside-paired.json").read_text())
+    pairs = paired["iopfl/global"]
     # by hand: iopfl personalized − global = (p − g) on A, 0 on B; mean over the two sites = (p − g) / 2
     assert pairs["iopfl/personalized"]["mean"] == pytest.approx([5.0, 2.5, 5.0])
     assert pairs["iopfl/personalized"]["A"] == pytest.approx([10.0, 5.0, 10.0])
@@ -104,8 +112,15 @@ def test_paired_differences_by_hand_and_tables_reproducible(tmp_path):
     assert pairs["local/personalized"]["seeds"] == [0]
     assert pairs["local/personalized"]["mean"] == pytest.approx([100 * (0.15 - 0.5)])
     assert "iopfl/global" not in pairs  # the reference itself
+    # against IOP-FL's personalized models (mean (p + g) / 2 per seed): personalized models only
+    vs_iopfl = paired["iopfl/personalized"]
+    assert set(vs_iopfl) == {"fedbn/personalized", "local/personalized", "ditto/personalized"}
+    assert vs_iopfl["fedbn/personalized"]["mean"] == pytest.approx([0.0, -7.5, 0.0])
+    assert vs_iopfl["ditto/personalized"]["mean"] == pytest.approx([100 * (0.6 - 0.55)])
     md = (out / "inside-paired.md").read_text()
     assert "better in every seed" in md and "tie (signs differ" in md and "1 seed: no claim" in md
+    assert "| ditto/global | +0.00 | +0.00 | +0.00 | +0.00 | identical in every seed |" in md
+    assert md.index("Minus `iopfl/global`") < md.index("Minus `iopfl/personalized`")
 
     # the tables are a function of the records alone: rewritten byte for byte
     names = ["inside.md", "inside.csv", "inside-paired.md", "inside-paired.json"]
