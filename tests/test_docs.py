@@ -2,15 +2,21 @@
 every command and option listed. (`make test` also builds the site with `mkdocs build --strict`.)"""
 
 import logging
+import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import click
 import typer
 from pydantic import BaseModel, Field
 
+from iopfl.adapt import METHODS as ADAPT_METHODS
 from iopfl.cli import app
 from iopfl.config import Config
+from iopfl.fl import STRATEGIES
 from iopfl.reference import cli_reference, config_keys, config_reference, on_page_markdown, undocumented_keys
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _leaf_keys(tree: dict, prefix: str = "") -> list[str]:
@@ -68,3 +74,26 @@ def test_hook_fills_markers_and_warns_on_unknown(caplog):
     with caplog.at_level(logging.WARNING, logger="mkdocs.plugins.iopfl"):
         assert on_page_markdown("<!-- generated: nothing -->", page=page) == "<!-- generated: nothing -->"
     assert "unknown generated section 'nothing'" in caplog.text
+
+
+def _table_methods(text: str) -> set[str]:
+    """The backquoted names in the first cell of every table row of ``text``."""
+    return {
+        name
+        for line in text.splitlines()
+        if line.startswith("| `")
+        for name in re.findall(r"`([a-z]+)`", line.split("|")[1])
+    }
+
+
+def test_every_method_is_in_the_method_tables():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    guide = (ROOT / "docs" / "how-it-works.md").read_text(encoding="utf-8")
+    assert set(STRATEGIES) - _table_methods(readme) == set()
+    assert set(STRATEGIES) - _table_methods(guide) == set()
+    outside = readme.split("Outside (`iopfl adapt --method`):")[1].split("\n\n")[0]
+    assert set(ADAPT_METHODS) - set(re.findall(r"`([a-z]+)`", outside)) == set()
+
+
+def test_a_missing_method_is_noticed():
+    assert _table_methods("| `a`, `b` | x |\n| c | `d` |\n") == {"a", "b"}
