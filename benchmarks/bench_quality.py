@@ -13,9 +13,9 @@ an oracle row (the site's own Local model: an upper bound, not an outside method
     python benchmarks/bench_quality.py --suite synthetic --seeds 3 [--jobs 2] \
         [--out benchmarks/results/quality-synthetic]
     # the polyp inside design (issue 22): the paired comparison with 3 seeds, the other methods with one
-    # (fedavgft and fedprox got seeds 1-2 after their seed 0 led)
+    # (added later: seeds 1-2 of fedavgft, fedprox, apfl, fedper and centralized)
     python benchmarks/bench_quality.py --suite polyp --parts inside --methods iopfl fedbn silobn ditto fedavgft \
-        fedprox --seeds 3 --rest local centralized fedrep fedper apfl --jobs 2
+        fedprox apfl fedper centralized --seeds 3 --rest local fedrep --jobs 2
 """
 
 from __future__ import annotations
